@@ -1,0 +1,1 @@
+"""Materialization, ONNX/TensorRT export and benchmarking (installed as ``dymu.compile``)."""

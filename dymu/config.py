@@ -1,0 +1,292 @@
+"""Typed configuration: dataclasses hold every default; YAML and ``key=value`` override.
+
+Resolution order (later wins): dataclass defaults -> YAML file (``-c configs/X.yaml``) ->
+``section.key=value`` arguments. Unknown keys and values of the wrong type are
+:class:`~dymu.errors.UserError` with one line that names the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from dymu.errors import UserError
+
+
+@dataclass
+class SynthConfig:
+    """The embedded procedural dataset ``synthscenes`` (see ``dymu/data/synthscenes.py``)."""
+
+    num_train: int = 4000
+    num_val: int = 500
+    num_test: int = 500
+    min_objects: int = 2
+    max_objects: int = 4
+    color_shape_corr: float = 0.8
+    """Probability that an object's colour is its shape's own colour (links the
+    ``semseg`` and ``material`` label sets; 1/num_colours makes them independent)."""
+    noise: float = 0.02
+    """Standard deviation of the Gaussian pixel noise added to the RGB image (0..1 scale)."""
+
+    def check(self, prefix: str) -> None:
+        for key in ("num_train", "num_val", "num_test"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config: {prefix}.{key} must be >= 1, got {getattr(self, key)}")
+        if not 1 <= self.min_objects <= self.max_objects <= 8:
+            raise UserError(
+                f"config: need 1 <= {prefix}.min_objects <= {prefix}.max_objects <= 8, got "
+                f"{self.min_objects} and {self.max_objects}"
+            )
+        if not 0.0 <= self.color_shape_corr <= 1.0:
+            raise UserError(f"config: {prefix}.color_shape_corr must be in [0, 1]")
+        if not 0.0 <= self.noise <= 0.5:
+            raise UserError(f"config: {prefix}.noise must be in [0, 0.5]")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, which tasks, and at what size."""
+
+    name: str = "synthscenes"
+    root: str | None = None
+    """Folder of a real dataset in its standard on-disk layout (unused by synthscenes)."""
+    cache_dir: str | None = None
+    """Where generated datasets are cached; null = $DYMU_CACHE or ~/.cache/dymu."""
+    tasks: list[str] | None = None
+    """Task names to use; null = the dataset's default tasks."""
+    size: list[int] | None = None
+    """Input size [H, W]; null = the dataset's default size."""
+    seed: int = 0
+    """Seed of generated datasets and of split hold-outs."""
+    val_fraction: float = 0.1
+    """Share of the training split held out as validation where a dataset has no val split."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def check(self, prefix: str) -> None:
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 8):
+            raise UserError(f"config: {prefix}.size must be [H, W] with both >= 8, got {self.size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"config: {prefix}.val_fraction must be in (0, 1)")
+        if self.tasks is not None and len(self.tasks) == 0:
+            raise UserError(f"config: {prefix}.tasks must name at least one task (or be null)")
+
+
+@dataclass
+class RunConfig:
+    """Run-wide settings."""
+
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def check(self, prefix: str) -> None:
+        dev = self.device
+        ok = dev in ("auto", "cpu", "cuda") or (
+            dev.startswith("cuda:") and dev.removeprefix("cuda:").isdigit()
+        )
+        if not ok:
+            raise UserError(
+                f"config: {prefix}.device must be auto, cpu, cuda or cuda:N, got {dev!r}"
+            )
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not get_args(tp):
+        return tp.__name__
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise a one-line :class:`UserError`."""
+    origin = get_origin(tp)
+    bad = UserError(
+        f"config: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise bad
+        (elem,) = get_args(tp)
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise UserError(f"config: {key} must be a mapping of keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``values`` over its defaults, strictly."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    obj = cls()
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            where = f"in {prefix}" if prefix else "at the top level"
+            raise UserError(
+                f"config: unknown key {full!r}; valid keys {where}: {', '.join(names)}"
+            )
+        setattr(obj, key, _coerce(value, hints[key], full))
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"config: {dotted!r} goes below {part!r}, which is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _expected_type(dotted: str) -> Any:
+    """The declared type at ``dotted`` (None when the path is unknown; _build reports it)."""
+    cls: Any = Config
+    tp: Any = None
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        tp = cls = hints[part]
+    return tp
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is read as YAML (``[32, 32]``, ``null``, ``0.5``).
+
+    Where the key is declared as a string, the raw text is kept (so ``data.root=2024``
+    stays the folder name ``"2024"``).
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"config: override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    expected = _expected_type(key)
+    if expected is not None and str in (expected, *get_args(expected)):
+        if value is not None and not isinstance(value, str):
+            value = raw
+    return key, value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML file as a mapping, with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"config file {p}: {problem}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Resolve defaults, an optional YAML file and ``key=value`` overrides into a Config."""
+    tree: dict[str, Any] = load_yaml(path) if path is not None else {}
+    extra: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(extra, key, value)
+    return from_dict(_merge(tree, extra))
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a nested mapping, strictly (unknown keys fail)."""
+    return _build(Config, values, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (YAML/JSON ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML text; loading it gives back an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,39 @@
+"""Datasets: the embedded ``synthscenes`` and real datasets read from local folders.
+
+Use :func:`get_builder` / :func:`load_split`; loaders register themselves in
+:data:`DATASETS` when their module is imported below.
+"""
+
+from __future__ import annotations
+
+from dymu.config import DataConfig
+from dymu.data.base import (
+    DATASETS,
+    SPLITS,
+    ArrayDataset,
+    DatasetBuilder,
+    DatasetInfo,
+    MultiTaskDataset,
+    check_split,
+)
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "ArrayDataset",
+    "DatasetBuilder",
+    "DatasetInfo",
+    "MultiTaskDataset",
+    "get_builder",
+    "load_split",
+]
+
+
+def get_builder(name: str) -> DatasetBuilder:
+    """The registered builder for ``name`` (one-line error listing the options otherwise)."""
+    return DATASETS.get(name)
+
+
+def load_split(cfg: DataConfig, split: str) -> MultiTaskDataset:
+    """Load one split of the dataset ``cfg.name`` with ``cfg.tasks``."""
+    return get_builder(cfg.name).load(cfg, check_split(split))
