@@ -27,13 +27,14 @@ class SynthConfig:
     num_train: int = 4000
     num_val: int = 500
     num_test: int = 500
-    min_objects: int = 2
-    max_objects: int = 4
+    min_objects: int = 3
+    max_objects: int = 5
     color_shape_corr: float = 0.8
-    """Probability that an object's colour is its shape's own colour (links the
-    ``semseg`` and ``material`` label sets; 1/num_colours makes them independent)."""
+    """Probability that an object's colour is its shape's own colour; otherwise the colour
+    is uniformly random. Links the ``semseg`` and ``material`` label sets (0 makes them
+    independent, 1 makes one a function of the other)."""
     noise: float = 0.02
-    """Standard deviation of the Gaussian pixel noise added to the RGB image (0..1 scale)."""
+    """Standard deviation of the (uniform) pixel noise added to the RGB image (0..1 scale)."""
 
     def check(self, prefix: str) -> None:
         for key in ("num_train", "num_val", "num_test"):
