@@ -73,6 +73,8 @@ class DataConfig:
     def check(self, prefix: str) -> None:
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 8):
             raise UserError(f"config: {prefix}.size must be [H, W] with both >= 8, got {self.size}")
+        if self.seed < 0:
+            raise UserError(f"config: {prefix}.seed must be >= 0, got {self.seed}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"config: {prefix}.val_fraction must be in (0, 1)")
         if self.tasks is not None and len(self.tasks) == 0:
@@ -88,6 +90,8 @@ class RunConfig:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
 
     def check(self, prefix: str) -> None:
+        if self.seed < 0:
+            raise UserError(f"config: {prefix}.seed must be >= 0, got {self.seed}")
         dev = self.device
         ok = dev in ("auto", "cpu", "cuda") or (
             dev.startswith("cuda:") and dev.removeprefix("cuda:").isdigit()
@@ -233,9 +237,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     expected = _expected_type(key)
-    if expected is not None and str in (expected, *get_args(expected)):
-        if value is not None and not isinstance(value, str):
-            value = raw
+    accepted = (expected, *get_args(expected)) if expected is not None else ()
+    if str in accepted and value is not None and not isinstance(value, str):
+        value = raw
+    elif float in accepted and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; Python does not
+            value = float(value)
+        except ValueError:
+            pass
     return key, value
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "DatasetBuilder",
     "DatasetInfo",
     "MultiTaskDataset",
+    "check_split",
     "get_builder",
     "load_split",
 ]
@@ -37,3 +38,6 @@ def get_builder(name: str) -> DatasetBuilder:
 def load_split(cfg: DataConfig, split: str) -> MultiTaskDataset:
     """Load one split of the dataset ``cfg.name`` with ``cfg.tasks``."""
     return get_builder(cfg.name).load(cfg, check_split(split))
+
+# Loaders register themselves in DATASETS on import.
+from dymu.data import cifar100, multimnist, synthscenes  # noqa: E402, F401

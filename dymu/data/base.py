@@ -78,10 +78,12 @@ class MultiTaskDataset(Dataset, ABC):
 class ArrayDataset(MultiTaskDataset):
     """A split held as numpy arrays (in memory or memory-mapped), indexed without copies.
 
-    ``arrays["image"]`` is uint8 [N, H, W, 3]; ``arrays[task]`` holds that task's targets
+    ``arrays["image"]`` is uint8 [N, H, W, 3] (or [N, H, W, 1] for grey images, returned
+    with the channel repeated); ``arrays[task]`` holds that task's targets
     already in the conventions of :mod:`dymu.tasks.base` except for the layout: dense
     targets are stored channels-last ([N, H, W] or [N, H, W, C]) and in compact dtypes
-    (float16, uint8); :meth:`batch` converts to the tensor conventions.
+    (float16, uint8; normals may be int8 holding round(127 * n)); :meth:`batch` converts
+    to the tensor conventions.
     """
 
     def __init__(
@@ -111,7 +113,10 @@ class ArrayDataset(MultiTaskDataset):
         """Samples at ``positions`` (into this split) as batched tensors, vectorised."""
         rows = self.indices[np.asarray(positions)]
         image = torch.from_numpy(np.ascontiguousarray(self.arrays["image"][rows]))
-        out = {"image": image.permute(0, 3, 1, 2).float().div_(255.0)}  # [B,H,W,3] -> [B,3,H,W]
+        image = image.permute(0, 3, 1, 2).float().div_(255.0)  # [B, H, W, C] -> [B, C, H, W]
+        if image.shape[1] == 1:  # grey images are stored with one channel (a third of the RAM)
+            image = image.expand(-1, 3, -1, -1).contiguous()  # [B, 1, H, W] -> [B, 3, H, W]
+        out = {"image": image}
         for spec in self.tasks:
             out[spec.name] = to_target_tensor(spec, self.arrays[spec.name][rows])
         return out
@@ -122,6 +127,10 @@ def to_target_tensor(spec: TaskSpec, array: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(array))
     if spec.kind in ("semseg", "parts", "classification"):
         return t.long()
+    if spec.kind == "normals" and t.dtype == torch.int8:  # stored as round(127 * n)
+        t = t.float()
+        norm = t.norm(dim=-1, keepdim=True)
+        t = torch.where(norm > 0, t / norm.clamp_min(1e-6), torch.zeros_like(t))
     if t.ndim == 3:  # [B, H, W] -> [B, 1, H, W]
         return t.unsqueeze(1).float()
     return t.permute(0, 3, 1, 2).float()  # [B, H, W, C] -> [B, C, H, W]
@@ -133,8 +142,11 @@ class DatasetBuilder(ABC):
     info: DatasetInfo
 
     @abstractmethod
-    def prepare(self, cfg: DataConfig) -> dict[str, Any]:
-        """Generate the cache or validate the folder; return a summary (split sizes, paths)."""
+    def prepare(self, cfg: DataConfig, progress: bool = False) -> dict[str, Any]:
+        """Generate the cache or validate the folder; return a summary (split sizes, paths).
+
+        ``progress`` shows a progress bar for work that takes more than a moment.
+        """
 
     @abstractmethod
     def load(self, cfg: DataConfig, split: str) -> MultiTaskDataset:

@@ -1,0 +1,1 @@
+"""The ``dymu`` command line: thin sub-commands that parse, load config and call the library."""

@@ -1,0 +1,74 @@
+"""A run directory: where a command writes its resolved config and environment first.
+
+Every command that takes ``--run DIR`` starts with :func:`start_run`, so any artifact in
+DIR can be traced back to the exact settings and software versions that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dymu import __version__
+from dymu.config import Config, to_yaml
+from dymu.errors import UserError
+from dymu.io import ensure_dir, write_json, write_text
+
+_VERSIONED = ("numpy", "torch", "networkx", "scikit-learn", "fvcore", "onnx", "onnxruntime")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"run.device={spec} but no CUDA device is available (use cpu or auto)")
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"run.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return torch.device(spec)
+
+
+def env_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Versions and hardware that can change a result (written as ``env.json``)."""
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    info: dict[str, Any] = {
+        "dymu": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": versions,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device is not None:
+        info["device"] = str(device)
+    return info
+
+
+def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Create ``run_dir`` and write ``config.yaml`` (fully resolved) and ``env.json``."""
+    path = ensure_dir(run_dir)
+    device = resolve_device(cfg.run.device)
+    write_text(path / "config.yaml", to_yaml(cfg))
+    write_json(path / "env.json", env_info(device))
+    return path
