@@ -33,7 +33,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/synthscenes_throughput.json"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/synthscenes_throughput.json")
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     synth = SynthConfig()

@@ -7,6 +7,7 @@ Resolution order (later wins): dataclass defaults -> YAML file (``-c configs/X.y
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -187,9 +188,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             where = f"in {prefix}" if prefix else "at the top level"
-            raise UserError(
-                f"config: unknown key {full!r}; valid keys {where}: {', '.join(names)}"
-            )
+            raise UserError(f"config: unknown key {full!r}; valid keys {where}: {', '.join(names)}")
         setattr(obj, key, _coerce(value, hints[key], full))
     check = getattr(obj, "check", None)
     if check is not None:
@@ -241,10 +240,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if str in accepted and value is not None and not isinstance(value, str):
         value = raw
     elif float in accepted and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string; Python does not
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" as a string
             value = float(value)
-        except ValueError:
-            pass
     return key, value
 
 
@@ -263,7 +260,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        raise UserError(
+            f"config file {p} must hold a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 

@@ -32,16 +32,31 @@ def test_help_and_version(capsys):
 def test_datasets_list_names_every_dataset(capsys):
     code, out, _ = run(capsys, "datasets", "list")
     assert code == 0
-    for name in ("synthscenes", "nyuv2", "pascal_context", "cifar100", "multimnist",
-                 "multifashion", "multifashion_mnist"):
+    for name in (
+        "synthscenes",
+        "nyuv2",
+        "pascal_context",
+        "cifar100",
+        "multimnist",
+        "multifashion",
+        "multifashion_mnist",
+    ):
         assert name in out
 
 
 def test_show_writes_a_picture(capsys, tmp_path):
     out_png = tmp_path / "grid.png"
     code, out, err = run(
-        capsys, "datasets", "show", "synthscenes", "--out", str(out_png), "-n", "2",
-        f"data.cache_dir={tmp_path / 'cache'}", *TINY,
+        capsys,
+        "datasets",
+        "show",
+        "synthscenes",
+        "--out",
+        str(out_png),
+        "-n",
+        "2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *TINY,
     )
     assert code == 0, err
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,8 +64,9 @@ def test_show_writes_a_picture(capsys, tmp_path):
 
 
 def test_prepare_then_config_run_dir(capsys, tmp_path):
-    code, out, _ = run(capsys, "datasets", "prepare", "synthscenes",
-                       f"data.cache_dir={tmp_path}", *TINY)
+    code, out, _ = run(
+        capsys, "datasets", "prepare", "synthscenes", f"data.cache_dir={tmp_path}", *TINY
+    )
     assert code == 0 and "train 8, val 4, test 4" in out
     code, out, _ = run(capsys, "config", "--run", str(tmp_path / "r"), "run.device=cpu")
     assert code == 0 and "device: cpu" in out
@@ -88,8 +104,16 @@ def test_usage_errors_are_one_line_exit_2(capsys):
 def test_unwritable_output_is_exit_2(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run(capsys, "datasets", "show", "synthscenes", "--out",
-                       str(blocker / "x.png"), f"data.cache_dir={tmp_path / 'c'}", *TINY)
+    code, _, err = run(
+        capsys,
+        "datasets",
+        "show",
+        "synthscenes",
+        "--out",
+        str(blocker / "x.png"),
+        f"data.cache_dir={tmp_path / 'c'}",
+        *TINY,
+    )
     assert code == 2 and "cannot create directory" in err
 
 

@@ -80,7 +80,7 @@ def test_yaml_file_errors(tmp_path):
         load_config(scalar)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("data:\n  colour: red\n")
-    with pytest.raises(UserError, match="unknown key 'data.colour'"):
+    with pytest.raises(UserError, match=r"unknown key 'data\.colour'"):
         load_config(unknown)
 
 

@@ -16,7 +16,9 @@ HEAVY = ("onnxruntime", "tensorrt", "matplotlib")
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -49,7 +49,7 @@ def test_objects_are_large_and_every_class_occurs(scenes):
 
 def _backprojected_normals(depth: np.ndarray) -> np.ndarray:
     """Normals [N, H-2, W-2, 3] from depth alone: cross product of central differences."""
-    n, h, w = depth.shape
+    _, h, w = depth.shape
     rays = render.pixel_rays(h, w, HFOV_DEG).reshape(3, h, w).transpose(1, 2, 0)  # [H, W, 3]
     pts = depth[..., None] * rays  # [N, H, W, 3] camera-frame points
     dx = pts[:, 1:-1, 2:] - pts[:, 1:-1, :-2]
@@ -145,7 +145,7 @@ def test_builder_caches_atomically_and_loads_conventions(tmp_path):
     assert len(ds) == 8 and ds.task_names == ["semseg", "depth", "normals", "edges"]
     s = ds[3]
     assert s["image"].shape == (3, 32, 32) and s["image"].dtype == torch.float32
-    assert 0 <= s["image"].min() and s["image"].max() <= 1
+    assert s["image"].min() >= 0 and s["image"].max() <= 1
     assert s["semseg"].shape == (32, 32) and s["semseg"].dtype == torch.int64
     assert s["depth"].shape == (1, 32, 32) and (s["depth"] > 0).all()
     assert s["normals"].shape == (3, 32, 32)

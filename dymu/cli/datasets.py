@@ -28,7 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     ls = sub.add_parser(
-        "list", parents=[parent], help="list known datasets and their tasks", epilog=EXAMPLES,
+        "list",
+        parents=[parent],
+        help="list known datasets and their tasks",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ls.set_defaults(func=run_list)

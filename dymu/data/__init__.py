@@ -39,5 +39,6 @@ def load_split(cfg: DataConfig, split: str) -> MultiTaskDataset:
     """Load one split of the dataset ``cfg.name`` with ``cfg.tasks``."""
     return get_builder(cfg.name).load(cfg, check_split(split))
 
+
 # Loaders register themselves in DATASETS on import.
-from dymu.data import cifar100, multimnist, synthscenes  # noqa: E402, F401
+from dymu.data import cifar100, multimnist, nyuv2, pascal_context, synthscenes  # noqa: E402, F401

@@ -152,6 +152,11 @@ class DatasetBuilder(ABC):
     def load(self, cfg: DataConfig, split: str) -> MultiTaskDataset:
         """Load ``split`` (``train``/``val``/``test``) with the tasks of ``cfg.tasks``."""
 
+    def info_for(self, cfg: DataConfig) -> DatasetInfo:
+        """The info of the data ``cfg`` points at (a loader that detects its on-disk layout
+        may offer other tasks than its static :attr:`info`); build heads from this."""
+        return self.info
+
     def root(self, cfg: DataConfig) -> Path:
         """``cfg.root`` as an existing folder, or a one-line error saying how to set it."""
         if cfg.root is None:

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from dymu.config import DataConfig
 from dymu.data.base import (
@@ -32,6 +30,7 @@ from dymu.data.base import (
     holdout_split,
     require_file,
 )
+from dymu.data.imageio import resize_images
 from dymu.errors import UserError
 from dymu.tasks.base import IGNORE_INDEX, TaskSpec
 
@@ -240,29 +239,6 @@ def check_meta(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- resizing
-
-
-def resize_images(images: np.ndarray, size: Sequence[int], chunk: int = 4096) -> np.ndarray:
-    """Resize uint8 images [N, H, W, C] to ``size`` = (h, w), bilinearly, in batches.
-
-    Antialiased when shrinking so that small sizes do not alias; done ``chunk`` images at
-    a time so that the float copy stays small. Returns the input itself when no resize is
-    needed.
-    """
-    n, h, w, c = images.shape
-    out_h, out_w = int(size[0]), int(size[1])
-    if (h, w) == (out_h, out_w):
-        return images
-    out = np.empty((n, out_h, out_w, c), dtype=np.uint8)
-    for start in range(0, n, chunk):
-        block = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk]))
-        x = block.permute(0, 3, 1, 2).float()  # [B, H, W, C] -> [B, C, H, W]
-        y = F.interpolate(
-            x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True
-        )
-        y = y.round_().clamp_(0, 255).to(torch.uint8)
-        out[start : start + chunk] = y.permute(0, 2, 3, 1).numpy()  # [B,C,h,w] -> [B,h,w,C]
-    return out
 
 
 # --------------------------------------------------------------------------- builder

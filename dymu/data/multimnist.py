@@ -51,8 +51,8 @@ from dymu.data.base import (
     check_split,
     holdout_split,
 )
-from dymu.data.cifar100 import resize_images
 from dymu.data.idx import read_idx_images, read_idx_labels
+from dymu.data.imageio import resize_images
 from dymu.errors import UserError
 from dymu.io import atomic_dir, write_json
 from dymu.tasks.base import TaskSpec

@@ -99,7 +99,8 @@ def _sample(n: int, synth: SynthConfig, rng: np.random.Generator) -> dict[str, n
         "wall_dist": rng.uniform(9.0, 12.0, n),
         "light_az": np.radians(rng.uniform(-60.0, 60.0, n)),
         "light_el": np.radians(rng.uniform(35.0, 70.0, n)),
-        "floor_rgb": rng.uniform(0.35, 0.65, (n, 1)) * rng.uniform([1, 0.8, 0.6], [1, 1, 0.9], (n, 3)),
+        "floor_rgb": rng.uniform(0.35, 0.65, (n, 1))
+        * rng.uniform([1, 0.8, 0.6], [1, 1, 0.9], (n, 3)),
         "floor_dark": rng.uniform(0.6, 0.8, n),
         "checker": rng.uniform(0.6, 1.4, n),
         "wall_rgb": rng.uniform(0.5, 0.8, (n, 1)) + rng.uniform(-0.05, 0.05, (n, 3)),
@@ -121,7 +122,7 @@ def _sample(n: int, synth: SynthConfig, rng: np.random.Generator) -> dict[str, n
 
 def _geometry(p: dict[str, np.ndarray]) -> render.SceneBatch:
     """Turn sampled parameters into camera-frame planes and object frames."""
-    n, k_max = p["shape"].shape
+    n = len(p["shape"])
     cam_rot = _rot_x(p["pitch"])  # camera -> world, [n, 3, 3]
     cam_pos = np.stack([np.zeros(n), p["cam_h"], np.zeros(n)], 1)  # [n, 3]
     to_cam = cam_rot.transpose(0, 2, 1)  # world -> camera directions
@@ -307,7 +308,12 @@ class SynthScenes(DatasetBuilder):
             with atomic_dir(path) as tmp:
                 for stream, split in enumerate(SPLITS):
                     arrays = generate(
-                        sizes[split], height, width, cfg.synth, cfg.seed, stream,
+                        sizes[split],
+                        height,
+                        width,
+                        cfg.synth,
+                        cfg.seed,
+                        stream,
                         desc=f"synthscenes {split}" if progress else None,
                     )
                     np.savez(tmp / f"{split}.npz", **arrays)
