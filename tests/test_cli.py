@@ -120,3 +120,66 @@ def test_unwritable_output_is_exit_2(capsys, tmp_path):
 def test_debug_shows_the_traceback(capsys, tmp_path):
     code, _, err = run(capsys, "--debug", "datasets", "show", "nope")
     assert code == 2 and "Traceback" in err
+
+
+def _fixture(name: str, root):
+    """Write a tiny copy of dataset ``name`` in its real on-disk format under ``root``."""
+    from fixtures_real import write_nyud_mt, write_nyuv2_npy, write_pascal_context
+    from test_data_cifar100 import write_cifar
+    from test_data_multimnist import write_source
+
+    writers = {
+        "nyuv2": lambda: write_nyuv2_npy(root),
+        "nyud_mt": lambda: write_nyud_mt(root),
+        "pascal_context": lambda: write_pascal_context(root),
+        "cifar100": lambda: write_cifar(root),
+        "multimnist": lambda: write_source(root / "mnist", "mnist"),
+        "multifashion": lambda: write_source(root / "fashion-mnist", "fashion"),
+        "multifashion_mnist": lambda: (
+            write_source(root / "mnist", "mnist"),
+            write_source(root / "fashion-mnist", "fashion"),
+        ),
+    }
+    writers[name]()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nyuv2",
+        "nyud_mt",
+        "pascal_context",
+        "cifar100",
+        "multimnist",
+        "multifashion",
+        "multifashion_mnist",
+    ],
+)
+def test_every_real_dataset_prepares_and_shows(capsys, tmp_path, name):
+    from dymu.data import DATASETS
+
+    assert name in DATASETS
+    root = tmp_path / "data"
+    _fixture(name, root)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    code, out, err = run(capsys, "datasets", "prepare", name, "--root", str(root), cache)
+    assert code == 0, err
+    assert "train" in out and "test" in out
+    png = tmp_path / f"{name}.png"
+    code, out, err = run(
+        capsys,
+        "datasets",
+        "show",
+        name,
+        "--root",
+        str(root),
+        "--out",
+        str(png),
+        "-n",
+        "2",
+        "--split",
+        "test",
+        cache,
+    )
+    assert code == 0, err
+    assert png.read_bytes()[:4] == b"\x89PNG"

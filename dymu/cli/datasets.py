@@ -90,6 +90,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from dymu.data import check_split, get_builder
     from dymu.data.preview import draw_samples
     from dymu.errors import UserError
@@ -104,7 +106,8 @@ def run_show(args: argparse.Namespace) -> int:
     if len(ds) == 0:
         raise UserError(f"dataset {cfg.name} has no {split} samples")
     count = min(args.num, len(ds))
-    indices = sorted(int(i) for i in range(0, len(ds), max(1, len(ds) // count)))[:count]
+    rng = np.random.default_rng(0)  # the same samples every time, spread over the split
+    indices = sorted(int(i) for i in rng.choice(len(ds), count, replace=False))
     out = draw_samples(ds, indices, args.out or f"{cfg.name}-{split}.png")
     print(f"wrote {out} ({count} {split} samples of {cfg.name}; tasks: {', '.join(ds.task_names)})")
     return 0

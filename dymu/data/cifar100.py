@@ -320,7 +320,7 @@ class Cifar100Builder(DatasetBuilder):
             arrays[spec.name] = target
         return ArrayDataset(self.info, split, tasks, arrays)
 
-    def prepare(self, cfg: DataConfig) -> dict[str, Any]:
+    def prepare(self, cfg: DataConfig, progress: bool = False) -> dict[str, Any]:
         """Validate all three files and report the split sizes for ``cfg.tasks``."""
         tasks = self.info.select(cfg.tasks)
         folder = self.folder(cfg)

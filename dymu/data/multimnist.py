@@ -347,7 +347,7 @@ class MultiMnistBuilder(DatasetBuilder):
         }
         return ArrayDataset(self.info, split, tasks, arrays)
 
-    def prepare(self, cfg: DataConfig) -> dict[str, Any]:
+    def prepare(self, cfg: DataConfig, progress: bool = False) -> dict[str, Any]:
         """Generate the cache (when absent) and report the split sizes."""
         self.info.select(cfg.tasks)
         cache = self.ensure_cache(cfg)

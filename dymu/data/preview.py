@@ -60,6 +60,28 @@ def render_target(spec: TaskSpec, target: torch.Tensor) -> np.ndarray:
     raise ValueError(f"no picture for task kind {spec.kind}")
 
 
+def _legend(ax, spec: TaskSpec) -> None:
+    """Class names under a segmentation column (skipped for long class lists)."""
+    from matplotlib.patches import Patch
+
+    if spec.kind not in ("semseg", "parts") or not spec.class_names:
+        return
+    if len(spec.class_names) > 14:
+        return
+    colours = _palette(len(spec.class_names))
+    handles = [Patch(color=c, label=n) for c, n in zip(colours, spec.class_names, strict=True)]
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.03),
+        ncol=2,
+        fontsize=6,
+        frameon=False,
+        handlelength=1.0,
+        columnspacing=0.8,
+    )
+
+
 def _caption(specs: Sequence[TaskSpec], sample: dict[str, torch.Tensor]) -> str:
     """Classification labels of a sample as text (only tasks that label this sample)."""
     parts = []
@@ -84,22 +106,35 @@ def draw_samples(ds: MultiTaskDataset, indices: Sequence[int], out: str | os.Pat
         raise UserError(f"--out {out}: use one of {', '.join(FORMATS)}")
     dense = [s for s in ds.tasks if s.kind != "classification"]
     labels = [s for s in ds.tasks if s.kind == "classification"]
-    rows, cols = len(indices), 1 + len(dense)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.4), squeeze=False)
-    for r, index in enumerate(indices):
-        sample = ds[int(index)]
-        image = sample["image"].permute(1, 2, 0).numpy()  # [C, H, W] -> [H, W, C]
-        ax = axes[r, 0]
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
-        ax.set_title(f"#{index}" if not labels else _caption(labels, sample), fontsize=7)
-        for c, spec in enumerate(dense, start=1):
-            axes[r, c].imshow(render_target(spec, sample[spec.name]), interpolation="nearest")
-            if r == 0:
-                axes[r, c].set_title(spec.name, fontsize=9)
+    if dense:  # one row per sample: the image, then each dense target
+        rows, cols = len(indices), 1 + len(dense)
+        cells = [(r, 0) for r in range(rows)]
+    else:  # image-level labels only: a grid of captioned images
+        cols = min(len(indices), 6)
+        rows = -(-len(indices) // cols)
+        cells = [divmod(i, cols) for i in range(len(indices))]
+    height = 2.1 + (0.25 * min(len(labels), 5) if labels else 0.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, height * rows + 0.5), squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{ds.info.name} ({ds.split}): image and every task's target", fontsize=10)
+        ax.set_frame_on(False)
+    for (r, c0), index in zip(cells, indices, strict=True):
+        sample = ds[int(index)]
+        image = sample["image"].permute(1, 2, 0).numpy()  # [C, H, W] -> [H, W, C]
+        ax = axes[r, c0]
+        ax.set_frame_on(True)
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(f"#{index}" if not labels else _caption(labels, sample), fontsize=7)
+        for c, spec in enumerate(dense, start=1):
+            axes[r, c].set_frame_on(True)
+            axes[r, c].imshow(render_target(spec, sample[spec.name]), interpolation="nearest")
+            if r == 0:
+                axes[r, c].set_title(spec.name, fontsize=9)
+    for c, spec in enumerate(dense, start=1):
+        _legend(axes[rows - 1, c], spec)
+    what = "image and every task's target" if dense else "images and their labels"
+    fig.suptitle(f"{ds.info.name} ({ds.split}): {what}", fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"), dpi=110)
