@@ -201,19 +201,27 @@ def cast(scenes: SceneBatch, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     normals[:] = scenes.floor_n[:, None, :]
     np.copyto(normals, scenes.wall_n[:, None, :], where=(inst == WALL)[..., None])
     img, pix = np.nonzero(inst >= 2)  # every object pixel, as (image, pixel) pairs
-    slot = inst[img, pix] - 2
-    shape_of = scenes.obj_shape[img, slot]
+    obj = img * n_slots + (inst[img, pix] - 2)  # flat object index per pixel
+    shape_of = scenes.obj_shape.reshape(-1)[obj]
+    matrices = scenes.obj_matrix.reshape(-1, 9)  # [B * K, 9], row-major 3x3
+    origins = scenes.obj_origin.reshape(-1, 3)
     for shape in _HIT:
         sel = np.nonzero(shape_of == shape)[0]
         if len(sel) == 0:
             continue
-        b, s, q = img[sel], slot[sel], pix[sel]
-        m = scenes.obj_matrix[b, s]  # [n, 3, 3]
-        d_loc = np.einsum("njk,kn->nj", m, rays[:, q])  # local ray direction per pixel
-        p_loc = scenes.obj_origin[b, s] + depth[b, q][:, None] * d_loc
-        g = np.einsum("njk,nj->nk", m, _local_normal(shape, p_loc))  # camera normal = M^T grad
-        g /= np.sqrt(np.einsum("nk,nk->n", g, g))[:, None] + 1e-12
-        normals[b, q] = g
+        k, b, q = obj[sel], img[sel], pix[sel]
+        m = matrices[k].T  # [9, n]: m[3 * j + i] is row j, column i of each pixel's M
+        t = depth[b, q]
+        d = rays[:, q]  # [3, n]
+        o = origins[k].T  # [3, n]
+        p_loc = [
+            o[j] + t * (m[3 * j] * d[0] + m[3 * j + 1] * d[1] + m[3 * j + 2] * d[2])
+            for j in range(3)
+        ]
+        g = _local_normal(shape, np.stack(p_loc, 1)).T  # [3, n] gradients in local frames
+        n_cam = np.stack([m[i] * g[0] + m[3 + i] * g[1] + m[6 + i] * g[2] for i in range(3)], 1)
+        n_cam /= np.sqrt((n_cam * n_cam).sum(1, keepdims=True)) + 1e-12  # M^T grad, unit
+        normals[b, q] = n_cam
     return depth, inst, normals
 
 
