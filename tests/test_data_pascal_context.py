@@ -16,7 +16,6 @@ from dymu.data.pascal_context import (
     NORMALS_VALID_CLASSES,
     PASCAL_CONTEXT,
     label_edges,
-    thin,
 )
 from dymu.errors import UserError
 
@@ -131,15 +130,6 @@ def test_splits_and_prepare(pascal):
     val = PASCAL_CONTEXT.load(cfg, "val").ids
     assert sorted(train + val) == sorted(TRAIN) and not set(train) & set(val)
     assert PASCAL_CONTEXT.load(cfg, "test").ids == ["2008_000009", "2008_000010"]
-
-
-def test_thin_matches_skimage_example():
-    square = np.zeros((7, 7), bool)
-    square[1:-1, 2:-2] = True
-    square[0, 1] = True
-    expected = np.zeros((7, 7), bool)
-    expected[[0, 1, 2, 3, 4], [1, 2, 3, 3, 3]] = True  # skimage.morphology.thin docstring
-    np.testing.assert_array_equal(thin(square), expected)
 
 
 def test_label_edges_of_a_block_is_a_closed_thin_loop():

@@ -29,7 +29,7 @@ Tasks and their decoding:
   (the reference renormalises in ``FixedResize``).
 - ``edges``: the ``LabelMap`` class boundaries: pixels where the 3x3 Laplacian
   (``cv2.Laplacian``, border reflect-101) of the label map is non-zero, thinned with
-  ``skimage.morphology.thin``; both re-implemented here with scipy, as {0, 1}.
+  ``skimage.morphology.thin`` (the Laplacian with scipy), as {0, 1}.
 
 Splits: ``train.txt`` minus a deterministic ``data.val_fraction`` hold-out (seeded by
 ``data.seed``) is ``train``, the hold-out is ``val``, ``val.txt`` is ``test``.
@@ -144,60 +144,7 @@ PASCAL_CONTEXT_INFO = DatasetInfo(
 # --------------------------------------------------------------------------- edges
 
 
-def _thin_luts() -> tuple[np.ndarray, np.ndarray]:
-    """Deletion tables of the two sub-iterations of Guo & Hall thinning (1989).
-
-    The same construction as ``skimage.morphology._skeletonize._generate_thin_luts``:
-    bit ``i`` of a neighbourhood code is the neighbour weighted ``2**i`` by
-    :data:`_THIN_MASK` (east = bit 0, then counter-clockwise).
-    """
-
-    def bits(n: int) -> list[bool]:
-        return [bool(n >> i & 1) for i in range(8)]
-
-    def g1(b: list[bool]) -> bool:
-        return sum(not b[i] and (b[i + 1] or b[(i + 2) % 8]) for i in (0, 2, 4, 6)) == 1
-
-    def g2(b: list[bool]) -> bool:
-        n1 = sum(b[k] or b[k - 1] for k in (1, 3, 5, 7))
-        n2 = sum(b[k] or b[(k + 1) % 8] for k in (1, 3, 5, 7))
-        return min(n1, n2) in (2, 3)
-
-    def g3(b: list[bool]) -> bool:
-        return not ((b[1] or b[2] or not b[7]) and b[0])
-
-    def g3p(b: list[bool]) -> bool:
-        return not ((b[5] or b[6] or not b[3]) and b[4])
-
-    codes = [bits(n) for n in range(256)]
-    first = np.array([g1(b) and g2(b) and g3(b) for b in codes])
-    second = np.array([g1(b) and g2(b) and g3p(b) for b in codes])
-    return first, second
-
-
-_THIN_MASK = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]], dtype=np.uint8)
-_THIN_LUTS = _thin_luts()
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
-
-
-def thin(mask: np.ndarray) -> np.ndarray:
-    """Morphological thinning of a boolean [H, W] mask to one-pixel-wide lines.
-
-    A re-implementation of ``skimage.morphology.thin`` (no iteration limit): repeat the
-    two sub-iterations until no pixel changes; outside the image counts as background.
-    """
-    from scipy import ndimage
-
-    skel = mask.astype(np.uint8)
-    count = int(skel.sum())
-    while True:
-        for lut in _THIN_LUTS:
-            codes = ndimage.correlate(skel, _THIN_MASK, mode="constant")
-            skel[np.take(lut, codes)] = 0
-        new = int(skel.sum())
-        if new == count:
-            return skel.astype(bool)
-        count = new
 
 
 def label_edges(label_map: np.ndarray) -> np.ndarray:
@@ -207,6 +154,7 @@ def label_edges(label_map: np.ndarray) -> np.ndarray:
     is the 4-neighbour kernel with reflect-101 borders (scipy's ``mirror``).
     """
     from scipy import ndimage
+    from skimage.morphology import thin
 
     lap = ndimage.correlate(label_map.astype(np.float64), _LAPLACIAN, mode="mirror")
     return thin(np.abs(lap) > 0).astype(np.float32)
