@@ -499,7 +499,9 @@ class NYUv2Builder(DatasetBuilder):
         for source in ("train", "val"):
             ids = layout.ids(source, tasks)
             desc = f"{self.info.name} {source}"
-            for sid in tqdm(ids, desc=desc, unit="img", disable=not progress, leave=False):
+            for sid in tqdm(
+                ids, desc=desc, unit="img", disable=None if progress else True, leave=False
+            ):
                 layout.check_headers(source, sid, tasks)
             layout.read(source, ids[0], tasks)
             counts[source] = len(ids)

@@ -218,7 +218,9 @@ class _Folder:
             raise UserError(f"dataset {self.dataset}: split file {listing} lists no images")
         context_pngs = self.root / "semseg" / "pascal-context"
         desc = f"{self.dataset} {source}"
-        for sid in tqdm(ids, desc=desc, unit="img", disable=not progress, leave=False):
+        for sid in tqdm(
+            ids, desc=desc, unit="img", disable=None if progress else True, leave=False
+        ):
             for path in self.files(sid, tasks):
                 if not path.is_file():
                     voc = self.root / "semseg" / "VOC12" / path.name
