@@ -39,6 +39,17 @@ def test_cuda_request_without_cuda_fails_clearly():
     assert resolve_device("auto").type == "cpu"
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "a.json", {})
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.json"
     write_json(target, {"a": 1})
