@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # Generated datasets go to a throw-away cache, never the user's ~/.cache/dymu.
-os.environ.setdefault("DYMU_CACHE", tempfile.mkdtemp(prefix="dymu-test-cache-"))
+os.environ["DYMU_CACHE"] = tempfile.mkdtemp(prefix="dymu-test-cache-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

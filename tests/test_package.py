@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import dymu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +51,18 @@ def test_console_script_reports_version():
         [sys.executable, "-m", "dymu", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"dymu {dymu.__version__}"
+
+
+def test_every_package_folder_is_declared_for_installation():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    declared = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {"dymu.affinity", "dymu.compile"}
+    for init in (ROOT / "dymu").rglob("__init__.py"):
+        found.add(".".join(init.parent.relative_to(ROOT).parts))
+    for folder in ("affinity", "compile"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join(("dymu", folder, *rel)))
+    assert found == declared
