@@ -235,9 +235,8 @@ def generate(
         "normals": np.empty((n, height, width, 3), np.int8),
         "edges": np.empty((n, height, width), np.uint8),
     }
-    starts = range(0, n, CHUNK)
     bar = tqdm(total=n, desc=desc, unit="img", disable=True if desc is None else None, leave=False)
-    for i, start in enumerate(starts):
+    for i, start in enumerate(range(0, n, CHUNK)):
         stop = min(start + CHUNK, n)
         p = {k: v[start:stop] for k, v in params.items()}
         m, k_max = stop - start, synth.max_objects
@@ -250,9 +249,9 @@ def generate(
         rgb += np.float32(2 * np.sqrt(3) * synth.noise) * noise
         # Labels by lookup: per image, instance id -> class (0 floor, 1 wall, 2 + slot).
         flat = inst + (np.arange(m) * (k_max + 2))[:, None]  # [m, P] into [m * (K+2)]
-        room = np.broadcast_to(np.array([0, 1], np.uint8), (m, 2))
+        room = np.broadcast_to(np.array([render.FLOOR, render.WALL]), (m, 2))
         semseg_of = np.concatenate([room, 2 + p["shape"]], 1).astype(np.uint8)
-        material_of = np.concatenate([0 * room, 1 + p["colour"]], 1).astype(np.uint8)
+        material_of = np.concatenate([np.zeros_like(room), 1 + p["colour"]], 1).astype(np.uint8)
         hw = (m, height, width)
         out["semseg"][start:stop] = semseg_of.reshape(-1)[flat].reshape(hw)
         out["material"][start:stop] = material_of.reshape(-1)[flat].reshape(hw)
