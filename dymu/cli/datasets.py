@@ -93,13 +93,14 @@ def run_show(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dymu.data import check_split, get_builder
-    from dymu.data.preview import draw_samples
+    from dymu.data.preview import check_output, draw_samples
     from dymu.errors import UserError
 
     cfg = _data_config(args)
     split = check_split(args.split)
     if args.num < 1:
         raise UserError(f"-n must be >= 1, got {args.num}")
+    out = check_output(args.out or f"{cfg.name}-{split}.png")  # fail before any slow work
     builder = get_builder(cfg.name)
     builder.prepare(cfg, progress=True)  # generation/validation with a progress bar
     ds = builder.load(cfg, split)
@@ -108,7 +109,7 @@ def run_show(args: argparse.Namespace) -> int:
     count = min(args.num, len(ds))
     rng = np.random.default_rng(0)  # the same samples every time, spread over the split
     indices = sorted(int(i) for i in rng.choice(len(ds), count, replace=False))
-    out = draw_samples(ds, indices, args.out or f"{cfg.name}-{split}.png")
+    draw_samples(ds, indices, out)
     print(f"wrote {out} ({count} {split} samples of {cfg.name}; tasks: {', '.join(ds.task_names)})")
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 from dymu.data.base import MultiTaskDataset
 from dymu.errors import UserError
-from dymu.io import atomic_path
+from dymu.io import atomic_path, ensure_dir
 from dymu.tasks.base import IGNORE_INDEX, TaskSpec
 
 FORMATS = (".png", ".pdf", ".svg", ".jpg")
@@ -94,6 +94,15 @@ def _caption(specs: Sequence[TaskSpec], sample: dict[str, torch.Tensor]) -> str:
     return "\n".join(parts[:4]) + ("\n..." if len(parts) > 4 else "")
 
 
+def check_output(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if it names a picture format in a folder that can be written."""
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise UserError(f"--out {out}: use one of {', '.join(FORMATS)}")
+    ensure_dir(out.parent)
+    return out
+
+
 def draw_samples(ds: MultiTaskDataset, indices: Sequence[int], out: str | os.PathLike) -> Path:
     """Draw ``indices`` of ``ds`` as a grid (one row per sample) into ``out`` (atomically)."""
     import matplotlib
@@ -101,9 +110,7 @@ def draw_samples(ds: MultiTaskDataset, indices: Sequence[int], out: str | os.Pat
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise UserError(f"--out {out}: use one of {', '.join(FORMATS)}")
+    out = check_output(out)
     dense = [s for s in ds.tasks if s.kind != "classification"]
     labels = [s for s in ds.tasks if s.kind == "classification"]
     if dense:  # one row per sample: the image, then each dense target
