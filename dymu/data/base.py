@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,41 @@ class ArrayDataset(MultiTaskDataset):
         for spec in self.tasks:
             out[spec.name] = to_target_tensor(spec, self.arrays[spec.name][rows])
         return out
+
+
+class FileDataset(MultiTaskDataset):
+    """One split of a folder dataset, read lazily: ``ds[i]`` reads sample ``ids[i]``.
+
+    Real datasets are too large to hold in memory; ``read(id, tasks)`` opens one sample's
+    files and returns tensors in the conventions, which are then resized to ``size``
+    (None = the sample's own image size, so stored targets follow the image).
+    """
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        split: str,
+        tasks: Sequence[TaskSpec],
+        ids: Sequence[str],
+        read: Callable[[str, tuple[TaskSpec, ...]], dict[str, torch.Tensor]],
+        size: tuple[int, int] | None,
+    ) -> None:
+        super().__init__(info, split, tasks)
+        self.ids = list(ids)
+        """Sample ids (file stems) of this split, in order."""
+        self.read = read
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from dymu.data.imageio import fit_sample
+
+        if not -len(self.ids) <= index < len(self.ids):
+            raise IndexError(f"index {index} out of range for {len(self.ids)} samples")
+        sample = self.read(self.ids[index], self.tasks)
+        return fit_sample(sample, self.size or tuple(sample["image"].shape[-2:]))
 
 
 def to_target_tensor(spec: TaskSpec, array: np.ndarray) -> torch.Tensor:

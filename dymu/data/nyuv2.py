@@ -45,6 +45,7 @@ and targets by nearest neighbour.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,13 +59,12 @@ from dymu.data.base import (
     DATASETS,
     DatasetBuilder,
     DatasetInfo,
-    MultiTaskDataset,
+    FileDataset,
     check_split,
     holdout_split,
     require_file,
 )
 from dymu.data.imageio import (
-    fit_sample,
     image_tensor,
     malformed,
     npy_shape,
@@ -415,37 +415,6 @@ def detect_layout(root: Path, dataset: str = "nyuv2") -> str:
 # --------------------------------------------------------------------------- dataset
 
 
-class NYUv2Dataset(MultiTaskDataset):
-    """One split, read lazily: each ``ds[i]`` opens that sample's files."""
-
-    def __init__(
-        self,
-        info: DatasetInfo,
-        split: str,
-        tasks: Sequence[TaskSpec],
-        layout: _Layout,
-        source: str,
-        ids: Sequence[str],
-        size: tuple[int, int] | None,
-    ) -> None:
-        super().__init__(info, split, tasks)
-        self.layout = layout
-        self.source = source
-        self.ids = list(ids)
-        """Sample ids (file stems) of this split, in order."""
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not -len(self.ids) <= index < len(self.ids):
-            raise IndexError(f"index {index} out of range for {len(self.ids)} samples")
-        sample = self.layout.read(self.source, self.ids[index], self.tasks)
-        # Native size = the image's: targets stored at another size follow it (reference).
-        return fit_sample(sample, self.size or tuple(sample["image"].shape[-2:]))
-
-
 # --------------------------------------------------------------------------- builder
 
 
@@ -515,14 +484,14 @@ class NYUv2Builder(DatasetBuilder):
             "splits": sizes,
         }
 
-    def load(self, cfg: DataConfig, split: str) -> NYUv2Dataset:
+    def load(self, cfg: DataConfig, split: str) -> FileDataset:
         check_split(split)
         layout = self.layout(cfg)
         info = self._info(layout)
         tasks = info.select(cfg.tasks)
         source, ids = self._split(cfg, layout, split, tasks)
         size = None if cfg.size is None else (int(cfg.size[0]), int(cfg.size[1]))
-        return NYUv2Dataset(info, split, tasks, layout, source, ids, size)
+        return FileDataset(info, split, tasks, ids, functools.partial(layout.read, source), size)
 
 
 NYUV2 = DATASETS.register("nyuv2")(NYUv2Builder(NYUV2_INFO, layouts=("npy", "nyud_mt")))

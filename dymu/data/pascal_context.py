@@ -55,13 +55,12 @@ from dymu.data.base import (
     DATASETS,
     DatasetBuilder,
     DatasetInfo,
-    MultiTaskDataset,
+    FileDataset,
     check_split,
     holdout_split,
     require_file,
 )
 from dymu.data.imageio import (
-    fit_sample,
     image_tensor,
     malformed,
     read_mat,
@@ -329,33 +328,6 @@ class _Folder:
 # --------------------------------------------------------------------------- dataset
 
 
-class PascalContextDataset(MultiTaskDataset):
-    """One split, read lazily: each ``ds[i]`` opens that sample's files."""
-
-    def __init__(
-        self,
-        info: DatasetInfo,
-        split: str,
-        tasks: Sequence[TaskSpec],
-        folder: _Folder,
-        ids: Sequence[str],
-        size: tuple[int, int],
-    ) -> None:
-        super().__init__(info, split, tasks)
-        self.folder = folder
-        self.ids = list(ids)
-        """Image ids of this split, in the order of the split file."""
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not -len(self.ids) <= index < len(self.ids):
-            raise IndexError(f"index {index} out of range for {len(self.ids)} samples")
-        return fit_sample(self.folder.read(self.ids[index], self.tasks), self.size)
-
-
 # --------------------------------------------------------------------------- builder
 
 
@@ -405,15 +377,13 @@ class PascalContextBuilder(DatasetBuilder):
             "splits": {"train": len(train), "val": len(val), "test": counts["val"]},
         }
 
-    def load(self, cfg: DataConfig, split: str) -> PascalContextDataset:
+    def load(self, cfg: DataConfig, split: str) -> FileDataset:
         check_split(split)
         folder = self._folder(cfg)
         tasks = self.info.select(cfg.tasks)
         ids = self._split(cfg, folder, split, tasks)
         size = self.info.default_size if cfg.size is None else cfg.size
-        return PascalContextDataset(
-            self.info, split, tasks, folder, ids, (int(size[0]), int(size[1]))
-        )
+        return FileDataset(self.info, split, tasks, ids, folder.read, (int(size[0]), int(size[1])))
 
 
 PASCAL_CONTEXT = DATASETS.register("pascal_context")(PascalContextBuilder())
