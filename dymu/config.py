@@ -104,11 +104,91 @@ class RunConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The anchor: one backbone (cut into searchable layers) and one head per task."""
+
+    backbone: str = "tiny_resnet"
+    """Registered backbone builder: tiny_resnet, resnet18, resnet34, mobilenetv2."""
+    width: int = 16
+    """Base channel width of ``tiny_resnet`` (ignored by the others)."""
+    weights: str | None = None
+    """Local torchvision-format weight file for every stream's backbone (null = random)."""
+    dense_head: str = "deeplabv3plus_light"
+    """Head of dense tasks: deeplabv3plus or deeplabv3plus_light."""
+    class_head: str = "classification"
+    """Head of image-level (classification) tasks."""
+
+    def check(self, prefix: str) -> None:
+        if self.width < 1:
+            raise UserError(f"config: {prefix}.width must be >= 1, got {self.width}")
+
+
+@dataclass
+class Stage0Config:
+    """Stage 0: every stream trained alone on its own task."""
+
+    epochs: int = 12
+    batch_size: int = 32
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    hflip: bool = True
+    """Random horizontal flips (normals' x component is mirrored with the image)."""
+    val_every: int = 2
+    """Validate every this many epochs (and after the last one)."""
+    workers: int = 0
+    """DataLoader worker processes for datasets read from files (0 = in the main process)."""
+
+    def check(self, prefix: str) -> None:
+        for key in ("epochs", "batch_size", "val_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config: {prefix}.{key} must be >= 1")
+        if self.lr <= 0:
+            raise UserError(f"config: {prefix}.lr must be > 0")
+        if self.workers < 0:
+            raise UserError(f"config: {prefix}.workers must be >= 0")
+
+
+@dataclass
+class AffinityConfig:
+    """Task affinity estimation (METHOD.md 1.3)."""
+
+    method: Literal["rsa", "grad_cosine", "lookahead"] = "rsa"
+    images: int = 200
+    """K: training images whose features RSA compares."""
+    batches: int = 20
+    """Batches averaged by the gradient-based estimators."""
+    batch_size: int = 32
+    lookahead_lr: float = 0.01
+    """Step size of TAG's virtual step."""
+
+    def check(self, prefix: str) -> None:
+        if self.images < 3:
+            raise UserError(f"config: {prefix}.images must be >= 3")
+        if self.batches < 1 or self.batch_size < 1:
+            raise UserError(f"config: {prefix}.batches and batch_size must be >= 1")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+
+
+def section_hash(cfg: Config, *sections: str) -> str:
+    """A stable 12-hex hash of the named config sections: an artifact records it, so a
+    later run can tell whether the artifact still matches its config."""
+    import hashlib
+    import json
+
+    blob = {name: dataclasses.asdict(getattr(cfg, name)) for name in sections}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- parsing

@@ -9,6 +9,9 @@ import tempfile
 import pytest
 import torch
 
+# One thread: tests are small, and OpenMP threads stall badly on a busy 2-core machine.
+torch.set_num_threads(1)
+
 # Generated datasets go to a throw-away cache, never the user's ~/.cache/dymu.
 os.environ["DYMU_CACHE"] = tempfile.mkdtemp(prefix="dymu-test-cache-")
 

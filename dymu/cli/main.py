@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from dymu import __version__
-from dymu.cli import config_cmd, datasets
+from dymu.cli import anchor_cmds, config_cmd, datasets
 from dymu.cli.common import Parser
 from dymu.errors import DymuError
 
@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   dymu datasets list
   dymu datasets show synthscenes --out synthscenes.png
   dymu config -c configs/quick.yaml data.size=[32,32]
+  dymu affinity -c configs/quick.yaml --run runs/quick
+  dymu space -c configs/quick.yaml --run runs/quick
 
 Run 'dymu COMMAND --help' for the options of a command."""
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     datasets.add_parser(sub, common)
     config_cmd.add_parser(sub, common)
+    anchor_cmds.add_parsers(sub, common)
     return parser
 
 

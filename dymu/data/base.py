@@ -113,7 +113,9 @@ class ArrayDataset(MultiTaskDataset):
         """Samples at ``positions`` (into this split) as batched tensors, vectorised."""
         rows = self.indices[np.asarray(positions)]
         image = torch.from_numpy(np.ascontiguousarray(self.arrays["image"][rows]))
-        image = image.permute(0, 3, 1, 2).float().div_(255.0)  # [B, H, W, C] -> [B, C, H, W]
+        # [B, H, W, C] -> [B, C, H, W], made contiguous: the permuted (channels-last) strides
+        # send torch 2.13's CPU kernels down a path that corrupted the heap in backward.
+        image = image.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
         if image.shape[1] == 1:  # grey images are stored with one channel (a third of the RAM)
             image = image.expand(-1, 3, -1, -1).contiguous()  # [B, 1, H, W] -> [B, 3, H, W]
         out = {"image": image}

@@ -1,0 +1,133 @@
+"""FLOPs and parameter counts per layer and per head (fvcore: one fused multiply-add = 1 FLOP).
+
+The search space prices a tree as the sum of its used nodes and its heads (METHOD.md 1.2),
+so every layer is counted alone, at batch 1, on a zero tensor of the shape it really
+receives. fvcore counts each operator from its shapes only, so these per-layer counts add
+up exactly to fvcore's count of the whole backbone. Modules are counted in eval mode (fvcore
+prices a batch norm differently in training) and put back in their own modes afterwards.
+
+What fvcore counts: convolutions and linear layers as multiply-adds, batch norm in eval
+mode as 2 per element (1 without affine), bilinear upsampling and adaptive pooling per
+element; it ignores ReLUs, max pooling and elementwise sums. Its warnings about those
+uncounted operators are silenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dymu.models.backbones import Backbone
+from dymu.models.heads import Head
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class _Bound(nn.Module):
+    """Calls ``module`` with constant non-tensor arguments bound, so fvcore can trace it.
+
+    fvcore traces with ``torch.jit``, which accepts only tensor inputs; ``None`` and
+    ``out_size`` tuples are held here and put back in their places on every call.
+    """
+
+    def __init__(self, module: nn.Module, inputs: Sequence[object]) -> None:
+        super().__init__()
+        self.module = module
+        self.inputs = list(inputs)
+        self.slots = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
+
+    def forward(self, *tensors: Tensor) -> object:
+        args = list(self.inputs)
+        for i, t in zip(self.slots, tensors, strict=True):
+            args[i] = t
+        return self.module(*args)
+
+
+def count_flops(module: nn.Module, *inputs: object) -> int:
+    """fvcore's FLOP count of ``module(*inputs)``; non-tensor inputs are passed as constants.
+
+    Args:
+        module: any module; counted in eval mode, its modes are restored afterwards.
+        *inputs: the forward arguments (tensors, and e.g. None or a size tuple).
+
+    Returns:
+        Total FLOPs (fused multiply-adds) over all operators fvcore supports.
+    """
+    bound = _Bound(module, inputs)
+    tensors = tuple(x for x in inputs if isinstance(x, Tensor))
+    with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices and tracer chatter
+        from fvcore.nn import FlopCountAnalysis  # its import already calls torch.jit.script
+
+        analysis = FlopCountAnalysis(bound, tensors)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return int(analysis.total())
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (buffers such as BN running statistics are not parameters)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def layer_output_shapes(
+    backbone: Backbone, input_size: tuple[int, int], in_channels: int = 3
+) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` of every layer's output for one ``[in_channels, *input_size]`` image."""
+    x = torch.zeros(1, in_channels, *input_size)
+    with _eval_mode(backbone), torch.no_grad():
+        return [tuple(out.shape[1:]) for out in backbone(x)]  # type: ignore[misc]
+
+
+def layer_costs(
+    backbone: Backbone, input_size: tuple[int, int], in_channels: int = 3
+) -> list[tuple[int, int]]:
+    """``(flops, params)`` of each layer at batch 1 for an ``input_size`` image.
+
+    Each layer is counted alone on a zero tensor of the shape it receives inside the
+    backbone, so the FLOPs sum to ``count_flops(backbone, image)``.
+    """
+    out_shapes = layer_output_shapes(backbone, input_size, in_channels)
+    in_shapes = [(in_channels, *input_size), *out_shapes[:-1]]  # layer l reads layer l - 1
+    return [
+        (count_flops(layer, torch.zeros(1, *shape)), count_params(layer))
+        for layer, shape in zip(backbone.layers, in_shapes, strict=True)
+    ]
+
+
+def _batched(shape: Sequence[int]) -> tuple[int, ...]:
+    return (1, *shape) if len(shape) == 3 else tuple(shape)
+
+
+def head_cost(
+    head: Head,
+    high_shape: Sequence[int],
+    low_shape: Sequence[int] | None,
+    out_size: tuple[int, int],
+) -> tuple[int, int]:
+    """``(flops, params)`` of ``head`` for one image.
+
+    Args:
+        head: the head to count.
+        high_shape: ``(C, h, w)`` of its ``high`` input (a 4-tuple is taken as batched).
+        low_shape: ``(C, h, w)`` of its ``low`` input, or None when the head reads none.
+        out_size: ``(H, W)`` of the dense output.
+    """
+    high = torch.zeros(_batched(high_shape))
+    low = None if low_shape is None else torch.zeros(_batched(low_shape))
+    return count_flops(head, high, low, tuple(out_size)), count_params(head)

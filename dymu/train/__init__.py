@@ -1,0 +1,1 @@
+"""Training: stage 0 (single-task streams) and the loops later stages share."""

@@ -1,0 +1,109 @@
+"""Pieces every training stage shares: batches, augmentation, evaluation, schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from dymu.data.base import ArrayDataset, MultiTaskDataset
+from dymu.tasks import Task
+
+
+def num_batches(ds: MultiTaskDataset, batch_size: int, drop_last: bool) -> int:
+    n = len(ds)
+    return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+
+
+def iterate(
+    ds: MultiTaskDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[dict[str, Tensor]]:
+    """Batches of ``ds``. In-memory datasets are sliced as whole arrays (no per-sample
+    Python work); folder datasets go through a DataLoader with ``workers`` processes."""
+    drop_last = drop_last and len(ds) >= batch_size  # never drop a whole small split
+    if isinstance(ds, ArrayDataset):
+        order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield ds.batch(order[start : start + batch_size])
+        return
+    gen = torch.Generator().manual_seed(seed)
+    yield from DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def random_hflip(
+    batch: dict[str, Tensor], tasks: Sequence[Task], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Mirror a random half of the samples; normals' x component changes sign with them."""
+    image = batch["image"]
+    flip = torch.rand(image.shape[0], generator=generator) < 0.5  # [B]
+    if not flip.any():
+        return batch
+    flip = flip.to(image.device)
+    out = dict(batch)
+    out["image"] = torch.where(flip[:, None, None, None], image.flip(-1), image)
+    for task in tasks:
+        if not task.dense:
+            continue
+        t = batch[task.name]
+        mirrored = t.flip(-1)
+        if task.kind == "normals":
+            mirrored = mirrored * torch.tensor([-1.0, 1.0, 1.0], device=t.device)[:, None, None]
+        shape = (-1,) + (1,) * (t.ndim - 1)
+        out[task.name] = torch.where(flip.view(shape), mirrored, t)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    ds: MultiTaskDataset,
+    tasks: Sequence[Task],
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Every task's metrics over the whole split (dataset-level statistics)."""
+    was_training = model.training
+    model.eval()
+    metrics = {t.name: t.new_metric() for t in tasks}
+    for batch in iterate(ds, batch_size, shuffle=False, workers=workers):
+        batch = to_device(batch, device)
+        out = model(batch["image"])
+        for t in tasks:
+            metrics[t.name].update(out[t.name], batch[t.name])
+    model.train(was_training)
+    return {name: m.compute() for name, m in metrics.items()}
+
+
+def lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at a step: cosine to 0, x0.1 at 2/3, or flat."""
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    if schedule == "step":
+        return lambda s: 0.1 if s >= 2 * total_steps // 3 else 1.0
+    return lambda s: 1.0

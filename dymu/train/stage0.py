@@ -1,0 +1,190 @@
+"""Stage 0: train every stream alone on its own task (METHOD.md 1.1).
+
+The streams share no parameters, so summing their losses gives each stream exactly its
+own task's gradient; they are trained together only to run each layer of all streams as
+one batched op (:class:`~dymu.models.anchor.StackedAnchor`). Writes ``anchor.safetensors``
+and ``anchor.json`` (single-task metrics on val and test: the ``delta_m`` baselines).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dymu.config import Config, section_hash
+from dymu.data import get_builder
+from dymu.errors import UserError
+from dymu.io import atomic_path, ensure_dir, write_json
+from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
+from dymu.run import resolve_device
+from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
+
+ANCHOR_WEIGHTS = "anchor.safetensors"
+ANCHOR_JSON = "anchor.json"
+CHECKPOINT = "stage0/checkpoint.pt"
+
+
+def stage0_hash(cfg: Config) -> str:
+    """What the anchor depends on: data, model, stage-0 settings and the seed."""
+    return section_hash(cfg, "data", "model", "stage0") + f"-s{cfg.run.seed}"
+
+
+@dataclass
+class Splits:
+    train: Any
+    val: Any
+    test: Any
+
+
+def load_splits(cfg: Config) -> tuple[list, Splits]:
+    """The task specs of the configured data and its three splits."""
+    builder = get_builder(cfg.data.name)
+    builder.prepare(cfg.data, progress=True)
+    specs = list(builder.info_for(cfg.data).select(cfg.data.tasks))
+    splits = Splits(*(builder.load(cfg.data, s) for s in ("train", "val", "test")))
+    return specs, splits
+
+
+def _save_checkpoint(path: Path, stacked: StackedAnchor, opt, sched, epoch: int, h: str) -> None:
+    state = {
+        "model": stacked.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "config_hash": h,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, stacked: StackedAnchor, opt, sched, h: str) -> int:
+    """Restore a stage-0 checkpoint; return the number of finished epochs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
+    except Exception as exc:  # a damaged file of any kind: one line
+        raise UserError(f"stage-0 checkpoint {path} is unreadable ({exc}); delete it") from None
+    if state.get("config_hash") != h:
+        raise UserError(
+            f"stage-0 checkpoint {path} was made with another config; delete it or drop --resume"
+        )
+    stacked.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["epoch"])
+
+
+def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anchor, dict]:
+    """Train the anchor; write its weights and metrics into ``run_dir``; return both."""
+    device = resolve_device(cfg.run.device)
+    specs, splits = load_splits(cfg)
+    anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
+    stacked = StackedAnchor(anchor).to(device)
+    s0 = cfg.stage0
+    params = stacked.parameters()
+    if s0.optimizer == "adam":
+        opt = torch.optim.AdamW(params, lr=s0.lr, weight_decay=s0.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=s0.lr, momentum=0.9, weight_decay=s0.weight_decay)
+    per_epoch = num_batches(splits.train, s0.batch_size, drop_last=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s0.schedule, s0.epochs * per_epoch))
+    h = stage0_hash(cfg)
+    ckpt = Path(run_dir) / CHECKPOINT
+    start = _load_checkpoint(ckpt, stacked, opt, sched, h) if resume and ckpt.is_file() else 0
+    if start:
+        print(f"stage 0: resuming after epoch {start}/{s0.epochs} from {ckpt}")
+    flip_gen = torch.Generator().manual_seed(cfg.run.seed)
+    images, seconds = 0, 0.0
+    tasks = anchor.tasks
+    for epoch in range(start, s0.epochs):
+        stacked.train()
+        # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted one.
+        flip_gen.manual_seed(cfg.run.seed * 1000 + epoch)
+        torch.manual_seed(cfg.run.seed * 1000 + epoch)
+        bar = tqdm(
+            iterate(
+                splits.train,
+                s0.batch_size,
+                shuffle=True,
+                seed=cfg.run.seed * 1000 + epoch,
+                drop_last=True,
+                workers=s0.workers,
+                pin_memory=device.type == "cuda",
+            ),
+            total=per_epoch,
+            desc=f"stage 0 epoch {epoch + 1}/{s0.epochs}",
+            unit="batch",
+            leave=False,
+        )
+        for batch in bar:
+            tick = time.perf_counter()
+            if s0.hflip:
+                batch = random_hflip(batch, tasks, flip_gen)
+            batch = to_device(batch, device)
+            out = stacked(batch["image"])
+            losses = {t.name: t.loss(out[t.name], batch[t.name]) for t in tasks}
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seconds += time.perf_counter() - tick
+            images += batch["image"].shape[0]
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+        bar.close()
+        last = epoch + 1 == s0.epochs
+        if (epoch + 1) % s0.val_every == 0 or last:
+            scores = evaluate(stacked, splits.val, tasks, s0.batch_size, device, s0.workers)
+            summary = ", ".join(
+                f"{t.name} {t.primary_metric} {scores[t.name][t.primary_metric]:.3f}" for t in tasks
+            )
+            tqdm.write(f"stage 0 epoch {epoch + 1}/{s0.epochs}: val {summary}")
+        _save_checkpoint(ckpt, stacked, opt, sched, epoch + 1, h)
+
+    stacked.write_back(anchor)
+    anchor.to(device)
+    metrics = {
+        split: evaluate(anchor, getattr(splits, split), tasks, s0.batch_size, device, s0.workers)
+        for split in ("val", "test")
+    }
+    record = {
+        "tasks": anchor.task_names,
+        "config_hash": h,
+        "backbone": cfg.model.backbone,
+        "metrics": metrics,
+        "directions": {t.name: t.metric_directions for t in tasks},
+        "primary_metric": {t.name: t.primary_metric for t in tasks},
+        "conventions": {t.name: t.conventions for t in tasks if t.conventions},
+        "train": {
+            "epochs": s0.epochs,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(images / seconds, 1) if seconds else None,
+        },
+    }
+    run_dir = ensure_dir(run_dir)
+    save_anchor(
+        anchor.cpu(), run_dir / ANCHOR_WEIGHTS, {"config_hash": h, "tasks": anchor.task_names}
+    )
+    write_json(run_dir / ANCHOR_JSON, record)
+    return anchor, record
+
+
+def ensure_anchor(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anchor, dict]:
+    """The run's anchor: loaded when its files match the config, trained otherwise."""
+    run_dir = Path(run_dir)
+    weights, record_path = run_dir / ANCHOR_WEIGHTS, run_dir / ANCHOR_JSON
+    if weights.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("config_hash") == stage0_hash(cfg):
+            specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
+            anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
+            load_anchor_weights(anchor, weights)
+            print(f"stage 0: using the trained anchor in {run_dir} (config unchanged)")
+            return anchor, record
+        print(f"stage 0: {weights} was trained with another config; training again")
+    return train_stage0(cfg, run_dir, resume=resume)
