@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from dymu.affinity.result import AffinityResult
-from dymu.io import atomic_path, ensure_dir
+from dymu.io import picture_path, save_figure
 
 __all__ = ["affinity_png"]
 
@@ -68,8 +68,7 @@ def affinity_png(result: AffinityResult, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    path = Path(path)
-    ensure_dir(path.parent)
+    path = picture_path(path)
     n = result.num_tasks
     layers = len(result.per_layer)
     vmin, vmax, cmap_name = _scale(result)
@@ -140,7 +139,6 @@ def affinity_png(result: AffinityResult, path: str | os.PathLike) -> Path:
     bar = fig.colorbar(image, ax=[ax, *small_axes], shrink=0.8, pad=0.02)
     bar.set_label({"rsa": "A", "grad_cosine": "cosine", "lookahead": "Z"}[result.method])
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -80,6 +80,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+PICTURE_FORMATS = (".png", ".pdf", ".svg", ".jpg")
+
+
+def picture_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it names a picture format matplotlib writes, in a folder that
+    can be written; checked before slow work so a bad name fails at once."""
+    out = Path(path)
+    if out.suffix.lower() not in PICTURE_FORMATS:
+        raise UserError(f"{out}: use one of {', '.join(PICTURE_FORMATS)}")
+    ensure_dir(out.parent)
+    return out
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically, in the format its suffix names."""
+    out = picture_path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"), dpi=dpi)
+    return out
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -93,14 +93,15 @@ def run_show(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dymu.data import check_split, get_builder
-    from dymu.data.preview import check_output, draw_samples
+    from dymu.data.preview import draw_samples
     from dymu.errors import UserError
+    from dymu.io import picture_path
 
     cfg = _data_config(args)
     split = check_split(args.split)
     if args.num < 1:
         raise UserError(f"-n must be >= 1, got {args.num}")
-    out = check_output(args.out or f"{cfg.name}-{split}.png")  # fail before any slow work
+    out = picture_path(args.out or f"{cfg.name}-{split}.png")  # fail before any slow work
     builder = get_builder(cfg.name)
     builder.prepare(cfg, progress=True)  # generation/validation with a progress bar
     ds = builder.load(cfg, split)

@@ -13,11 +13,8 @@ import numpy as np
 import torch
 
 from dymu.data.base import MultiTaskDataset
-from dymu.errors import UserError
-from dymu.io import atomic_path, ensure_dir
+from dymu.io import picture_path, save_figure
 from dymu.tasks.base import IGNORE_INDEX, TaskSpec
-
-FORMATS = (".png", ".pdf", ".svg", ".jpg")
 
 
 def _palette(n: int) -> np.ndarray:
@@ -94,15 +91,6 @@ def _caption(specs: Sequence[TaskSpec], sample: dict[str, torch.Tensor]) -> str:
     return "\n".join(parts[:4]) + ("\n..." if len(parts) > 4 else "")
 
 
-def check_output(out: str | os.PathLike) -> Path:
-    """``out`` as a Path if it names a picture format in a folder that can be written."""
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise UserError(f"--out {out}: use one of {', '.join(FORMATS)}")
-    ensure_dir(out.parent)
-    return out
-
-
 def draw_samples(ds: MultiTaskDataset, indices: Sequence[int], out: str | os.PathLike) -> Path:
     """Draw ``indices`` of ``ds`` as a grid (one row per sample) into ``out`` (atomically)."""
     import matplotlib
@@ -110,7 +98,7 @@ def draw_samples(ds: MultiTaskDataset, indices: Sequence[int], out: str | os.Pat
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    out = check_output(out)
+    out = picture_path(out)
     dense = [s for s in ds.tasks if s.kind != "classification"]
     labels = [s for s in ds.tasks if s.kind == "classification"]
     if dense:  # one row per sample: the image, then each dense target
@@ -143,7 +131,6 @@ def draw_samples(ds: MultiTaskDataset, indices: Sequence[int], out: str | os.Pat
     what = "image and every task's target" if dense else "images and their labels"
     fig.suptitle(f"{ds.info.name} ({ds.split}): {what}", fontsize=9)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"), dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out

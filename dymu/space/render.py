@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dymu.errors import UserError
-from dymu.io import atomic_path, ensure_dir
+from dymu.io import picture_path, save_figure
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 
 if TYPE_CHECKING:
     import networkx as nx
 
-FORMATS = (".png", ".pdf", ".svg", ".jpg")
 FLOPS_NOTE = "GFLOPs (fvcore, 1 multiply-add = 1 FLOP)"
 
 
@@ -82,14 +81,6 @@ def tree_text(tree: TreeSpec, tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_output(path: str | os.PathLike) -> Path:
-    out = Path(path)
-    if out.suffix.lower() not in FORMATS:
-        raise UserError(f"{out}: use one of {', '.join(FORMATS)}")
-    ensure_dir(out.parent)
-    return out
-
-
 def tree_png(
     tree: TreeSpec,
     tasks: Sequence[str],
@@ -112,7 +103,7 @@ def tree_png(
     from matplotlib import colormaps
 
     tasks = _check_tasks(tree, tasks)
-    out = _check_output(path)
+    out = picture_path(path)
     n, num_layers = tree.num_tasks, tree.num_layers
     used = tree.used()
     colours = colormaps["tab10"].colors
@@ -171,7 +162,6 @@ def tree_png(
         heading += f"\n{flops / 1e9:.4g} {FLOPS_NOTE}, {share:.0%} of the anchor"
     ax.set_title(heading, fontsize=9)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"), dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out
