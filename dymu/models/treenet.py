@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from dymu.models.anchor import Anchor
 from dymu.space.tree import TreeSpec
+
+Node = tuple[int, int]
 
 
 class TreeNet(nn.Module):
@@ -26,7 +31,13 @@ class TreeNet(nn.Module):
         self.tree = tree.canonical()
         self._used = self.tree.used()
 
-    def forward(self, image: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        image: Tensor,
+        bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """Every task's head output; ``bn_offsets`` (from the weight hypernet) are added to
+        the BatchNorm affine parameters of the nodes they name."""
         size = (image.shape[-2], image.shape[-1])
         streams = self.anchor.streams
         nodes: dict[tuple[int, int], Tensor] = {}
@@ -35,7 +46,14 @@ class TreeNet(nn.Module):
                 if not is_used:
                     continue
                 x = image if layer == 0 else nodes[(layer - 1, self.tree.parents[layer - 1][j])]
-                nodes[(layer, j)] = streams[j].layers[layer](x)
+                module = streams[j].layers[layer]
+                deltas = bn_offsets.get((layer, j)) if bn_offsets is not None else None
+                if deltas:
+                    own = dict(module.named_parameters())
+                    shifted = {name: own[name] + d for name, d in deltas.items()}
+                    nodes[(layer, j)] = functional_call(module, shifted, (x,))
+                else:
+                    nodes[(layer, j)] = module(x)
         out = {}
         for j, task in enumerate(self.anchor.tasks):
             path = [nodes[(layer, s)] for layer, s in enumerate(self.tree.path(j))]

@@ -1,0 +1,91 @@
+"""Edge hypernet (METHOD.md 1.4): a preference and a budget in, a parent distribution out.
+
+The input embedding is ``p = sum_i r_i e_i + b e_b`` with learned embeddings of size 32
+(the paper conditions on its relative knob ``c``; dymu conditions on the FLOPs budget ``b``,
+and ``c`` can be fed through the same slot). An MLP with two hidden layers of 100 (ReLU)
+feeds L-1 heads of size N x N: row j of head l is the parent distribution alpha[l, j] of
+node (l, j). Training samples parents with Gumbel-softmax on log alpha (soft mixtures, or
+hard one-hot with a straight-through gradient); inference takes the argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class EdgeHypernet(nn.Module):
+    """(r [N], b) -> parent logits [L-1, N, N] for an anchor of N streams and L layers.
+
+    Args:
+        num_tasks: N.
+        num_layers: L (layers per stream); parents are chosen for layers 1..L-1.
+        embed_dim: size of the preference and budget embeddings (32 in the paper).
+        hidden: width of the two hidden layers (100 in the paper).
+        self_bias: initial logit bonus of each node's own stream as parent, so training
+            starts near the anchor (no sharing), whose weights were trained on their own
+            stream's features [choice; 0 gives uniform parents].
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        num_layers: int,
+        *,
+        embed_dim: int = 32,
+        hidden: int = 100,
+        self_bias: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if num_layers < 2:
+            raise ValueError("an edge hypernet needs at least 2 layers (parents for layer 1+)")
+        self.num_tasks, self.num_layers = num_tasks, num_layers
+        self.task_embed = nn.Parameter(torch.randn(num_tasks, embed_dim) * 0.1)  # e_i
+        self.budget_embed = nn.Parameter(torch.randn(embed_dim) * 0.1)  # e_b
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
+        self.heads = nn.Linear(hidden, (num_layers - 1) * num_tasks * num_tasks)
+        with torch.no_grad():
+            self.heads.weight.mul_(0.1)
+            eye = torch.eye(num_tasks).expand(num_layers - 1, -1, -1)  # [L-1, N, N]
+            self.heads.bias.copy_(self_bias * eye.reshape(-1))
+
+    def forward(self, r: Tensor, b: Tensor | float) -> Tensor:
+        """Parent logits [L-1, N, N] (row j of layer l: logits over parents of node (l, j))."""
+        b = torch.as_tensor(b, dtype=self.budget_embed.dtype, device=self.budget_embed.device)
+        p = r.to(self.task_embed) @ self.task_embed + b * self.budget_embed  # [E]
+        logits = self.heads(self.mlp(p))  # [(L-1) * N * N]
+        return logits.view(self.num_layers - 1, self.num_tasks, self.num_tasks)
+
+    def alpha(self, r: Tensor, b: Tensor | float) -> Tensor:
+        """Parent probabilities [L-1, N, N] (rows sum to 1)."""
+        return self(r, b).softmax(-1)
+
+
+def sample_parents(
+    logits: Tensor,
+    temperature: float,
+    *,
+    hard: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Gumbel-softmax parent weights v [L-1, N, N] from logits (= log alpha up to a constant).
+
+    v = softmax((log alpha + g) / temperature), g ~ Gumbel(0, 1) i.i.d. With ``hard`` the
+    forward value is the one-hot argmax and the gradient is that of the soft sample
+    (straight-through estimator).
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+    soft = F.softmax((F.log_softmax(logits, -1) + gumbel) / temperature, dim=-1)
+    if not hard:
+        return soft
+    one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft)
+    return one_hot + soft - soft.detach()
+
+
+def temperature(step: int, start: float = 5.0, decay: float = 0.97, every: int = 300) -> float:
+    """Gumbel-softmax temperature at a training step: start * decay ** (step // every)."""
+    return start * decay ** (step // every)
