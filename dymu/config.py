@@ -171,6 +171,40 @@ class AffinityConfig:
 
 
 @dataclass
+class Stage1Config:
+    """Stage 1: the edge hypernet with the branching-regularised loss (METHOD.md 1.4-1.5)."""
+
+    steps: int = 3000
+    """Training steps (the paper: 30k on GPUs; one (r, b) per mini-batch)."""
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_decay: float = 0.3
+    lr_every: int = 1400
+    """Multiply the learning rate by ``lr_decay`` every this many steps (paper: 14k of 30k)."""
+    dirichlet: float = 0.2
+    """Preferences r ~ Dirichlet(dirichlet) per step."""
+    temperature: float = 5.0
+    temperature_decay: float = 0.97
+    temperature_every: int = 30
+    """Gumbel temperature x decay every this many steps (paper: 300 of 30k)."""
+    hard: bool = False
+    """Hard (straight-through) Gumbel samples instead of soft mixtures."""
+    lambda_active: float = 1.0
+    lambda_inactive: float = 0.1
+    lambda_budget: float = 10.0
+    """Weight of dymu's expected-FLOPs budget penalty."""
+    self_bias: float = 2.0
+    """Initial logit bonus of a node's own stream as parent (start near the anchor)."""
+
+    def check(self, prefix: str) -> None:
+        for key in ("steps", "batch_size", "lr_every", "temperature_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config: {prefix}.{key} must be >= 1")
+        if self.lr <= 0 or self.dirichlet <= 0 or self.temperature <= 0:
+            raise UserError(f"config: {prefix}.lr, dirichlet and temperature must be > 0")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -179,6 +213,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage0: Stage0Config = field(default_factory=Stage0Config)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
 
 
 def section_hash(cfg: Config, *sections: str) -> str:

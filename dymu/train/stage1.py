@@ -1,0 +1,163 @@
+"""Stage 1: train the edge hypernet on the frozen anchor (METHOD.md 1.4-1.5, DESIGN "Budget").
+
+Each step draws a preference r ~ Dirichlet(0.2) and a budget b ~ U(min, 1) (the cheapest
+tree's share of the anchor's FLOPs up to the anchor), samples parent weights with
+Gumbel-softmax from the hypernet's alpha(r, b), runs the anchor with those parent mixtures
+(:class:`~dymu.models.mixture.MixtureNet`) and minimises
+
+    sum_i r_i w_i L_i  +  Omega(c)  +  lambda_b * relu(E[FLOPs] / FLOPs(anchor) - b)^2,
+
+with w_i = 1 / (anchor's own loss on task i), Omega the branching regulariser with the
+affinity matrix, and c = (1 - b) / (1 - min) the paper's frugality knob implied by b.
+Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dymu.config import Config, section_hash
+from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
+from dymu.io import atomic_path, write_json
+from dymu.losses import budget_penalty, omega, p_use, task_loss
+from dymu.models.anchor import Anchor
+from dymu.models.mixture import MixtureNet
+from dymu.run import resolve_device
+from dymu.space.graph import anchor_flops, costs, min_flops
+from dymu.train.loop import iterate, to_device
+from dymu.train.stage0 import stage0_hash
+
+EDGE_WEIGHTS = "edge_hnet.safetensors"
+EDGE_JSON = "edge_hnet.json"
+
+
+def stage1_hash(cfg: Config) -> str:
+    """What the edge hypernet depends on: the anchor, the affinity settings and stage 1."""
+    return section_hash(cfg, "affinity", "stage1") + "-" + stage0_hash(cfg)
+
+
+@torch.no_grad()
+def loss_scales(anchor: Anchor, ds, batch_size: int, device: torch.device, batches: int = 4):
+    """w_i = 1 / (the anchor's mean loss on task i over a few batches): puts tasks with very
+    different loss scales on one footing (METHOD.md 1.5 [choice])."""
+    anchor.eval()
+    totals = torch.zeros(len(anchor.tasks))
+    count = 0
+    for _, batch in zip(range(batches), iterate(ds, batch_size, shuffle=False), strict=False):
+        batch = to_device(batch, device)
+        out = anchor(batch["image"])
+        totals += torch.stack([t.loss(out[t.name], batch[t.name]).cpu() for t in anchor.tasks])
+        count += 1
+    return 1.0 / (totals / max(count, 1)).clamp_min(1e-6)
+
+
+def _batches(ds, batch_size: int, seed: int):
+    """Endless shuffled batches, a new order every pass."""
+    epoch = 0
+    while True:
+        yield from iterate(ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        epoch += 1
+
+
+def train_stage1(
+    cfg: Config,
+    run_dir: Path,
+    anchor: Anchor,
+    space: nx.DiGraph,
+    affinity: torch.Tensor,
+    train_ds,
+    val_ds,
+) -> tuple[EdgeHypernet, dict[str, Any]]:
+    """Train the edge hypernet; write its weights and a summary into ``run_dir``."""
+    s1 = cfg.stage1
+    device = resolve_device(cfg.run.device)
+    anchor = anchor.to(device).eval()
+    anchor.requires_grad_(False)
+    net = MixtureNet(anchor).to(device).eval()
+    net.requires_grad_(False)
+    n, num_layers = len(anchor.tasks), anchor.num_layers
+    edge = EdgeHypernet(n, num_layers, self_bias=s1.self_bias).to(device)
+    opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
+
+    node_flops, _, head_flops, _ = costs(space)
+    node_flops = torch.tensor(node_flops, dtype=torch.float64, device=device)
+    head_flops = torch.tensor(head_flops, dtype=torch.float64, device=device)
+    full = float(anchor_flops(space))
+    low = min_flops(space) / full
+    sym_affinity = ((affinity + affinity.T) / 2).to(device)  # RSA's rows are not symmetric
+    scales = loss_scales(anchor, val_ds, s1.batch_size, device).to(device)
+    rng = np.random.default_rng(cfg.run.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+
+    bar = tqdm(range(s1.steps), desc="stage 1 (edge hypernet)", unit="step", leave=False)
+    batches = _batches(train_ds, s1.batch_size, cfg.run.seed)
+    start, images, last = time.perf_counter(), 0, {}
+    for step in bar:
+        r = torch.tensor(rng.dirichlet([s1.dirichlet] * n), dtype=torch.float32, device=device)
+        b = float(rng.uniform(low, 1.0))
+        c = (1.0 - b) / max(1.0 - low, 1e-9)  # the paper's frugality knob implied by b
+        logits = edge(r, b)
+        nu = logits.softmax(-1)
+        tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
+        v = sample_parents(logits, tau, hard=s1.hard, generator=gen)
+        batch = to_device(next(batches), device)
+        out = net(batch["image"], v)
+        losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
+        l_task = task_loss(losses, r, scales)
+        reg = omega(
+            v,
+            sym_affinity,
+            r,
+            p_use(nu).detach(),
+            c,
+            lambda_a=s1.lambda_active,
+            lambda_i=s1.lambda_inactive,
+        )
+        penalty = budget_penalty(nu, node_flops, head_flops, b, full)
+        loss = l_task + reg + s1.lambda_budget * penalty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        images += batch["image"].shape[0]
+        last = {
+            "loss": loss.item(),
+            "task": l_task.item(),
+            "omega": reg.item(),
+            "budget": float(penalty),
+        }
+        if step % 10 == 0:
+            bar.set_postfix(
+                loss=f"{last['loss']:.3f}",
+                tau=f"{tau:.2f}",
+                img_s=f"{images / (time.perf_counter() - start):.0f}",
+            )
+    bar.close()
+    seconds = time.perf_counter() - start
+    h = stage1_hash(cfg)
+    state = {k: v.detach().contiguous().cpu() for k, v in edge.state_dict().items()}
+    meta = {"config_hash": h, "tasks": anchor.task_names, "num_layers": num_layers}
+    with atomic_path(Path(run_dir) / EDGE_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
+    record = {
+        **meta,
+        "steps": s1.steps,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 1),
+        "final": last,
+        "loss_scales": scales.tolist(),
+        "min_flops_fraction": low,
+    }
+    write_json(Path(run_dir) / EDGE_JSON, record)
+    return edge.cpu(), record
