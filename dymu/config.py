@@ -205,6 +205,25 @@ class Stage1Config:
 
 
 @dataclass
+class Stage2Config:
+    """Stage 2: the weight hypernet on hard derived trees, anchor and edge hypernet frozen."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_decay: float = 0.3
+    lr_every: int = 700
+    dirichlet: float = 0.2
+
+    def check(self, prefix: str) -> None:
+        for key in ("steps", "batch_size", "lr_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config: {prefix}.{key} must be >= 1")
+        if self.lr <= 0 or self.dirichlet <= 0:
+            raise UserError(f"config: {prefix}.lr and dirichlet must be > 0")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -214,6 +233,7 @@ class Config:
     stage0: Stage0Config = field(default_factory=Stage0Config)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 def section_hash(cfg: Config, *sections: str) -> str:

@@ -14,6 +14,7 @@ from dymu.losses import expected_flops
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import anchor_flops, costs, min_flops
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, train_stage1
+from dymu.train.stage2 import WEIGHT_WEIGHTS, train_stage2
 
 TINY = [
     "run.device=cpu",
@@ -28,10 +29,12 @@ TINY = [
     "stage1.steps=40",
     "stage1.batch_size=4",
     "stage1.lr=0.01",
+    "stage2.steps=8",
+    "stage2.batch_size=4",
 ]
 
 
-def test_stage1_trains_and_pulls_expected_flops_under_the_budget(tmp_path):
+def test_stage1_and_stage2_train_and_the_budget_pulls_flops_down(tmp_path):
     cfg = load_config(None, [*TINY, f"data.cache_dir={tmp_path / 'c'}"])
     anchor, _ = stage0.train_stage0(cfg, tmp_path)
     space = anchor_space(anchor, (32, 32))
@@ -55,3 +58,8 @@ def test_stage1_trains_and_pulls_expected_flops_under_the_budget(tmp_path):
         loose = expected_flops(edge.alpha(r, 1.0), flops, heads) / full
     assert tight < 0.97  # started near the anchor (1.0); the budget term moved it down
     assert tight <= loose + 1e-6
+
+    weights, record = train_stage2(cfg, tmp_path, anchor, space, edge, train, val)
+    assert (tmp_path / WEIGHT_WEIGHTS).is_file() and record["steps"] == 8
+    assert record["distinct_trees"] >= 1
+    assert weights.out.weight.abs().sum() > 0  # it moved away from the zero start

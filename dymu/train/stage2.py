@@ -1,0 +1,102 @@
+"""Stage 2: train the weight hypernet (METHOD.md 1.6) on the trees the edge hypernet derives.
+
+Anchor and edge hypernet are frozen. Each step draws (r, b), derives the hard tree for it
+(argmax parents, repaired to fit b), and trains the BatchNorm offsets of that tree's nodes
+on the preference-weighted task loss alone. Writes ``weight_hnet.safetensors`` and
+``weight_hnet.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dymu.config import Config, section_hash
+from dymu.hypernet.edge import EdgeHypernet
+from dymu.hypernet.weight import WeightHypernet, bn_layout
+from dymu.io import atomic_path, write_json
+from dymu.losses import task_loss
+from dymu.models.anchor import Anchor
+from dymu.models.treenet import TreeNet
+from dymu.run import resolve_device
+from dymu.space.derive import derive_tree
+from dymu.space.graph import anchor_flops, min_flops
+from dymu.train.loop import to_device
+from dymu.train.stage1 import _batches, loss_scales, stage1_hash
+
+WEIGHT_WEIGHTS = "weight_hnet.safetensors"
+WEIGHT_JSON = "weight_hnet.json"
+
+
+def stage2_hash(cfg: Config) -> str:
+    return section_hash(cfg, "stage2") + "-" + stage1_hash(cfg)
+
+
+def train_stage2(
+    cfg: Config,
+    run_dir: Path,
+    anchor: Anchor,
+    space: nx.DiGraph,
+    edge: EdgeHypernet,
+    train_ds,
+    val_ds,
+) -> tuple[WeightHypernet, dict[str, Any]]:
+    """Train the weight hypernet; write its weights and a summary into ``run_dir``."""
+    s2 = cfg.stage2
+    device = resolve_device(cfg.run.device)
+    anchor = anchor.to(device).eval()
+    anchor.requires_grad_(False)
+    edge = edge.to(device).eval()
+    edge.requires_grad_(False)
+    n = len(anchor.tasks)
+    weights = WeightHypernet(n, bn_layout(anchor.streams)).to(device)
+    opt = torch.optim.Adam(weights.parameters(), lr=s2.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s2.lr_every, gamma=s2.lr_decay)
+    scales = loss_scales(anchor, val_ds, s2.batch_size, device).to(device)
+    low = min_flops(space) / anchor_flops(space)
+    rng = np.random.default_rng(cfg.run.seed + 1)
+    torch.manual_seed(cfg.run.seed + 1)
+    nets: dict[str, TreeNet] = {}
+    batches = _batches(train_ds, s2.batch_size, cfg.run.seed + 1)
+    bar = tqdm(range(s2.steps), desc="stage 2 (weight hypernet)", unit="step", leave=False)
+    start, last = time.perf_counter(), 0.0
+    for step in bar:
+        r = torch.tensor(rng.dirichlet([s2.dirichlet] * n), dtype=torch.float32, device=device)
+        b = float(rng.uniform(low, 1.0))
+        with torch.no_grad():
+            tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+        net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
+        batch = to_device(next(batches), device)
+        out = net(batch["image"], weights(r, b))
+        losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
+        loss = task_loss(losses, r, scales)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = loss.item()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
+    bar.close()
+    seconds = time.perf_counter() - start
+    meta = {"config_hash": stage2_hash(cfg), "tasks": anchor.task_names}
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()}
+    with atomic_path(Path(run_dir) / WEIGHT_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
+    record = {
+        **meta,
+        "steps": s2.steps,
+        "seconds": round(seconds, 2),
+        "final_loss": last,
+        "distinct_trees": len(nets),
+    }
+    write_json(Path(run_dir) / WEIGHT_JSON, record)
+    return weights.cpu(), record
