@@ -224,6 +224,25 @@ class Stage2Config:
 
 
 @dataclass
+class EvaluateConfig:
+    """The evaluation of a search (METHOD.md 1.7): a preference sweep at several budgets."""
+
+    preferences: int = 20
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """FLOPs budgets (fractions of the anchor); those below the cheapest tree are skipped."""
+    flops_samples: int = 1000
+    """Preferences whose derived trees give the FLOPs and params statistics."""
+    batch_size: int = 64
+    seed: int = 0
+
+    def check(self, prefix: str) -> None:
+        if self.preferences < 2 or self.flops_samples < 1 or self.batch_size < 1:
+            raise UserError(f"config: {prefix}.preferences must be >= 2, the others >= 1")
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise UserError(f"config: {prefix}.budgets must be fractions in (0, 1]")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -234,6 +253,7 @@ class Config:
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def section_hash(cfg: Config, *sections: str) -> str:

@@ -54,6 +54,7 @@ def run_affinity(args: argparse.Namespace) -> int:
     from dymu.affinity.plot import affinity_png
     from dymu.data import get_builder
     from dymu.run import resolve_device, start_run
+    from dymu.search import affinity_hash
     from dymu.train.stage0 import ensure_anchor
 
     cfg = config_from_args(args)
@@ -62,6 +63,7 @@ def run_affinity(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.run.device)
     train = get_builder(cfg.data.name).load(cfg.data, "train")
     result = estimate_affinity(anchor.to(device), train, cfg.affinity, device, cfg.run.seed)
+    result.meta["config_hash"] = affinity_hash(cfg)  # lets dymu search reuse it
     result.save(run / "affinity.json")
     affinity_png(result, run / "affinity.png")
     width = max(len(t) for t in result.tasks)

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from dymu import __version__
-from dymu.cli import anchor_cmds, config_cmd, datasets
+from dymu.cli import anchor_cmds, config_cmd, datasets, search_cmds
 from dymu.cli.common import Parser
 from dymu.errors import DymuError
 
@@ -24,6 +24,8 @@ preference and a FLOPs budget, and compile them for small GPUs. FLOPs are counte
 fvcore: one fused multiply-add = one FLOP."""
 
 EXAMPLES = """examples:
+  dymu search --run runs/default
+  dymu sample --run runs/default --preference 0.4,0.3,0.2,0.1 --budget 0.8
   dymu datasets list
   dymu datasets show synthscenes --out synthscenes.png
   dymu config -c configs/quick.yaml data.size=[32,32]
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_parser(sub, common)
     config_cmd.add_parser(sub, common)
     anchor_cmds.add_parsers(sub, common)
+    search_cmds.add_parsers(sub, common)
     return parser
 
 

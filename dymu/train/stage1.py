@@ -135,7 +135,7 @@ def train_stage1(
             "loss": loss.item(),
             "task": l_task.item(),
             "omega": reg.item(),
-            "budget": float(penalty),
+            "budget": penalty.item(),
         }
         if step % 10 == 0:
             bar.set_postfix(

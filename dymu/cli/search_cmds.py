@@ -1,0 +1,147 @@
+"""``dymu search`` (the main job) and ``dymu sample`` (a tree for a preference and budget)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from dymu.cli.common import add_config_args, config_from_args
+
+SEARCH_EXAMPLES = """examples:
+  dymu search --run runs/default                       # the embedded default config
+  dymu search -c configs/quick.yaml --run runs/quick   # a smoke run of minutes
+  dymu search -c configs/default.yaml --run runs/default --resume
+"""
+
+SAMPLE_EXAMPLES = """examples:
+  dymu sample --run runs/quick --preference 0.6,0.3,0.1 --budget 0.8
+  dymu sample --run runs/quick --preference 0.2,0.2,0.6 --budget 1.0 --json
+"""
+
+
+def add_parsers(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "search",
+        parents=[parent],
+        help="the main job: anchor, affinity, space, both hypernets and the evaluation",
+        description="Train the anchor (stage 0), estimate task affinity, build the tree "
+        "space, train the edge hypernet (stage 1) and the weight hypernet (stage 2), and "
+        "evaluate over a preference sweep and several FLOPs budgets. Stages whose "
+        "artifacts match the config are skipped. Writes report.json, report.md and plots.",
+        epilog=SEARCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="DIR", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage 0")
+    add_config_args(p)
+    p.set_defaults(func=run_search_cmd)
+
+    s = subparsers.add_parser(
+        "sample",
+        parents=[parent],
+        help="derive the tree for a preference and a FLOPs budget",
+        description="Print the tree the trained edge hypernet derives for a preference "
+        "(one weight per task, summing to 1) and a budget (a fraction of the anchor's FLOPs), "
+        "with its FLOPs (fvcore, 1 multiply-add = 1 FLOP) and parameters.",
+        epilog=SAMPLE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--run", metavar="DIR", required=True, help="a run directory of dymu search")
+    s.add_argument("--preference", required=True, help="comma-separated weights, one per task")
+    s.add_argument("--budget", required=True, help="fraction of the anchor's FLOPs in (0, 1]")
+    s.add_argument("--json", action="store_true", help="print JSON and write trees/<hash>.json")
+    s.set_defaults(func=run_sample)
+
+
+def run_search_cmd(args: argparse.Namespace) -> int:
+    from dymu.search import run_search
+
+    cfg = config_from_args(args)
+    report = run_search(cfg, args.run, resume=args.resume)
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        print(
+            f"budget {k}: HV {report['hypervolume'][k]:.4f}, uniformity "
+            f"{report['uniformity'][k]:.3f}, delta_m {report['delta_m'][k]:+.2f}%, FLOPs "
+            f"{report['flops'][k]['mean']:.3f}, adherence {report['budget_adherence'][k]:.3f}"
+        )
+    print(f"wrote {args.run}/report.json and report.md")
+    return 0
+
+
+def parse_preference(text: str, tasks: list[str]):
+    """A preference on the simplex, or a one-line UserError saying what was given."""
+    import torch
+
+    from dymu.errors import UserError
+
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--preference must be numbers separated by commas, got {text!r}") from None
+    if len(values) != len(tasks):
+        raise UserError(
+            f"--preference needs {len(tasks)} weights ({', '.join(tasks)}), got {len(values)}: "
+            f"{text!r}"
+        )
+    if any(math.isnan(v) or math.isinf(v) for v in values):
+        raise UserError(f"--preference must be finite numbers, got {text!r}")
+    if any(v < 0 for v in values):
+        raise UserError(f"--preference weights must be >= 0, got {text!r}")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise UserError(f"--preference must sum to 1 (within 1e-6), got {text!r} = {sum(values)}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from dymu.config import load_config
+    from dymu.errors import UserError
+    from dymu.io import write_json
+    from dymu.search import load_edge
+    from dymu.space.derive import derive_tree
+    from dymu.space.graph import anchor_flops, load_space, space_shape
+    from dymu.space.render import tree_text
+    from dymu.train.stage1 import EDGE_WEIGHTS
+
+    run = Path(args.run)
+    for name in ("config.yaml", "space.json", EDGE_WEIGHTS):
+        if not (run / name).is_file():
+            raise UserError(f"{run} is not a finished search run: {name} is missing")
+    cfg = load_config(run / "config.yaml")
+    space = load_space(run / "space.json")
+    tasks = list(space.graph["tasks"])
+    r = parse_preference(args.preference, tasks)
+    try:
+        budget = float(args.budget)
+    except ValueError:
+        raise UserError(f"--budget must be a number in (0, 1], got {args.budget!r}") from None
+    n, num_layers = space_shape(space)
+    edge = load_edge(run, n, num_layers, cfg).eval()
+    with torch.no_grad():
+        tree = derive_tree(edge.alpha(r, budget), space, budget)
+    flops, full = tree.flops(space), anchor_flops(space)
+    record = {
+        "hash": tree.hash(),
+        "parents": [list(p) for p in tree.canonical().parents],
+        "flops": flops,
+        "flops_fraction": flops / full,
+        "params": tree.params(space),
+        "preference": r.tolist(),
+        "budget": budget,
+        "tasks": tasks,
+    }
+    if args.json:
+        write_json(run / "trees" / f"{tree.hash()}.json", record)
+        print(json.dumps(record))
+        return 0
+    print(tree_text(tree, tasks))
+    print(
+        f"FLOPs {flops / 1e6:.2f} M ({flops / full:.3f} of the anchor's {full / 1e6:.2f} M; "
+        f"fvcore, 1 multiply-add = 1 FLOP), params {record['params'] / 1e6:.3f} M"
+    )
+    return 0

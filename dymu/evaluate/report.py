@@ -1,0 +1,135 @@
+"""Write a search's report: ``report.json`` (numbers), ``report.md`` (for a reader), plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from dymu.io import save_figure, write_json, write_text
+from dymu.space.render import tree_png
+from dymu.space.tree import TreeSpec
+
+EXPLAIN = """\
+## What the numbers mean
+
+- **budget**: a fraction of the anchor's FLOPs (all N streams and heads; fvcore, one fused
+  multiply-add = one FLOP). Budgets below the cheapest tree of the space are skipped.
+- **hypervolume**: exact (moocore) hypervolume of the test losses of the 20 sweep trees,
+  each loss divided by the anchor's own loss on that task (1.0 = single-task quality), with
+  the declared reference point (1.1 x the worst normalised loss over all budgets). Larger
+  is better; comparable only under the same reference point.
+- **uniformity**: mean over the sweep of 1 - KL(Lhat || uniform), Lhat_j = r_j L_j /
+  sum_i r_i L_i (natural log); 1 = losses exactly in proportion to the preference.
+- **delta_m**: mean relative change (%) of every task's metrics against the single-task
+  anchor, averaged per task first; positive = better than single-task.
+- **controllability**: per task, Spearman correlation between the weight the task is given
+  and its (normalised) primary metric over the sweep; positive = more weight, better task.
+- **flops**: statistics of the derived trees' FLOPs fraction over many preferences;
+  **budget adherence**: the share of those trees within the budget (1.0 = always).
+"""
+
+
+def _plots(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    written = []
+    budgets = report["budgets"]
+    keys = [f"{b:g}" for b in budgets]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="FLOPs = budget")
+    mean = [report["flops"][k]["mean"] for k in keys]
+    lo = [report["flops"][k]["q05"] for k in keys]
+    hi = [report["flops"][k]["q95"] for k in keys]
+    ax.fill_between(budgets, lo, hi, alpha=0.3, label="5-95% of trees")
+    ax.plot(budgets, mean, "o-", label="mean")
+    ax.axhline(report["min_flops_fraction"], color="grey", lw=0.8, label="cheapest tree")
+    ax.set_xlabel("budget (fraction of the anchor's FLOPs)")
+    ax.set_ylabel("derived tree's FLOPs / anchor's")
+    ax.set_title("FLOPs against budget (fvcore)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, run_dir / "flops_vs_budget.png")
+    plt.close(fig)
+    written.append("flops_vs_budget.png")
+
+    tasks = report["tasks"]
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:6]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.2), squeeze=False)
+    base = report["baseline"]["losses"]
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for k, b in zip(keys, budgets, strict=True):
+            rows = [r for r in report["rows"] if f"{r['budget']:g}" == k]
+            ax.scatter(
+                [r["losses"][i] / base[i] for r in rows],
+                [r["losses"][j] / base[j] for r in rows],
+                s=12,
+                label=f"b={b:g}",
+            )
+        ax.set_xlabel(f"{tasks[i]} loss / anchor's", fontsize=8)
+        ax.set_ylabel(f"{tasks[j]} loss / anchor's", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("trade-off fronts over the preference sweep (lower is better)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, run_dir / "fronts.png")
+    plt.close(fig)
+    written.append("fronts.png")
+
+    lowest = keys[0]
+    for name, tree_json in report.get("extreme_tree_specs", {}).get(lowest, {}).items():
+        tree = TreeSpec.from_json(tree_json)
+        out = run_dir / f"tree_{name}.png"
+        tree_png(tree, tasks, out, G=space, title=f"preference 0.98 on {name}, budget {lowest}")
+        written.append(out.name)
+    return written
+
+
+def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> None:
+    """``report.json``, ``report.md`` and the plots into ``run_dir``."""
+    run_dir = Path(run_dir)
+    plots = _plots(run_dir, report, space)
+    write_json(run_dir / "report.json", report)
+    lines = ["# dymu search report", "", f"Tasks: {', '.join(report['tasks'])}.", ""]
+    if report["budgets_skipped"]:
+        lines += [
+            f"Budgets {report['budgets_skipped']} are below the cheapest tree "
+            f"({report['min_flops_fraction']:.3f} of the anchor) and were skipped.",
+            "",
+        ]
+    lines += [
+        "| budget | hypervolume | uniformity | delta_m % | FLOPs mean | adherence | trees |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        lines.append(
+            f"| {k} | {report['hypervolume'][k]:.4f} | {report['uniformity'][k]:.3f} | "
+            f"{report['delta_m'][k]:+.2f} | {report['flops'][k]['mean']:.3f} | "
+            f"{report['budget_adherence'][k]:.3f} | {report['distinct_trees'][k]} |"
+        )
+    lines += [
+        "",
+        "Controllability (Spearman, per task):",
+        "",
+        "| budget | " + " | ".join(report["tasks"]) + " |",
+        "| --- | " + " | ".join("---" for _ in report["tasks"]) + " |",
+    ]
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        vals = " | ".join(f"{report['controllability'][k][t]:+.2f}" for t in report["tasks"])
+        lines.append(f"| {k} | {vals} |")
+    lines += [
+        "",
+        f"Reference point of the hypervolume: {report['hypervolume']['reference_point']}",
+        "",
+        EXPLAIN,
+        "Plots: "
+        + ", ".join(plots)
+        + (", affinity.png" if (run_dir / "affinity.png").is_file() else ""),
+        "",
+    ]
+    write_text(run_dir / "report.md", "\n".join(lines))

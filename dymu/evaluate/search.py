@@ -1,0 +1,162 @@
+"""Evaluate a trained search (METHOD.md 1.7, DESIGN "Budget"): a preference sweep at every
+budget, with hypervolume, uniformity, delta_m, controllability, FLOPs and budget adherence.
+
+Every (preference, budget) gets its derived tree (argmax parents repaired to the budget)
+with the weight hypernet's BatchNorm offsets, evaluated on the test split. Losses are
+normalised by the anchor's own (single-task) test losses before the hypervolume, whose
+reference point is declared in the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dymu.config import EvaluateConfig
+from dymu.evaluate.metrics import (
+    budget_adherence,
+    controllability,
+    flops_stats,
+    hypervolume,
+    normalised_losses,
+    preference_sweep,
+    reference_point,
+    uniformity,
+)
+from dymu.hypernet.edge import EdgeHypernet
+from dymu.hypernet.weight import WeightHypernet
+from dymu.models.anchor import Anchor
+from dymu.models.treenet import TreeNet
+from dymu.space.derive import derive_tree
+from dymu.space.graph import anchor_flops, min_flops
+from dymu.space.tree import TreeSpec
+from dymu.tasks.delta import delta_m
+from dymu.train.loop import iterate, to_device
+
+
+@torch.no_grad()
+def evaluate_net(net: TreeNet, offsets, ds, tasks, batch_size: int, device) -> tuple[dict, list]:
+    """(metrics per task, mean loss per task) of one tree over a whole split."""
+    metrics = {t.name: t.new_metric() for t in tasks}
+    totals, count = torch.zeros(len(tasks), dtype=torch.float64), 0
+    for batch in iterate(ds, batch_size, shuffle=False):
+        batch = to_device(batch, device)
+        out = net(batch["image"], offsets)
+        b = batch["image"].shape[0]
+        for k, t in enumerate(tasks):
+            metrics[t.name].update(out[t.name], batch[t.name])
+            totals[k] += float(t.loss(out[t.name], batch[t.name])) * b
+        count += b
+    return {n: m.compute() for n, m in metrics.items()}, (totals / max(count, 1)).tolist()
+
+
+@torch.no_grad()
+def evaluate_search(
+    cfg: EvaluateConfig,
+    anchor: Anchor,
+    space: nx.DiGraph,
+    edge: EdgeHypernet,
+    weights: WeightHypernet,
+    test_ds,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The report's numbers (see ``report.md`` for what each key means)."""
+    anchor, edge, weights = anchor.to(device).eval(), edge.to(device).eval(), weights.to(device)
+    tasks, n = anchor.tasks, len(anchor.tasks)
+    full, low = anchor_flops(space), min_flops(space) / anchor_flops(space)
+    budgets = [b for b in cfg.budgets if b * full >= min_flops(space)]
+    prefs = preference_sweep(n, cfg.preferences, cfg.seed)
+    base_net = TreeNet(anchor, TreeSpec.no_sharing(n, anchor.num_layers))
+    base_metrics, base_losses = evaluate_net(base_net, None, test_ds, tasks, cfg.batch_size, device)
+    directions = {t.name: t.metric_directions for t in tasks}
+    primary = [t.primary_metric for t in tasks]
+
+    rows = []
+    bar = tqdm(total=len(budgets) * len(prefs), desc="evaluation", unit="tree", leave=False)
+    for b in budgets:
+        for r in prefs:
+            rt = torch.tensor(r, dtype=torch.float32, device=device)
+            tree = derive_tree(edge.alpha(rt, b).cpu(), space, b)
+            metrics, losses = evaluate_net(
+                TreeNet(anchor, tree), weights(rt, b), test_ds, tasks, cfg.batch_size, device
+            )
+            rows.append(
+                {
+                    "budget": b,
+                    "preference": [round(float(x), 6) for x in r],
+                    "tree": tree.hash(),
+                    "flops_fraction": tree.flops(space) / full,
+                    "params": tree.params(space),
+                    "losses": losses,
+                    "metrics": metrics,
+                    "delta_m": delta_m(metrics, base_metrics, directions),
+                }
+            )
+            bar.update(1)
+    bar.close()
+
+    norm = normalised_losses(np.array([row["losses"] for row in rows]), np.array(base_losses))
+    ref = reference_point(norm)
+    report: dict[str, Any] = {
+        "tasks": anchor.task_names,
+        "budgets": budgets,
+        "budgets_skipped": [b for b in cfg.budgets if b not in budgets],
+        "min_flops_fraction": low,
+        "anchor_flops": full,
+        "preferences": prefs.round(6).tolist(),
+        "baseline": {"metrics": base_metrics, "losses": base_losses},
+        "hypervolume": {"reference_point": ref.tolist(), "objectives": "test loss / anchor's"},
+        "uniformity": {},
+        "delta_m": {},
+        "controllability": {},
+        "flops": {},
+        "budget_adherence": {},
+        "distinct_trees": {},
+        "extreme_trees": {},
+        "rows": rows,
+    }
+    for b in budgets:
+        idx = [i for i, row in enumerate(rows) if row["budget"] == b]
+        losses = np.array([rows[i]["losses"] for i in idx])
+        perf = np.array(
+            [
+                [rows[i]["metrics"][t.name][m] for t, m in zip(tasks, primary, strict=True)]
+                for i in idx
+            ]
+        )
+        hib = [directions[t.name][m] for t, m in zip(tasks, primary, strict=True)]
+        key = f"{b:g}"
+        report["hypervolume"][key] = hypervolume(norm[idx], ref)
+        report["uniformity"][key] = uniformity(losses, prefs)
+        report["delta_m"][key] = float(np.mean([rows[i]["delta_m"] for i in idx]))
+        report["controllability"][key] = dict(
+            zip(anchor.task_names, controllability(perf, prefs, hib).tolist(), strict=True)
+        )
+        report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
+        # FLOPs over many preferences: trees only, no evaluation needed.
+        many = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
+        fractions, params = [], []
+        for r in many:
+            tree = derive_tree(
+                edge.alpha(torch.tensor(r, dtype=torch.float32, device=device), b).cpu(), space, b
+            )
+            fractions.append(tree.flops(space) / full)
+            params.append(tree.params(space))
+        report["flops"][key] = {
+            **flops_stats(np.array(fractions)),
+            "params_mean": float(np.mean(params)),
+        }
+        report["budget_adherence"][key] = budget_adherence(np.array(fractions), b)
+        extremes, specs = {}, {}
+        for j, name in enumerate(anchor.task_names):
+            r = torch.full((n,), 0.02 / max(n - 1, 1), device=device)
+            r[j] = 0.98
+            tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+            extremes[name], specs[name] = tree.hash(), tree.to_json()
+        report["extreme_trees"][key] = extremes
+        report.setdefault("extreme_tree_specs", {})[key] = specs
+    return report

@@ -1,0 +1,90 @@
+"""``dymu search``: stage 0, affinity, space, stage 1, stage 2 and evaluation in one run dir.
+
+Each stage is skipped when its artifact already matches the config (a hash stored with
+it), so a re-run only redoes what changed; ``--resume`` continues an interrupted stage 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from dymu.affinity.estimate import estimate_affinity
+from dymu.affinity.plot import affinity_png
+from dymu.affinity.result import AffinityResult
+from dymu.config import Config, section_hash
+from dymu.data import get_builder
+from dymu.evaluate.report import write_report
+from dymu.evaluate.search import evaluate_search
+from dymu.hypernet.edge import EdgeHypernet
+from dymu.hypernet.weight import WeightHypernet, bn_layout
+from dymu.run import resolve_device, start_run
+from dymu.space.anchor_space import anchor_space
+from dymu.space.graph import save_space
+from dymu.train.stage0 import ensure_anchor, stage0_hash
+from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
+from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
+
+
+def _matches(json_path: Path, h: str) -> bool:
+    if not json_path.is_file():
+        return False
+    try:
+        return json.loads(json_path.read_text()).get("config_hash") == h
+    except (OSError, ValueError):
+        return False
+
+
+def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHypernet:
+    edge = EdgeHypernet(num_tasks, num_layers, self_bias=cfg.stage1.self_bias)
+    edge.load_state_dict(load_file(str(run / EDGE_WEIGHTS)))
+    return edge
+
+
+def affinity_hash(cfg: Config) -> str:
+    """What affinity.json depends on: the affinity settings and the anchor."""
+    return section_hash(cfg, "affinity") + "-" + stage0_hash(cfg)
+
+
+def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run (or finish) the whole search in ``run_dir``; return the report."""
+    run = start_run(cfg, run_dir)
+    device = resolve_device(cfg.run.device)
+    anchor, _ = ensure_anchor(cfg, run, resume=resume)
+    builder = get_builder(cfg.data.name)
+    train, val, test = (builder.load(cfg.data, s) for s in ("train", "val", "test"))
+
+    h = affinity_hash(cfg)
+    path = run / "affinity.json"
+    result = AffinityResult.load(path) if path.is_file() else None
+    if result is None or result.meta.get("config_hash") != h:
+        result = estimate_affinity(anchor.to(device), train, cfg.affinity, device, cfg.run.seed)
+        result.meta["config_hash"] = h
+        result.save(path)
+        affinity_png(result, run / "affinity.png")
+    affinity = torch.tensor(result.mean, dtype=torch.float32)
+
+    info = builder.info_for(cfg.data)
+    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
+    space = anchor_space(anchor.cpu(), size)
+    save_space(space, run / "space.json")
+    n, num_layers = len(anchor.tasks), anchor.num_layers
+
+    if _matches(run / EDGE_JSON, stage1_hash(cfg)):
+        print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
+        edge = load_edge(run, n, num_layers, cfg)
+    else:
+        edge, _ = train_stage1(cfg, run, anchor, space, affinity, train, val)
+    if _matches(run / WEIGHT_JSON, stage2_hash(cfg)):
+        print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
+        weights = WeightHypernet(n, bn_layout(anchor.streams))
+        weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
+    else:
+        weights, _ = train_stage2(cfg, run, anchor, space, edge, train, val)
+    report = evaluate_search(cfg.evaluate, anchor, space, edge, weights, test, device)
+    write_report(run, report, space)
+    return report
