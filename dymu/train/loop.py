@@ -51,6 +51,14 @@ def iterate(
     )
 
 
+def endless(ds: MultiTaskDataset, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    """Shuffled batches without end, a new order every pass (step-based stages 1 and 2)."""
+    epoch = 0
+    while True:
+        yield from iterate(ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        epoch += 1
+
+
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

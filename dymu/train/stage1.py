@@ -33,7 +33,7 @@ from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
 from dymu.space.graph import anchor_flops, costs, min_flops
-from dymu.train.loop import iterate, to_device
+from dymu.train.loop import endless, iterate, to_device
 from dymu.train.stage0 import stage0_hash
 
 EDGE_WEIGHTS = "edge_hnet.safetensors"
@@ -58,14 +58,6 @@ def loss_scales(anchor: Anchor, ds, batch_size: int, device: torch.device, batch
         totals += torch.stack([t.loss(out[t.name], batch[t.name]).cpu() for t in anchor.tasks])
         count += 1
     return 1.0 / (totals / max(count, 1)).clamp_min(1e-6)
-
-
-def _batches(ds, batch_size: int, seed: int):
-    """Endless shuffled batches, a new order every pass."""
-    epoch = 0
-    while True:
-        yield from iterate(ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
-        epoch += 1
 
 
 def train_stage1(
@@ -101,7 +93,7 @@ def train_stage1(
     torch.manual_seed(cfg.run.seed)
 
     bar = tqdm(range(s1.steps), desc="stage 1 (edge hypernet)", unit="step", leave=False)
-    batches = _batches(train_ds, s1.batch_size, cfg.run.seed)
+    batches = endless(train_ds, s1.batch_size, cfg.run.seed)
     start, images, last = time.perf_counter(), 0, {}
     for step in bar:
         r = torch.tensor(rng.dirichlet([s1.dirichlet] * n), dtype=torch.float32, device=device)

@@ -29,8 +29,8 @@ from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
-from dymu.train.loop import to_device
-from dymu.train.stage1 import _batches, loss_scales, stage1_hash
+from dymu.train.loop import endless, to_device
+from dymu.train.stage1 import loss_scales, stage1_hash
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
 WEIGHT_JSON = "weight_hnet.json"
@@ -65,7 +65,7 @@ def train_stage2(
     rng = np.random.default_rng(cfg.run.seed + 1)
     torch.manual_seed(cfg.run.seed + 1)
     nets: dict[str, TreeNet] = {}
-    batches = _batches(train_ds, s2.batch_size, cfg.run.seed + 1)
+    batches = endless(train_ds, s2.batch_size, cfg.run.seed + 1)
     bar = tqdm(range(s2.steps), desc="stage 2 (weight hypernet)", unit="step", leave=False)
     start, last = time.perf_counter(), 0.0
     for step in bar:
