@@ -117,6 +117,10 @@ class ModelConfig:
     """Head of dense tasks: deeplabv3plus or deeplabv3plus_light."""
     class_head: str = "classification"
     """Head of image-level (classification) tasks."""
+    shared_init: bool = True
+    """Start every stream's backbone from the same random weights (as fine-tuning all streams
+    from one pretrained file does), so that the streams' features stay comparable and a
+    cross-task edge feeds a node inputs it can use. False seeds stream j with seed + j."""
 
     def check(self, prefix: str) -> None:
         if self.width < 1:

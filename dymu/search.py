@@ -1,7 +1,8 @@
 """``dymu search``: stage 0, affinity, space, stage 1, stage 2 and evaluation in one run dir.
 
 Each stage is skipped when its artifact already matches the config (a hash stored with
-it), so a re-run only redoes what changed; ``--resume`` continues an interrupted stage 0.
+it), so a re-run only redoes what changed; ``--resume`` continues an interrupted stage 0, 1 or 2
+from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _matches(json_path: Path, h: str) -> bool:
 
 def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHypernet:
     edge = EdgeHypernet(num_tasks, num_layers, self_bias=cfg.stage1.self_bias)
-    edge.load_state_dict(load_file(str(run / EDGE_WEIGHTS)))
+    edge.load_state_dict(load_file(str(run / EDGE_WEIGHTS)))  # min_budget is a saved buffer
     return edge
 
 
@@ -78,13 +79,13 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
         edge = load_edge(run, n, num_layers, cfg)
     else:
-        edge, _ = train_stage1(cfg, run, anchor, space, affinity, train, val)
+        edge, _ = train_stage1(cfg, run, anchor, space, affinity, train, val, resume=resume)
     if _matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
         weights = WeightHypernet(n, bn_layout(anchor.streams))
         weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
     else:
-        weights, _ = train_stage2(cfg, run, anchor, space, edge, train, val)
+        weights, _ = train_stage2(cfg, run, anchor, space, edge, train, val, resume=resume)
     report = evaluate_search(cfg.evaluate, anchor, space, edge, weights, test, device)
     write_report(run, report, space)
     return report

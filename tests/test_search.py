@@ -5,28 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import TINY
 
 from dymu.cli.main import main
-
-TINY = [
-    "run.device=cpu",
-    "data.size=[32,32]",
-    "data.tasks=[semseg,depth,normals]",
-    "data.synth.num_train=24",
-    "data.synth.num_val=8",
-    "data.synth.num_test=8",
-    "model.width=4",
-    "stage0.epochs=1",
-    "stage0.batch_size=8",
-    "affinity.images=8",
-    "stage1.steps=6",
-    "stage1.batch_size=4",
-    "stage2.steps=4",
-    "stage2.batch_size=4",
-    "evaluate.preferences=3",
-    "evaluate.flops_samples=5",
-    "evaluate.batch_size=8",
-]
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,14 @@ import json
 
 import pytest
 import torch
+from tiny import TINY as _TINY
 
 import dymu.train.stage0 as stage0
 from dymu.cli.main import main
 from dymu.config import load_config
 from dymu.models.anchor import build_anchor, load_anchor_weights
 
-TINY = [
-    "run.device=cpu",
-    "data.size=[32,32]",
-    "data.tasks=[semseg,depth,normals]",
-    "data.synth.num_train=24",
-    "data.synth.num_val=8",
-    "data.synth.num_test=8",
-    "model.width=4",
-    "stage0.epochs=2",
-    "stage0.batch_size=8",
-    "stage0.val_every=1",
-    "affinity.images=8",
-    "affinity.batches=2",
-    "affinity.batch_size=4",
-]
+TINY = [*_TINY, "stage0.epochs=2", "stage0.val_every=1"]
 
 
 def _cfg(tmp_path, *extra):

@@ -1,37 +1,28 @@
-"""Stage 1 on a tiny anchor: it trains, writes its files, and the budget term pulls FLOPs down."""
+"""Stages 1 and 2 on a tiny anchor: they train, write their files, the budget term pulls
+FLOPs down, and an interrupted run resumes to the same weights."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY as _TINY
 
 import dymu.train.stage0 as stage0
+import dymu.train.stage1 as stage1
+import dymu.train.stage2 as stage2
 from dymu.config import load_config
 from dymu.data import get_builder
+from dymu.errors import UserError
 from dymu.losses import expected_flops
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import anchor_flops, costs, min_flops
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, train_stage1
 from dymu.train.stage2 import WEIGHT_WEIGHTS, train_stage2
 
-TINY = [
-    "run.device=cpu",
-    "data.size=[32,32]",
-    "data.tasks=[semseg,depth,normals]",
-    "data.synth.num_train=24",
-    "data.synth.num_val=8",
-    "data.synth.num_test=8",
-    "model.width=4",
-    "stage0.epochs=1",
-    "stage0.batch_size=8",
-    "stage1.steps=40",
-    "stage1.batch_size=4",
-    "stage1.lr=0.01",
-    "stage2.steps=8",
-    "stage2.batch_size=4",
-]
+TINY = [*_TINY, "stage1.steps=40", "stage1.lr=0.01", "stage2.steps=8"]
 
 
 def test_stage1_and_stage2_train_and_the_budget_pulls_flops_down(tmp_path):
@@ -63,3 +54,73 @@ def test_stage1_and_stage2_train_and_the_budget_pulls_flops_down(tmp_path):
     assert (tmp_path / WEIGHT_WEIGHTS).is_file() and record["steps"] == 8
     assert record["distinct_trees"] >= 1
     assert weights.out.weight.abs().sum() > 0  # it moved away from the zero start
+
+
+class _Interrupt(Exception):
+    """Stands in for a killed process in the resume tests."""
+
+
+def _interrupt_after(monkeypatch, module, name: str, calls: int) -> None:
+    """Make ``module.name`` raise on its ``calls + 1``-th call (an interrupted run)."""
+    real, count = getattr(module, name), [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise _Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.fixture(scope="module")
+def tiny_anchor(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("s12")
+    cfg = load_config(None, [*TINY, f"data.cache_dir={tmp / 'c'}", "stage1.steps=25"])
+    anchor, _ = stage0.train_stage0(cfg, tmp / "anchor")
+    builder = get_builder("synthscenes")
+    splits = builder.load(cfg.data, "train"), builder.load(cfg.data, "val")
+    return cfg, anchor, anchor_space(anchor, (32, 32)), splits
+
+
+def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, monkeypatch):
+    cfg, anchor, space, (train, val) = tiny_anchor
+    monkeypatch.setattr(stage1, "EVERY", 10)
+    monkeypatch.setattr(stage2, "EVERY", 3)
+    A = torch.eye(3)
+    whole, _ = stage1.train_stage1(cfg, tmp_path / "a", anchor, space, A, train, val)
+    whole2, _ = stage2.train_stage2(cfg, tmp_path / "a", anchor, space, whole, train, val)
+
+    run = tmp_path / "b"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, stage1, "sample_parents", 17)  # dies in step 18 of 25
+        with pytest.raises(_Interrupt):
+            stage1.train_stage1(cfg, run, anchor, space, A, train, val)
+    assert (run / stage1.CHECKPOINT).is_file() and not (run / EDGE_WEIGHTS).exists()
+    resumed, _ = stage1.train_stage1(cfg, run, anchor, space, A, train, val, resume=True)
+    assert not (run / stage1.CHECKPOINT).exists()  # removed once the weights are written
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6)
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, stage2, "derive_tree", 7)  # dies in step 8 of 8
+        with pytest.raises(_Interrupt):
+            stage2.train_stage2(cfg, run, anchor, space, resumed, train, val)
+    resumed2, _ = stage2.train_stage2(cfg, run, anchor, space, resumed, train, val, resume=True)
+    for key, value in whole2.state_dict().items():
+        torch.testing.assert_close(resumed2.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_config_is_refused(tiny_anchor, tmp_path, monkeypatch):
+    cfg, anchor, space, (train, val) = tiny_anchor
+    monkeypatch.setattr(stage1, "EVERY", 10)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, stage1, "sample_parents", 12)
+        with pytest.raises(_Interrupt):
+            stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, val)
+    other = load_config(None, [*TINY, f"data.cache_dir={tmp_path}", "stage1.lr=0.002"])
+    with pytest.raises(UserError, match="another config"):
+        stage1.train_stage1(other, tmp_path, anchor, space, torch.eye(3), train, val, resume=True)
+    (tmp_path / stage1.CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="unreadable"):
+        stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, val, resume=True)

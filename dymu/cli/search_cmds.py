@@ -33,7 +33,11 @@ def add_parsers(subparsers: argparse._SubParsersAction, parent: argparse.Argumen
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", metavar="DIR", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted stage 0")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted stage 0, 1 or 2 from its last checkpoint",
+    )
     add_config_args(p)
     p.set_defaults(func=run_search_cmd)
 

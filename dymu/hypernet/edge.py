@@ -1,11 +1,14 @@
 """Edge hypernet (METHOD.md 1.4): a preference and a budget in, a parent distribution out.
 
-The input embedding is ``p = sum_i r_i e_i + b e_b`` with learned embeddings of size 32
-(the paper conditions on its relative knob ``c``; dymu conditions on the FLOPs budget ``b``,
-and ``c`` can be fed through the same slot). An MLP with two hidden layers of 100 (ReLU)
-feeds L-1 heads of size N x N: row j of head l is the parent distribution alpha[l, j] of
-node (l, j). Training samples parents with Gumbel-softmax on log alpha (soft mixtures, or
-hard one-hot with a straight-through gradient); inference takes the argmax.
+The input embedding is ``p = sum_i r_i e_i + c e_c`` with learned embeddings of size 32, as
+in the paper. dymu's caller gives the FLOPs budget ``b``; the hypernet turns it into the
+paper's frugality knob ``c = (1 - b) / (1 - b_min)`` clipped to [0, 1], where ``b_min`` is the
+cheapest tree's share of the anchor's FLOPs (stored with the weights). Feeding ``b`` itself
+would leave the network only the narrow range ``[b_min, 1]`` to tell budgets apart. An MLP
+with two hidden layers of 100 (ReLU) feeds L-1 heads of size N x N: row j of head l is the
+parent distribution alpha[l, j] of node (l, j). Training samples parents with Gumbel-softmax
+on log alpha (soft mixtures, or hard one-hot with a straight-through gradient); inference
+takes the argmax.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class EdgeHypernet(nn.Module):
         self_bias: initial logit bonus of each node's own stream as parent, so training
             starts near the anchor (no sharing), whose weights were trained on their own
             stream's features [choice; 0 gives uniform parents].
+        min_budget: ``b_min``, the cheapest tree's FLOPs fraction in the space (a buffer,
+            saved with the weights).
     """
 
     def __init__(
@@ -36,13 +41,17 @@ class EdgeHypernet(nn.Module):
         embed_dim: int = 32,
         hidden: int = 100,
         self_bias: float = 2.0,
+        min_budget: float = 0.0,
     ) -> None:
         super().__init__()
         if num_layers < 2:
             raise ValueError("an edge hypernet needs at least 2 layers (parents for layer 1+)")
+        if not 0.0 <= min_budget < 1.0:
+            raise ValueError(f"min_budget must be in [0, 1), got {min_budget}")
         self.num_tasks, self.num_layers = num_tasks, num_layers
         self.task_embed = nn.Parameter(torch.randn(num_tasks, embed_dim) * 0.1)  # e_i
-        self.budget_embed = nn.Parameter(torch.randn(embed_dim) * 0.1)  # e_b
+        self.budget_embed = nn.Parameter(torch.randn(embed_dim) * 0.1)  # e_c
+        self.register_buffer("min_budget", torch.tensor(float(min_budget)))
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
@@ -52,10 +61,15 @@ class EdgeHypernet(nn.Module):
             eye = torch.eye(num_tasks).expand(num_layers - 1, -1, -1)  # [L-1, N, N]
             self.heads.bias.copy_(self_bias * eye.reshape(-1))
 
+    def frugality(self, b: Tensor | float) -> Tensor:
+        """The paper's knob ``c = (1 - b) / (1 - b_min)`` in [0, 1] for a budget ``b``."""
+        b = torch.as_tensor(b, dtype=self.budget_embed.dtype, device=self.budget_embed.device)
+        return ((1.0 - b) / (1.0 - self.min_budget)).clamp(0.0, 1.0)
+
     def forward(self, r: Tensor, b: Tensor | float) -> Tensor:
         """Parent logits [L-1, N, N] (row j of layer l: logits over parents of node (l, j))."""
-        b = torch.as_tensor(b, dtype=self.budget_embed.dtype, device=self.budget_embed.device)
-        p = r.to(self.task_embed) @ self.task_embed + b * self.budget_embed  # [E]
+        c = self.frugality(b)
+        p = r.to(self.task_embed) @ self.task_embed + c * self.budget_embed  # [E]
         logits = self.heads(self.mlp(p))  # [(L-1) * N * N]
         return logits.view(self.num_layers - 1, self.num_tasks, self.num_tasks)
 

@@ -106,12 +106,17 @@ def _backbone_kwargs(model: ModelConfig) -> dict[str, Any]:
 
 
 def build_anchor(model: ModelConfig, specs: Sequence[TaskSpec], seed: int = 0) -> Anchor:
-    """A freshly initialised anchor (stream j seeded with ``seed + j``) for ``specs``."""
+    """A freshly initialised anchor for ``specs``.
+
+    Backbones start from the same weights (seed ``seed``) when ``model.shared_init``, else
+    stream j from seed ``seed + j``; head j is always seeded with ``seed + j``.
+    """
     tasks = [build_task(s) for s in specs]
     streams, heads = [], {}
     for j, task in enumerate(tasks):
-        torch.manual_seed(seed + j)
+        torch.manual_seed(seed if model.shared_init else seed + j)
         backbone = build_backbone(model.backbone, **_backbone_kwargs(model))
+        torch.manual_seed(seed + j)
         name = model.dense_head if task.dense else model.class_head
         low_layer = backbone.low_level_layer if task.dense else None
         heads[task.name] = build_head(

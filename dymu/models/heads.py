@@ -197,13 +197,17 @@ def deeplabv3plus_light(
     low_channels: int | None,
     low_layer: int | None,
     out_channels: int,
-    aspp_channels: int = 32,
+    aspp_channels: int = 16,
     rates: Sequence[int] = (2, 4, 6),
-    low_proj_channels: int = 16,
-    decoder_channels: int = 32,
+    low_proj_channels: int = 8,
+    decoder_channels: int = 16,
     dropout: float = 0.1,
 ) -> Head:
-    """DeepLabv3+ at CPU widths, with atrous rates for 8x8 to 16x16 feature maps."""
+    """DeepLabv3+ at CPU widths, with atrous rates for 8x8 to 16x16 feature maps.
+
+    The widths keep a head cheaper than one backbone stream of ``tiny_resnet`` (width 16),
+    so heads (which every tree runs) do not eat most of a budget.
+    """
     _check_low("deeplabv3plus_light", low_channels, low_layer)
     return DeepLabV3PlusHead(
         in_channels=in_channels,

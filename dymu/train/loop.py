@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -51,12 +52,20 @@ def iterate(
     )
 
 
-def endless(ds: MultiTaskDataset, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
-    """Shuffled batches without end, a new order every pass (step-based stages 1 and 2)."""
-    epoch = 0
+def endless(
+    ds: MultiTaskDataset, batch_size: int, seed: int, start: int = 0
+) -> Iterator[dict[str, Tensor]]:
+    """Shuffled batches without end, a new order every pass (step-based stages 1 and 2).
+
+    ``start`` skips that many batches, so a resumed stage sees the batches an uninterrupted
+    run would have seen.
+    """
+    per_epoch = num_batches(ds, batch_size, drop_last=True)
+    epoch, skip = divmod(start, per_epoch)
     while True:
-        yield from iterate(ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
-        epoch += 1
+        batches = iterate(ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        yield from itertools.islice(batches, skip, None)
+        epoch, skip = epoch + 1, 0
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from dymu.config import Config, section_hash
 from dymu.data import get_builder
-from dymu.errors import UserError
-from dymu.io import atomic_path, ensure_dir, write_json
+from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.run import resolve_device
+from dymu.train.checkpoint import load_checkpoint, save_checkpoint
 from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
 
 ANCHOR_WEIGHTS = "anchor.safetensors"
@@ -51,34 +51,6 @@ def load_splits(cfg: Config) -> tuple[list, Splits]:
     return specs, splits
 
 
-def _save_checkpoint(path: Path, stacked: StackedAnchor, opt, sched, epoch: int, h: str) -> None:
-    state = {
-        "model": stacked.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "epoch": epoch,
-        "config_hash": h,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_checkpoint(path: Path, stacked: StackedAnchor, opt, sched, h: str) -> int:
-    """Restore a stage-0 checkpoint; return the number of finished epochs."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
-    except Exception as exc:  # a damaged file of any kind: one line
-        raise UserError(f"stage-0 checkpoint {path} is unreadable ({exc}); delete it") from None
-    if state.get("config_hash") != h:
-        raise UserError(
-            f"stage-0 checkpoint {path} was made with another config; delete it or drop --resume"
-        )
-    stacked.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(state["epoch"])
-
-
 def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anchor, dict]:
     """Train the anchor; write its weights and metrics into ``run_dir``; return both."""
     device = resolve_device(cfg.run.device)
@@ -95,7 +67,13 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s0.schedule, s0.epochs * per_epoch))
     h = stage0_hash(cfg)
     ckpt = Path(run_dir) / CHECKPOINT
-    start = _load_checkpoint(ckpt, stacked, opt, sched, h) if resume and ckpt.is_file() else 0
+    start = 0
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, h, "stage-0")
+        stacked.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]  # finished epochs
     if start:
         print(f"stage 0: resuming after epoch {start}/{s0.epochs} from {ckpt}")
     flip_gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -144,7 +122,14 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
                 f"{t.name} {t.primary_metric} {scores[t.name][t.primary_metric]:.3f}" for t in tasks
             )
             tqdm.write(f"stage 0 epoch {epoch + 1}/{s0.epochs}: val {summary}")
-        _save_checkpoint(ckpt, stacked, opt, sched, epoch + 1, h)
+        save_checkpoint(
+            ckpt,
+            h,
+            epoch + 1,
+            model=stacked.state_dict(),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+        )
 
     stacked.write_back(anchor)
     anchor.to(device)

@@ -9,7 +9,9 @@ Gumbel-softmax from the hypernet's alpha(r, b), runs the anchor with those paren
 
 with w_i = 1 / (anchor's own loss on task i), Omega the branching regulariser with the
 affinity matrix, and c = (1 - b) / (1 - min) the paper's frugality knob implied by b.
-Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory.
+Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory, and every
+``checkpoint.EVERY`` steps ``stage1/checkpoint.pt``, from which ``resume=True`` continues
+exactly (same draws and batches as an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
 from dymu.space.graph import anchor_flops, costs, min_flops
+from dymu.train.checkpoint import (
+    EVERY,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dymu.train.loop import endless, iterate, to_device
 from dymu.train.stage0 import stage0_hash
 
 EDGE_WEIGHTS = "edge_hnet.safetensors"
 EDGE_JSON = "edge_hnet.json"
+CHECKPOINT = "stage1/checkpoint.pt"
 
 
 def stage1_hash(cfg: Config) -> str:
@@ -68,6 +78,7 @@ def train_stage1(
     affinity: torch.Tensor,
     train_ds,
     val_ds,
+    resume: bool = False,
 ) -> tuple[EdgeHypernet, dict[str, Any]]:
     """Train the edge hypernet; write its weights and a summary into ``run_dir``."""
     s1 = cfg.stage1
@@ -77,25 +88,44 @@ def train_stage1(
     net = MixtureNet(anchor).to(device).eval()
     net.requires_grad_(False)
     n, num_layers = len(anchor.tasks), anchor.num_layers
-    edge = EdgeHypernet(n, num_layers, self_bias=s1.self_bias).to(device)
-    opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
-
     node_flops, _, head_flops, _ = costs(space)
     node_flops = torch.tensor(node_flops, dtype=torch.float64, device=device)
     head_flops = torch.tensor(head_flops, dtype=torch.float64, device=device)
     full = float(anchor_flops(space))
     low = min_flops(space) / full
+    torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
+    edge = EdgeHypernet(n, num_layers, self_bias=s1.self_bias, min_budget=low).to(device)
+    opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
     sym_affinity = ((affinity + affinity.T) / 2).to(device)  # RSA's rows are not symmetric
     scales = loss_scales(anchor, val_ds, s1.batch_size, device).to(device)
     rng = np.random.default_rng(cfg.run.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
+    h = stage1_hash(cfg)
+    ckpt = Path(run_dir) / CHECKPOINT
+    first, images, seconds = 0, 0, 0.0
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, h, "stage-1")
+        edge.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(rng, state["numpy_rng"])
+        gen.set_state(state["torch_rng"])
+        first, images, seconds = state["step"], state["images"], state["seconds"]
+        print(f"stage 1: resuming after step {first}/{s1.steps} from {ckpt}")
 
-    bar = tqdm(range(s1.steps), desc="stage 1 (edge hypernet)", unit="step", leave=False)
-    batches = endless(train_ds, s1.batch_size, cfg.run.seed)
-    start, images, last = time.perf_counter(), 0, {}
+    bar = tqdm(
+        range(first, s1.steps),
+        initial=first,
+        total=s1.steps,
+        desc="stage 1 (edge hypernet)",
+        unit="step",
+        leave=False,
+    )
+    batches = endless(train_ds, s1.batch_size, cfg.run.seed, start=first)
+    last: dict[str, float] = {}
     for step in bar:
+        tick = time.perf_counter()
         r = torch.tensor(rng.dirichlet([s1.dirichlet] * n), dtype=torch.float32, device=device)
         b = float(rng.uniform(low, 1.0))
         c = (1.0 - b) / max(1.0 - low, 1e-9)  # the paper's frugality knob implied by b
@@ -123,6 +153,7 @@ def train_stage1(
         opt.step()
         sched.step()
         images += batch["image"].shape[0]
+        seconds += time.perf_counter() - tick
         last = {
             "loss": loss.item(),
             "task": l_task.item(),
@@ -133,11 +164,22 @@ def train_stage1(
             bar.set_postfix(
                 loss=f"{last['loss']:.3f}",
                 tau=f"{tau:.2f}",
-                img_s=f"{images / (time.perf_counter() - start):.0f}",
+                img_s=f"{images / max(seconds, 1e-9):.0f}",
+            )
+        if (step + 1) % EVERY == 0 and step + 1 < s1.steps:
+            save_checkpoint(
+                ckpt,
+                h,
+                step + 1,
+                model=edge.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                numpy_rng=rng_state(rng),
+                torch_rng=gen.get_state(),
+                images=images,
+                seconds=seconds,
             )
     bar.close()
-    seconds = time.perf_counter() - start
-    h = stage1_hash(cfg)
     state = {k: v.detach().contiguous().cpu() for k, v in edge.state_dict().items()}
     meta = {"config_hash": h, "tasks": anchor.task_names, "num_layers": num_layers}
     with atomic_path(Path(run_dir) / EDGE_WEIGHTS) as tmp:
@@ -146,10 +188,11 @@ def train_stage1(
         **meta,
         "steps": s1.steps,
         "seconds": round(seconds, 2),
-        "images_per_s": round(images / seconds, 1),
+        "images_per_s": round(images / max(seconds, 1e-9), 1),
         "final": last,
         "loss_scales": scales.tolist(),
         "min_flops_fraction": low,
     }
     write_json(Path(run_dir) / EDGE_JSON, record)
+    ckpt.unlink(missing_ok=True)  # the finished weights supersede it
     return edge.cpu(), record

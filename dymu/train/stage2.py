@@ -3,7 +3,8 @@
 Anchor and edge hypernet are frozen. Each step draws (r, b), derives the hard tree for it
 (argmax parents, repaired to fit b), and trains the BatchNorm offsets of that tree's nodes
 on the preference-weighted task loss alone. Writes ``weight_hnet.safetensors`` and
-``weight_hnet.json``.
+``weight_hnet.json``, and every ``checkpoint.EVERY`` steps ``stage2/checkpoint.pt``, from
+which ``resume=True`` continues exactly.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
+from dymu.train.checkpoint import (
+    EVERY,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dymu.train.loop import endless, to_device
 from dymu.train.stage1 import loss_scales, stage1_hash
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
 WEIGHT_JSON = "weight_hnet.json"
+CHECKPOINT = "stage2/checkpoint.pt"
 
 
 def stage2_hash(cfg: Config) -> str:
@@ -48,6 +57,7 @@ def train_stage2(
     edge: EdgeHypernet,
     train_ds,
     val_ds,
+    resume: bool = False,
 ) -> tuple[WeightHypernet, dict[str, Any]]:
     """Train the weight hypernet; write its weights and a summary into ``run_dir``."""
     s2 = cfg.stage2
@@ -57,18 +67,37 @@ def train_stage2(
     edge = edge.to(device).eval()
     edge.requires_grad_(False)
     n = len(anchor.tasks)
+    torch.manual_seed(cfg.run.seed + 1)  # the hypernet's initial weights
     weights = WeightHypernet(n, bn_layout(anchor.streams)).to(device)
     opt = torch.optim.Adam(weights.parameters(), lr=s2.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s2.lr_every, gamma=s2.lr_decay)
     scales = loss_scales(anchor, val_ds, s2.batch_size, device).to(device)
     low = min_flops(space) / anchor_flops(space)
     rng = np.random.default_rng(cfg.run.seed + 1)
-    torch.manual_seed(cfg.run.seed + 1)
+    h = stage2_hash(cfg)
+    ckpt = Path(run_dir) / CHECKPOINT
+    first, seconds = 0, 0.0
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, h, "stage-2")
+        weights.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(rng, state["numpy_rng"])
+        first, seconds = state["step"], state["seconds"]
+        print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
     nets: dict[str, TreeNet] = {}
-    batches = endless(train_ds, s2.batch_size, cfg.run.seed + 1)
-    bar = tqdm(range(s2.steps), desc="stage 2 (weight hypernet)", unit="step", leave=False)
-    start, last = time.perf_counter(), 0.0
+    batches = endless(train_ds, s2.batch_size, cfg.run.seed + 1, start=first)
+    bar = tqdm(
+        range(first, s2.steps),
+        initial=first,
+        total=s2.steps,
+        desc="stage 2 (weight hypernet)",
+        unit="step",
+        leave=False,
+    )
+    last = 0.0
     for step in bar:
+        tick = time.perf_counter()
         r = torch.tensor(rng.dirichlet([s2.dirichlet] * n), dtype=torch.float32, device=device)
         b = float(rng.uniform(low, 1.0))
         with torch.no_grad():
@@ -83,11 +112,22 @@ def train_stage2(
         opt.step()
         sched.step()
         last = loss.item()
+        seconds += time.perf_counter() - tick
         if step % 10 == 0:
             bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
+        if (step + 1) % EVERY == 0 and step + 1 < s2.steps:
+            save_checkpoint(
+                ckpt,
+                h,
+                step + 1,
+                model=weights.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                numpy_rng=rng_state(rng),
+                seconds=seconds,
+            )
     bar.close()
-    seconds = time.perf_counter() - start
-    meta = {"config_hash": stage2_hash(cfg), "tasks": anchor.task_names}
+    meta = {"config_hash": h, "tasks": anchor.task_names}
     state = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()}
     with atomic_path(Path(run_dir) / WEIGHT_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
@@ -99,4 +139,5 @@ def train_stage2(
         "distinct_trees": len(nets),
     }
     write_json(Path(run_dir) / WEIGHT_JSON, record)
+    ckpt.unlink(missing_ok=True)  # the finished weights supersede it
     return weights.cpu(), record

@@ -1,0 +1,82 @@
+"""End-to-end wall time of ``dymu search -c configs/quick.yaml`` (goal: under 5 minutes on
+2 CPU cores), from an empty run directory and an empty dataset cache.
+
+Runs the command as a new user would, in a subprocess, times it and each stage's own record
+(``anchor.json``, ``edge_hnet.json``, ``weight_hnet.json``), and prints and saves JSON with
+the headline figures of the run's ``report.json``.
+
+    python benchmarks/search_quick.py --out benchmarks/results/search_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dymu.io import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL_S = 300
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quick.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/search_quick.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dymu-bench-") as tmp:
+        run = Path(tmp) / "run"
+        env = {**os.environ, "DYMU_CACHE": str(Path(tmp) / "cache")}  # data generated too
+        cmd = [sys.executable, "-m", "dymu", "search", "-c", str(args.config)]
+        cmd += ["--run", str(run)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            print(f"dymu search failed with exit status {proc.returncode}", file=sys.stderr)
+            return 1
+        report = _read(run / "report.json")
+        stages = {
+            "stage0_s": _read(run / "anchor.json").get("train", {}).get("seconds"),
+            "stage1_s": _read(run / "edge_hnet.json").get("seconds"),
+            "stage2_s": _read(run / "weight_hnet.json").get("seconds"),
+        }
+    result = {
+        "benchmark": "search_quick",
+        "command": "dymu search -c configs/quick.yaml --run RUN (empty run dir and cache)",
+        "wall_s": round(wall, 1),
+        "goal_s": GOAL_S,
+        "meets_goal": wall < GOAL_S,
+        **stages,
+        "report": {
+            key: report.get(key)
+            for key in ("budgets", "budget_adherence", "hypervolume", "delta_m", "controllability")
+        },
+        "flops_mean": {b: s["mean"] for b, s in report.get("flops", {}).items()},
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    print(json.dumps(result, indent=2))
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Checkpoints of the step-based stages: save everything a resumed run needs, atomically.
+
+A checkpoint is a ``torch.save`` dict of state dicts, plain numbers and strings, read back
+with ``torch.load(weights_only=True)`` so loading never runs code from the file. It records
+the config hash of its stage; a checkpoint from another config is refused with one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dymu.errors import UserError
+from dymu.io import atomic_path
+
+EVERY = 100
+"""Steps between checkpoints of stages 1 and 2 (a few seconds of work at most to redo)."""
+
+
+def save_checkpoint(path: Path, config_hash: str, step: int, **state: Any) -> None:
+    """Write ``state`` (state dicts, tensors, numbers) with the step and config hash."""
+    with atomic_path(path) as tmp:
+        torch.save({**state, "step": int(step), "config_hash": config_hash}, tmp)
+
+
+def load_checkpoint(path: Path, config_hash: str, stage: str) -> dict[str, Any]:
+    """Read a checkpoint of ``stage`` written by :func:`save_checkpoint` for ``config_hash``.
+
+    Raises:
+        UserError: the file is unreadable or was written with another config.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
+    except Exception as exc:  # a damaged file of any kind: one line
+        raise UserError(f"{stage} checkpoint {path} is unreadable ({exc}); delete it") from None
+    if not isinstance(state, dict) or state.get("config_hash") != config_hash:
+        raise UserError(
+            f"{stage} checkpoint {path} was made with another config; delete it or drop --resume"
+        )
+    return state
+
+
+def rng_state(rng) -> dict[str, Any]:
+    """A numpy Generator's state as plain Python values (loadable with weights_only)."""
+    return rng.bit_generator.state
+
+
+def set_rng_state(rng, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state
