@@ -186,7 +186,13 @@ class Stage1Config:
     lr_every: int = 1400
     """Multiply the learning rate by ``lr_decay`` every this many steps (paper: 14k of 30k)."""
     dirichlet: float = 0.2
-    """Preferences r ~ Dirichlet(dirichlet) per step."""
+    """Preferences r ~ Dirichlet(dirichlet) per draw."""
+    draws: int = 4
+    """(preference, budget) draws per step, each on batch_size / draws images (the paper: 1;
+    more draws average the hypernet's gradient over more of the (r, b) it must serve)."""
+    regularise: Literal["alpha", "samples"] = "alpha"
+    """What Omega compares: the parent distributions alpha (no sampling noise) or the
+    Gumbel samples v (METHOD.md 1.5 as written)."""
     temperature: float = 5.0
     temperature_decay: float = 0.97
     temperature_every: int = 30
@@ -201,9 +207,14 @@ class Stage1Config:
     """Initial logit bonus of a node's own stream as parent (start near the anchor)."""
 
     def check(self, prefix: str) -> None:
-        for key in ("steps", "batch_size", "lr_every", "temperature_every"):
+        for key in ("steps", "batch_size", "lr_every", "temperature_every", "draws"):
             if getattr(self, key) < 1:
                 raise UserError(f"config: {prefix}.{key} must be >= 1")
+        if self.batch_size % self.draws:
+            raise UserError(
+                f"config: {prefix}.batch_size ({self.batch_size}) must be a multiple of "
+                f"{prefix}.draws ({self.draws})"
+            )
         if self.lr <= 0 or self.dirichlet <= 0 or self.temperature <= 0:
             raise UserError(f"config: {prefix}.lr, dirichlet and temperature must be > 0")
 

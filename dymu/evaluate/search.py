@@ -72,7 +72,19 @@ def evaluate_search(
     prefs = preference_sweep(n, cfg.preferences, cfg.seed)
     base_net = TreeNet(anchor, TreeSpec.no_sharing(n, anchor.num_layers))
     base_metrics, base_losses = evaluate_net(base_net, None, test_ds, tasks, cfg.batch_size, device)
-    directions = {t.name: t.metric_directions for t in tasks}
+    # A baseline metric of 0 (a weak anchor scoring nothing within 11.25 degrees, say) has no
+    # relative change: such metrics leave delta_m, and the report lists them.
+    directions, excluded = {}, []
+    for t in tasks:
+        keep = {}
+        for metric, higher in t.metric_directions.items():
+            value = base_metrics[t.name].get(metric, float("nan"))
+            if np.isfinite(value) and value != 0:
+                keep[metric] = higher
+            else:
+                excluded.append(f"{t.name}/{metric}")
+        if keep:
+            directions[t.name] = keep
     primary = [t.primary_metric for t in tasks]
 
     rows = []
@@ -112,6 +124,7 @@ def evaluate_search(
         "hypervolume": {"reference_point": ref.tolist(), "objectives": "test loss / anchor's"},
         "uniformity": {},
         "delta_m": {},
+        "delta_m_excluded": excluded,
         "controllability": {},
         "flops": {},
         "budget_adherence": {},

@@ -67,11 +67,12 @@ class EdgeHypernet(nn.Module):
         return ((1.0 - b) / (1.0 - self.min_budget)).clamp(0.0, 1.0)
 
     def forward(self, r: Tensor, b: Tensor | float) -> Tensor:
-        """Parent logits [L-1, N, N] (row j of layer l: logits over parents of node (l, j))."""
+        """Parent logits [..., L-1, N, N] (row j of layer l: logits over parents of node (l, j))
+        for preferences r [..., N] and budgets b [...] (a batch of draws, or one)."""
         c = self.frugality(b)
-        p = r.to(self.task_embed) @ self.task_embed + c * self.budget_embed  # [E]
-        logits = self.heads(self.mlp(p))  # [(L-1) * N * N]
-        return logits.view(self.num_layers - 1, self.num_tasks, self.num_tasks)
+        p = r.to(self.task_embed) @ self.task_embed + c[..., None] * self.budget_embed  # [..., E]
+        logits = self.heads(self.mlp(p))  # [..., (L-1) * N * N]
+        return logits.view(*p.shape[:-1], self.num_layers - 1, self.num_tasks, self.num_tasks)
 
     def alpha(self, r: Tensor, b: Tensor | float) -> Tensor:
         """Parent probabilities [L-1, N, N] (rows sum to 1)."""

@@ -87,7 +87,7 @@ def train_stage1(
     anchor.requires_grad_(False)
     net = MixtureNet(anchor).to(device).eval()
     net.requires_grad_(False)
-    n, num_layers = len(anchor.tasks), anchor.num_layers
+    n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
     node_flops, _, head_flops, _ = costs(space)
     node_flops = torch.tensor(node_flops, dtype=torch.float64, device=device)
     head_flops = torch.tensor(head_flops, dtype=torch.float64, device=device)
@@ -126,27 +126,40 @@ def train_stage1(
     last: dict[str, float] = {}
     for step in bar:
         tick = time.perf_counter()
-        r = torch.tensor(rng.dirichlet([s1.dirichlet] * n), dtype=torch.float32, device=device)
-        b = float(rng.uniform(low, 1.0))
-        c = (1.0 - b) / max(1.0 - low, 1e-9)  # the paper's frugality knob implied by b
-        logits = edge(r, b)
+        # G draws of (r, b), one per group of batch_size / G images: [G, N] and [G]
+        rs = torch.tensor(
+            rng.dirichlet([s1.dirichlet] * n, size=s1.draws), dtype=torch.float32, device=device
+        )
+        bs = rng.uniform(low, 1.0, size=s1.draws)
+        logits = edge(rs, torch.tensor(bs, dtype=torch.float32, device=device))  # [G, L-1, N, N]
         nu = logits.softmax(-1)
         tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
-        v = sample_parents(logits, tau, hard=s1.hard, generator=gen)
+        v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
         batch = to_device(next(batches), device)
         out = net(batch["image"], v)
-        losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
-        l_task = task_loss(losses, r, scales)
-        reg = omega(
-            v,
-            sym_affinity,
-            r,
-            p_use(nu).detach(),
-            c,
-            lambda_a=s1.lambda_active,
-            lambda_i=s1.lambda_inactive,
-        )
-        penalty = budget_penalty(nu, node_flops, head_flops, b, full)
+        size = batch["image"].shape[0] // s1.draws
+        l_task = reg = penalty = torch.zeros((), device=device)
+        for g in range(s1.draws):
+            part = slice(g * size, (g + 1) * size)
+            losses = torch.stack([t.loss(out[t.name][part], batch[t.name][part]) for t in tasks])
+            l_task = l_task + task_loss(losses, rs[g], scales) / s1.draws
+            c = (1.0 - float(bs[g])) / max(1.0 - low, 1e-9)  # the paper's knob c
+            choice = nu[g] if s1.regularise == "alpha" else v[g]
+            reg = (
+                reg
+                + omega(
+                    choice,
+                    sym_affinity,
+                    rs[g],
+                    p_use(nu[g]).detach(),
+                    c,
+                    lambda_a=s1.lambda_active,
+                    lambda_i=s1.lambda_inactive,
+                )
+                / s1.draws
+            )
+            over = budget_penalty(nu[g], node_flops, head_flops, float(bs[g]), full)
+            penalty = penalty + over / s1.draws
         loss = l_task + reg + s1.lambda_budget * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
