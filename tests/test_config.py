@@ -95,3 +95,11 @@ def test_resolved_yaml_round_trips():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.data.name
+
+
+def test_stage1_batch_must_split_into_its_draws():
+    assert load_config(None, ["stage1.batch_size=12", "stage1.draws=3"]).stage1.draws == 3
+    with pytest.raises(UserError, match=r"multiple of stage1\.draws"):
+        load_config(None, ["stage1.batch_size=10", "stage1.draws=4"])
+    with pytest.raises(UserError, match=r"stage1\.regularise"):
+        load_config(None, ["stage1.regularise=both"])

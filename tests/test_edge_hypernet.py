@@ -61,3 +61,17 @@ def test_low_temperature_samples_follow_alpha():
 @pytest.mark.parametrize(("step", "value"), [(0, 5.0), (299, 5.0), (300, 4.85), (900, 5 * 0.97**3)])
 def test_temperature_schedule(step, value):
     assert temperature(step) == pytest.approx(value)
+
+
+def test_budget_becomes_the_frugality_knob_and_batches_match_single_draws():
+    net = EdgeHypernet(3, 4, min_budget=0.4)
+    c = net.frugality(torch.tensor([0.4, 0.7, 1.0]))
+    torch.testing.assert_close(c, torch.tensor([1.0, 0.5, 0.0]))
+    assert float(net.frugality(0.1)) == 1.0  # below the minimum: clipped
+    r, b = torch.rand(5, 3).softmax(-1), torch.rand(5)
+    batched = net(r, b)
+    assert batched.shape == (5, 3, 3, 3)
+    torch.testing.assert_close(batched[3], net(r[3], float(b[3])))
+    assert float(net.state_dict()["min_budget"]) == pytest.approx(0.4)  # saved with weights
+    with pytest.raises(ValueError, match="min_budget"):
+        EdgeHypernet(3, 4, min_budget=1.0)

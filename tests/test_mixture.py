@@ -1,8 +1,10 @@
-"""Soft parent mixtures: one-hot weights compute exactly their tree; gradients reach v."""
+"""Soft parent mixtures: one-hot weights compute exactly their tree; gradients reach v;
+several draws per batch equal separate calls; streams can share their initial weights."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from dymu.config import ModelConfig
@@ -55,3 +57,26 @@ def test_gradients_reach_the_parent_weights():
     out = net(torch.rand(2, 3, 32, 32), logits.softmax(-1))
     sum(o.square().mean() for o in out.values()).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_grouped_draws_equal_separate_calls():
+    anchor = build_anchor(ModelConfig(width=4), SPECS).eval()
+    net = MixtureNet(anchor).eval()
+    x = torch.rand(4, 3, 32, 32)
+    v = torch.rand(2, anchor.num_layers - 1, 3, 3).softmax(-1)  # two draws, two images each
+    with torch.no_grad():
+        both = net(x, v)
+        first, second = net(x[:2], v[0]), net(x[2:], v[1])
+    for k in both:
+        torch.testing.assert_close(both[k], torch.cat([first[k], second[k]]), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="equal groups"):
+        net(x[:3], v)
+
+
+def test_shared_init_starts_every_stream_from_the_same_weights():
+    same = build_anchor(ModelConfig(width=4, shared_init=True), SPECS)
+    apart = build_anchor(ModelConfig(width=4, shared_init=False), SPECS)
+    for a, b in zip(same.streams[0].parameters(), same.streams[2].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    first, other = next(apart.streams[0].parameters()), next(apart.streams[2].parameters())
+    assert not torch.equal(first, other)
