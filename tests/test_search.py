@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from tiny import TINY
@@ -54,6 +55,12 @@ def test_search_writes_every_artifact_and_the_report(searched):
         assert report["flops"][k]["max"] <= b + 1e-9
         assert set(report["controllability"][k]) == set(report["tasks"])
     assert "reference_point" in report["hypervolume"]
+    # The one-epoch anchor scores 0 on some metric (e.g. normals within 11.25 degrees):
+    # exactly those metrics leave delta_m, and every delta_m stays finite.
+    base = report["baseline"]["metrics"]
+    zero = sorted(f"{t}/{m}" for t, ms in base.items() for m, v in ms.items() if v == 0)
+    assert sorted(report["delta_m_excluded"]) == zero and zero
+    assert all(math.isfinite(v) for v in report["delta_m"].values())
 
 
 def test_a_second_search_skips_finished_stages(searched, capsys):

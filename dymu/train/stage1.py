@@ -1,14 +1,19 @@
 """Stage 1: train the edge hypernet on the frozen anchor (METHOD.md 1.4-1.5, DESIGN "Budget").
 
-Each step draws a preference r ~ Dirichlet(0.2) and a budget b ~ U(min, 1) (the cheapest
-tree's share of the anchor's FLOPs up to the anchor), samples parent weights with
-Gumbel-softmax from the hypernet's alpha(r, b), runs the anchor with those parent mixtures
-(:class:`~dymu.models.mixture.MixtureNet`) and minimises
+Each step draws ``stage1.draws`` pairs of a preference r ~ Dirichlet(0.2) and a budget
+b ~ U(min, 1) (the cheapest tree's share of the anchor's FLOPs up to the anchor), one per
+equal group of the batch. For each pair it samples parent weights with Gumbel-softmax from
+the hypernet's alpha(r, b), runs its group through the anchor with those parent mixtures
+(:class:`~dymu.models.mixture.MixtureNet`) and takes
 
     sum_i r_i w_i L_i  +  Omega(c)  +  lambda_b * relu(E[FLOPs] / FLOPs(anchor) - b)^2,
 
 with w_i = 1 / (anchor's own loss on task i), Omega the branching regulariser with the
-affinity matrix, and c = (1 - b) / (1 - min) the paper's frugality knob implied by b.
+affinity matrix (on alpha, or on the samples with ``regularise: samples``), and
+c = (1 - b) / (1 - min) the paper's frugality knob implied by b; the step minimises the
+mean over the pairs. The paper draws one pair per step; several lower the variance of the
+hypernet's gradient at the same cost in images.
+
 Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory, and every
 ``checkpoint.EVERY`` steps ``stage1/checkpoint.pt``, from which ``resume=True`` continues
 exactly (same draws and batches as an uninterrupted run).
@@ -131,33 +136,31 @@ def train_stage1(
             rng.dirichlet([s1.dirichlet] * n, size=s1.draws), dtype=torch.float32, device=device
         )
         bs = rng.uniform(low, 1.0, size=s1.draws)
-        logits = edge(rs, torch.tensor(bs, dtype=torch.float32, device=device))  # [G, L-1, N, N]
+        b_t = torch.tensor(bs, dtype=torch.float32, device=device)  # [G]
+        logits = edge(rs, b_t)  # [G, L-1, N, N]
         nu = logits.softmax(-1)
+        cs = edge.frugality(b_t).tolist()  # the paper's knob c implied by each b
         tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
         v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
         batch = to_device(next(batches), device)
-        out = net(batch["image"], v)
+        out = net(batch["image"], v)  # group g of the batch ran with v[g]
         size = batch["image"].shape[0] // s1.draws
         l_task = reg = penalty = torch.zeros((), device=device)
         for g in range(s1.draws):
             part = slice(g * size, (g + 1) * size)
             losses = torch.stack([t.loss(out[t.name][part], batch[t.name][part]) for t in tasks])
             l_task = l_task + task_loss(losses, rs[g], scales) / s1.draws
-            c = (1.0 - float(bs[g])) / max(1.0 - low, 1e-9)  # the paper's knob c
             choice = nu[g] if s1.regularise == "alpha" else v[g]
-            reg = (
-                reg
-                + omega(
-                    choice,
-                    sym_affinity,
-                    rs[g],
-                    p_use(nu[g]).detach(),
-                    c,
-                    lambda_a=s1.lambda_active,
-                    lambda_i=s1.lambda_inactive,
-                )
-                / s1.draws
+            term = omega(
+                choice,
+                sym_affinity,
+                rs[g],
+                p_use(nu[g]).detach(),
+                cs[g],
+                lambda_a=s1.lambda_active,
+                lambda_i=s1.lambda_inactive,
             )
+            reg = reg + term / s1.draws
             over = budget_penalty(nu[g], node_flops, head_flops, float(bs[g]), full)
             penalty = penalty + over / s1.draws
         loss = l_task + reg + s1.lambda_budget * penalty
