@@ -49,16 +49,16 @@ def test_stage0_writes_anchor_and_baselines(tmp_path):
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     stage0.train_stage0(cfg, tmp_path / "straight")
-    real_save = stage0._save_checkpoint
+    real_save = stage0.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stage0, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(stage0, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         stage0.train_stage0(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(stage0, "_save_checkpoint", real_save)
+    monkeypatch.setattr(stage0, "save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / "anchor.safetensors").exists()  # nothing half-done
     stage0.train_stage0(cfg, tmp_path / "resumed", resume=True)
     a = _weights(tmp_path / "straight" / "anchor.safetensors")

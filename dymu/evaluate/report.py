@@ -100,6 +100,12 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
             f"({report['min_flops_fraction']:.3f} of the anchor) and were skipped.",
             "",
         ]
+    if report.get("delta_m_excluded"):
+        lines += [
+            f"Left out of delta_m (single-task baseline 0, so no relative change): "
+            f"{', '.join(report['delta_m_excluded'])}.",
+            "",
+        ]
     lines += [
         "| budget | hypervolume | uniformity | delta_m % | FLOPs mean | adherence | trees |",
         "| --- | --- | --- | --- | --- | --- | --- |",

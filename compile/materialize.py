@@ -1,0 +1,227 @@
+"""Materialize a derived tree as a plain inference ``nn.Module`` (DESIGN.md, Execution).
+
+:class:`~dymu.models.treenet.TreeNet` runs any tree on the anchor's shared weights: it walks
+the parent table on every call and applies the weight hypernet's BatchNorm offsets through
+``functional_call``. That flexibility costs Python work and separate BatchNorm ops on every
+call, and keeps the whole anchor alive. :func:`materialize` turns one (anchor, tree,
+offsets) into a self-contained module for export and deployment:
+
+1. copy only the used nodes (stream ``j``'s layer ``l`` for node ``(l, j)``) and every head;
+2. add the offsets to the BatchNorm affine parameters of the node they name;
+3. fold every BatchNorm that directly follows a convolution into that convolution
+   (:func:`fold_batchnorms`, torch's ``fuse_conv_bn_eval``);
+4. precompute the order of node calls, so ``forward`` replays a fixed program with no
+   routing logic, and returns ``{task name: output}`` exactly as ``TreeNet`` does.
+
+The result is in eval mode with frozen parameters; the anchor is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from dymu.models.anchor import Anchor
+from dymu.models.backbones import BasicBlock
+from dymu.space.tree import TreeSpec
+
+Node = tuple[int, int]
+BNOffsets = Mapping[Node, Mapping[str, Tensor]]
+
+_IMAGE = "image"
+"""Name of the network input among the feature names of :class:`MaterializedTree`."""
+
+_NAMED_CONV_BN: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
+    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+}
+"""Conv -> BN pairs of blocks whose ``forward`` (not an ``nn.Sequential``) chains them.
+
+Every other conv -> BN pair in dymu's backbones and heads sits side by side in an
+``nn.Sequential`` (``_conv_bn_act``, ``_conv_bn_relu``, ``InvertedResidual.conv``, ResNet
+stems and downsample shortcuts, ``ASPP.project``) and is found without a table. In both
+cases the convolution's output feeds only the BatchNorm, which is what makes folding exact.
+"""
+
+
+def node_name(layer: int, stream: int) -> str:
+    """Module name of node ``(layer, stream)`` in :attr:`MaterializedTree.nodes`."""
+    return f"l{layer}_s{stream}"
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """Every foldable ``(parent, conv name, bn name)``: the BN's only input is the conv's
+    output, and the BN has running statistics to fold."""
+    pairs = []
+    for parent in module.modules():
+        if type(parent) is nn.Sequential:  # a subclass may override forward
+            names = [name for name, _ in parent.named_children()]
+            candidates: Iterable[tuple[str, str]] = itertools.pairwise(names)
+        else:
+            candidates = _NAMED_CONV_BN.get(type(parent), ())
+        for conv_name, bn_name in candidates:
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.running_mean is not None  # else eval mode normalises per batch
+            ):
+                pairs.append((parent, conv_name, bn_name))
+    return pairs
+
+
+def fold_batchnorms(module: nn.Module) -> list[str]:
+    """Fold every BatchNorm that directly follows a convolution into it, in place.
+
+    Each pair becomes one convolution with the BN's eval-mode affine map in its weight and
+    (new) bias, and the BN is replaced by ``nn.Identity`` so the owning block's ``forward``
+    runs unchanged. A BN that no convolution precedes, or that has no running statistics,
+    is left in place (it still computes the same thing in eval mode); none exists in dymu's
+    current backbones and heads.
+
+    Args:
+        module: a module in eval mode (folding bakes in the running statistics).
+
+    Returns:
+        Names (as in ``module.named_modules()``) of the BatchNorms left in place.
+    """
+    if module.training:
+        raise ValueError("fold_batchnorms needs a module in eval mode")
+    for parent, conv_name, bn_name in _conv_bn_pairs(module):
+        fused = fuse_conv_bn_eval(getattr(parent, conv_name), getattr(parent, bn_name))
+        setattr(parent, conv_name, fused)
+        setattr(parent, bn_name, nn.Identity())
+    return [
+        name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def _bake_offsets(module: nn.Module, deltas: Mapping[str, Tensor], node: Node) -> None:
+    """Add the hypernet's ``{parameter name: delta}`` to ``module``'s parameters, in place.
+
+    ``TreeNet`` computes ``parameter + delta`` on every call; baking it once gives the same
+    numbers and lets the offset BN be folded like any other.
+    """
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if name not in params:
+                raise ValueError(
+                    f"BN offset {name!r} of node {node} names no parameter of that layer; "
+                    f"it has {sorted(params)}"
+                )
+            params[name].add_(delta.detach().to(params[name]))
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with ``requires_grad`` off: the anchor itself is untouched."""
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
+class MaterializedTree(nn.Module):
+    """One tree as a fixed sequence of node calls followed by one call per head.
+
+    Build it with :func:`materialize`. ``forward`` is straight-line: the loops below run
+    over a program fixed at construction (:attr:`steps`, :attr:`head_inputs`), the same
+    calls on every input, so tracing and export unroll them into a plain graph.
+
+    Attributes:
+        nodes: node name (``l{layer}_s{stream}``) -> that node's layer, BN folded.
+        heads: task name -> head, BN folded.
+        steps: ``(node name, name of its input)`` in execution order; the input is
+            ``"image"`` for layer-0 nodes, else the parent node.
+        head_inputs: ``(task name, high node, low node or None)`` in task order.
+        tree_hash: :meth:`TreeSpec.hash` of the tree, for caches and export manifests.
+        unfolded_bns: names of BatchNorms no convolution precedes (kept; see
+            :func:`fold_batchnorms`); empty for dymu's backbones and heads.
+    """
+
+    def __init__(
+        self,
+        nodes: Mapping[str, nn.Module],
+        heads: Mapping[str, nn.Module],
+        steps: list[tuple[str, str]],
+        head_inputs: list[tuple[str, str, str | None]],
+        tree_hash: str,
+    ) -> None:
+        super().__init__()
+        self.nodes = nn.ModuleDict(nodes)
+        self.heads = nn.ModuleDict(heads)
+        self.steps = tuple(steps)
+        self.head_inputs = tuple(head_inputs)
+        self.tree_hash = tree_hash
+        self.unfolded_bns: tuple[str, ...] = ()
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task for task, _, _ in self.head_inputs]
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        """Every task's head output for ``image`` ``[B, 3, H, W]``, keyed by task name."""
+        size = (image.shape[-2], image.shape[-1])
+        feats = {_IMAGE: image}
+        for name, src in self.steps:
+            feats[name] = self.nodes[name](feats[src])
+        return {
+            task: self.heads[task](feats[high], feats[low] if low is not None else None, size)
+            for task, high, low in self.head_inputs
+        }
+
+
+def materialize(
+    anchor: Anchor, tree: TreeSpec, bn_offsets: BNOffsets | None = None
+) -> MaterializedTree:
+    """The inference module of ``tree`` on ``anchor``, offsets baked in and BN folded.
+
+    In eval mode its outputs equal ``TreeNet(anchor, tree).eval()(image, bn_offsets)``
+    (up to float rounding from folding).
+
+    Args:
+        anchor: the trained anchor (read only; its running statistics are used).
+        tree: the tree to build; only its used nodes are copied.
+        bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
+            inside the layer: delta}}``; offsets of unused nodes are ignored.
+
+    Returns:
+        A :class:`MaterializedTree` in eval mode with frozen parameters.
+    """
+    if (tree.num_tasks, tree.num_layers) != (len(anchor.tasks), anchor.num_layers):
+        raise ValueError(
+            f"tree for {tree.num_tasks} tasks x {tree.num_layers} layers does not fit an "
+            f"anchor of {len(anchor.tasks)} x {anchor.num_layers}"
+        )
+    tree = tree.canonical()
+    nodes: dict[str, nn.Module] = {}
+    steps: list[tuple[str, str]] = []
+    for layer, stream in tree.used_nodes():  # layer-major: parents come before children
+        module = _frozen_copy(anchor.streams[stream].layers[layer])
+        deltas = bn_offsets.get((layer, stream)) if bn_offsets is not None else None
+        if deltas:
+            _bake_offsets(module, deltas, (layer, stream))
+        name = node_name(layer, stream)
+        nodes[name] = module
+        parent = _IMAGE if layer == 0 else node_name(layer - 1, tree.parents[layer - 1][stream])
+        steps.append((name, parent))
+
+    heads: dict[str, nn.Module] = {}
+    head_inputs: list[tuple[str, str, str | None]] = []
+    for j, task in enumerate(anchor.tasks):
+        head = _frozen_copy(anchor.heads[task.name])
+        path = tree.path(j)  # stream of task j's node at each layer
+        low = head.low_layer
+        heads[task.name] = head
+        head_inputs.append(
+            (
+                task.name,
+                node_name(tree.num_layers - 1, path[-1]),
+                node_name(low, path[low]) if low is not None else None,
+            )
+        )
+
+    net = MaterializedTree(nodes, heads, steps, head_inputs, tree.hash()).eval()
+    net.unfolded_bns = tuple(fold_batchnorms(net))
+    return net
