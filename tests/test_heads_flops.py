@@ -89,7 +89,7 @@ def test_conv_flops_and_params_by_hand():
     assert count_flops(strided, torch.zeros(2, 3, 16, 16)) == 2 * 3 * 8 * 9 * 8 * 8
     assert count_params(conv) == 8 * 3 * 9
     bn = nn.BatchNorm2d(8)
-    assert count_flops(bn, torch.zeros(1, 8, 4, 4)) == 2 * 8 * 4 * 4  # eval: scale + shift
+    assert count_flops(bn, torch.zeros(1, 8, 4, 4)) == 0  # folded into its conv when deployed
     linear = nn.Linear(10, 4)
     assert count_params(linear) == 10 * 4 + 4
 
@@ -130,9 +130,9 @@ def test_layer_flops_sum_to_whole_backbone(name, size):
 
 
 def test_tiny_resnet_stem_flops_by_hand():
-    # 3x3 stride-2 conv 3 -> 16 onto 32x32, plus eval-mode BN (2 per output element)
+    # 3x3 stride-2 conv 3 -> 16 onto 32x32; its BN costs 0 (folded into the conv when deployed)
     (stem_flops, stem_params), *_ = layer_costs(build_backbone("tiny_resnet"), (64, 64))
-    assert stem_flops == 3 * 16 * 9 * 32 * 32 + 2 * 16 * 32 * 32
+    assert stem_flops == 3 * 16 * 9 * 32 * 32
     assert stem_params == 16 * 3 * 9 + 2 * 16
 
 
