@@ -224,4 +224,4 @@ def materialize(
 
     net = MaterializedTree(nodes, heads, steps, head_inputs, tree.hash()).eval()
     net.unfolded_bns = tuple(fold_batchnorms(net))
-    return net
+    return net.eval()  # again: folding put fresh (training-mode) Identity modules in

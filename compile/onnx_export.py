@@ -59,6 +59,11 @@ _NOISE = (
 """Warnings dropped from :attr:`ExportResult.warnings`; anything else is kept."""
 
 
+_TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+"""Modules whose output depends on ``.training``. Others (``nn.Identity`` left by BN
+folding, activations) may carry a stale flag harmlessly, so only these and the root count."""
+
+
 class TupleOutputs(nn.Module):
     """Tracing adapter: returns ``module(image)[name]`` for each name, as a tuple.
 
@@ -233,9 +238,10 @@ def _quiet_exporter() -> Iterator[list[warnings.WarningMessage]]:
 
 
 def _useful_warnings(caught: list[warnings.WarningMessage]) -> tuple[str, ...]:
-    lines: dict[str, None] = {}  # ordered, deduplicated
+    """First lines of the recorded warnings, known noise removed, deduplicated in order."""
+    lines: dict[str, None] = {}
     for w in caught:
-        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
+        text = (str(w.message).strip().splitlines() or [""])[0]
         if text and not any(p.search(text) for p in _NOISE):
             lines[f"{w.category.__name__}: {text}"] = None
     return tuple(lines)
@@ -259,7 +265,7 @@ def _run_exporter(
         "verbose": False,
     }
     if exporter == LEGACY:
-        kwargs["dynamo"] = False  # writes weights inline below 2 GiB; there is no sidecar option
+        kwargs["dynamo"] = False  # weights inline (it has no external-data switch below 2 GiB)
         kwargs["do_constant_folding"] = True
         if dynamic_batch:
             kwargs["dynamic_axes"] = {n: {0: BATCH_DIM} for n in [INPUT_NAME, *names]}
@@ -273,19 +279,58 @@ def _run_exporter(
     torch.onnx.export(adapter, (example,), str(dest), **kwargs)
 
 
+def _remove_sidecars(tmp: Path) -> list[str]:
+    """Delete files next to ``tmp`` named after it (``<tmp>.data``); return their names.
+
+    ``atomic_path`` removes the temporary file itself; an exporter that wrote external
+    data beside it would otherwise leave a stray half of an artifact behind.
+    """
+    found = [p for p in tmp.parent.glob(f"{tmp.name}*") if p != tmp]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return [p.name for p in found]
+
+
 def _no_external_data(model: onnx.ModelProto, tmp: Path) -> None:
     """Fail if any weight lives outside the file (a sidecar would not travel with it)."""
     from onnx.external_data_helper import uses_external_data
 
     outside = [t.name for t in model.graph.initializer if uses_external_data(t)]
-    sidecars = [p for p in tmp.parent.iterdir() if p.name.startswith(tmp.name) and p != tmp]
-    for p in sidecars:
-        p.unlink(missing_ok=True)
+    sidecars = _remove_sidecars(tmp)
     if outside or sidecars:
         raise RuntimeFailure(
             f"the exporter wrote weights outside the .onnx file ({len(outside)} tensors, "
-            f"{[p.name for p in sidecars]}); expected one self-contained file"
+            f"{sidecars}); expected one self-contained file"
         )
+
+
+_HOST_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+"""Per-node metadata the torch.export-based exporter writes that names files on this host
+(absolute paths in Python stack traces): dropped, so the file (and its sha256) does not
+depend on where dymu is installed. The module ``namespace`` of each node is kept, since it
+is what ties a TensorRT parser error back to a dymu module."""
+
+
+def _strip_host_metadata(model: onnx.ModelProto) -> int:
+    """Remove :data:`_HOST_METADATA` from every node, in place; return how many entries."""
+    from onnx import AttributeProto
+
+    removed = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key not in _HOST_METADATA]
+            if len(keep) != len(node.metadata_props):
+                removed += len(node.metadata_props) - len(keep)
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+            for attr in node.attribute:
+                if attr.type == AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    graphs.extend(attr.graphs)
+    return removed
 
 
 def _first_line(exc: BaseException) -> str:
@@ -352,7 +397,11 @@ def export_onnx(
     dest = Path(path)
     if dest.is_dir():
         raise UserError(f"ONNX output path {dest} is a directory")
-    training = [name or "<root>" for name, m in module.named_modules() if m.training]
+    training = [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if m.training and (m is module or isinstance(m, _TRAINING_SENSITIVE))
+    ]
     if training:
         raise UserError(
             f"export needs an eval-mode module (call .eval()); in training mode: {training[:3]}"
@@ -378,15 +427,19 @@ def export_onnx(
                 names=names,
                 dynamic_batch=dynamic_batch,
             )
+            model = onnx.load(str(tmp), load_external_data=False)
         except OSError as exc:
+            _remove_sidecars(tmp)
             raise UserError(f"cannot write ONNX file {dest}: {exc.strerror or exc}") from exc
         except Exception as exc:  # the exporters raise many types; keep the cause chained
+            _remove_sidecars(tmp)
             raise RuntimeFailure(
                 f"ONNX export ({chosen} exporter, opset {opset}) failed: {_first_line(exc)}"
             ) from exc
-        model = onnx.load(str(tmp), load_external_data=False)
         _no_external_data(model, tmp)
         verify_opset(model, opset, chosen)
+        if _strip_host_metadata(model):
+            onnx.save(model, str(tmp))  # still inline: nothing here moves weights out
         try:
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as exc:

@@ -53,7 +53,13 @@ MIN_OPSET = 9
 
 # --- operator sets ------------------------------------------------------------------------
 
-_OPS_8_5 = frozenset(
+
+def _ops(names: str) -> frozenset[str]:
+    """A set of operator names from a whitespace-separated list (reads like the table)."""
+    return frozenset(names.split())
+
+
+_OPS_8_5 = _ops(
     """
     Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization
     Cast Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum
@@ -69,11 +75,11 @@ _OPS_8_5 = frozenset(
     Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice
     Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu
     Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-    """.split()
+    """
 )
 """onnx-tensorrt release/8.5-GA ``docs/operators.md``, rows marked Y."""
 
-_OPS_10_15 = frozenset(
+_OPS_10_15 = _ops(
     """
     Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool
     BatchNormalization BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant
@@ -92,7 +98,7 @@ _OPS_10_15 = frozenset(
     Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth
     Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter ThresholdedRelu Tile TopK Transpose
     Trilu Unsqueeze Upsample Where Xor
-    """.split()
+    """
 )
 """onnx-tensorrt ``docs/operators.md`` of TensorRT 10.15, rows marked Y."""
 
@@ -331,6 +337,11 @@ def _resize_problems(node: onnx.NodeProto, label: str) -> list[str]:
     return problems
 
 
+def _computed_axes(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """Whether a Reduce node takes its (optional) axes input from a computed tensor."""
+    return len(node.input) > 1 and bool(node.input[1]) and node.input[1] not in constants
+
+
 def check_graph(model: onnx.ModelProto | str | PathLike, target: str) -> Report:
     """Compare a model's operators and opset with what ``target``'s ONNX parser imports.
 
@@ -353,10 +364,17 @@ def check_graph(model: onnx.ModelProto | str | PathLike, target: str) -> Report:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     functions = {(f.domain, f.name): f for f in model.functions}
 
+    nodes = list(_graph_nodes(model.graph, functions))
+    # Names whose value is known when the engine is built (main-graph initializers and
+    # Constant outputs; initializers of subgraphs are not collected: rare, and a miss only
+    # makes the axes check below stricter).
+    constants = {i.name for i in model.graph.initializer} | {
+        out for node, _ in nodes if node.op_type == "Constant" for out in node.output
+    }
     counts: Counter[str] = Counter()
     problems: list[str] = []
     calls: set[str] = set()
-    for node, is_call in _graph_nodes(model.graph, functions):
+    for node, is_call in nodes:
         default = node.domain in ("", "ai.onnx")
         name = node.op_type if default else f"{node.domain}::{node.op_type}"
         if is_call:
@@ -365,6 +383,13 @@ def check_graph(model: onnx.ModelProto | str | PathLike, target: str) -> Report:
         counts[name] += 1
         if default and node.op_type == "Resize":
             problems += _resize_problems(node, t.label)
+        elif default and node.op_type.startswith("Reduce") and _computed_axes(node, constants):
+            # Opset 18 moved Reduce* axes from an attribute to an input; the parser needs it
+            # constant ("`axes` must be an initializer", 10.15 operator table).
+            problems.append(
+                f"{node.op_type} {node.name or '?'}: axes input {node.input[1]!r} is not a "
+                f"build-time constant, which {t.label} requires"
+            )
 
     unsupported = {
         op: n for op, n in counts.items() if "::" in op or op not in t.ops
