@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quick.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/search_quick.json")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="copy the run here afterwards")
     args = parser.parse_args()
+    if args.keep is not None and args.keep.exists():
+        parser.error(f"--keep {args.keep} already exists")
     with tempfile.TemporaryDirectory(prefix="dymu-bench-") as tmp:
         run = Path(tmp) / "run"
         env = {**os.environ, "DYMU_CACHE": str(Path(tmp) / "cache")}  # data generated too
@@ -55,6 +59,8 @@ def main() -> int:
             "stage1_s": _read(run / "edge_hnet.json").get("seconds"),
             "stage2_s": _read(run / "weight_hnet.json").get("seconds"),
         }
+        if args.keep is not None:
+            shutil.copytree(run, args.keep)
     result = {
         "benchmark": "search_quick",
         "command": "dymu search -c configs/quick.yaml --run RUN (empty run dir and cache)",

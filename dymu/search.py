@@ -8,25 +8,29 @@ from its last checkpoint.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import torch
 from safetensors.torch import load_file
 
 from dymu.affinity.estimate import estimate_affinity
 from dymu.affinity.plot import affinity_png
 from dymu.affinity.result import AffinityResult
-from dymu.config import Config, section_hash
+from dymu.config import Config, load_config, section_hash
 from dymu.data import get_builder
+from dymu.errors import UserError
 from dymu.evaluate.report import write_report
 from dymu.evaluate.search import evaluate_search
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, bn_layout
+from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
 from dymu.run import resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
-from dymu.space.graph import save_space
-from dymu.train.stage0 import ensure_anchor, stage0_hash
+from dymu.space.graph import load_space, save_space
+from dymu.train.stage0 import ANCHOR_WEIGHTS, ensure_anchor, stage0_hash
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
 
@@ -44,6 +48,36 @@ def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHy
     edge = EdgeHypernet(num_tasks, num_layers, self_bias=cfg.stage1.self_bias)
     edge.load_state_dict(load_file(str(run / EDGE_WEIGHTS)))  # min_budget is a saved buffer
     return edge
+
+
+@dataclass
+class TrainedRun:
+    """Everything a finished search leaves that later stages (sample, export) need."""
+
+    cfg: Config
+    anchor: Anchor
+    space: nx.DiGraph
+    edge: EdgeHypernet
+    weights: WeightHypernet
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    """Load a finished ``dymu search`` run; one clear line when an artifact is missing."""
+    run = Path(run_dir)
+    needed = ("config.yaml", ANCHOR_WEIGHTS, "space.json", EDGE_WEIGHTS, WEIGHT_WEIGHTS)
+    for name in needed:
+        if not (run / name).is_file():
+            raise UserError(f"{run} is not a finished search run: {name} is missing")
+    cfg = load_config(run / "config.yaml")
+    specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
+    anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
+    load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
+    space = load_space(run / "space.json")
+    n, num_layers = len(anchor.tasks), anchor.num_layers
+    edge = load_edge(run, n, num_layers, cfg).eval()
+    weights = WeightHypernet(n, bn_layout(anchor.streams))
+    weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
+    return TrainedRun(cfg, anchor.eval(), space, edge, weights.eval())
 
 
 def affinity_hash(cfg: Config) -> str:

@@ -98,6 +98,19 @@ def parse_preference(text: str, tasks: list[str]):
     return torch.tensor(values, dtype=torch.float32)
 
 
+def parse_budget(text: str) -> float:
+    """A budget in (0, 1], or a one-line UserError saying what was given."""
+    from dymu.errors import UserError
+
+    try:
+        budget = float(text)
+    except ValueError:
+        raise UserError(f"--budget must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < budget <= 1.0:  # NaN fails too
+        raise UserError(f"--budget must be in (0, 1], got {text!r}")
+    return budget
+
+
 def run_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -120,10 +133,7 @@ def run_sample(args: argparse.Namespace) -> int:
     space = load_space(run / "space.json")
     tasks = list(space.graph["tasks"])
     r = parse_preference(args.preference, tasks)
-    try:
-        budget = float(args.budget)
-    except ValueError:
-        raise UserError(f"--budget must be a number in (0, 1], got {args.budget!r}") from None
+    budget = parse_budget(args.budget)
     n, num_layers = space_shape(space)
     edge = load_edge(run, n, num_layers, cfg).eval()
     with torch.no_grad():

@@ -1,0 +1,293 @@
+"""``dymu export``: the trees that serve one budget, as checked, self-contained ONNX files.
+
+For each preference asked for (one, or a grid on the simplex) the edge hypernet derives the
+tree for ``(r, b)``; preferences that give the same tree share it. Each distinct tree is
+materialized with the weight hypernet's BatchNorm offsets at the mean of the preferences it
+serves (:func:`dymu.compile.materialize.materialize`), counted by fvcore, exported and checked
+(:func:`dymu.compile.onnx_export.export_onnx`, :func:`~dymu.compile.onnx_export.ort_parity`),
+evaluated on the test split, and run on a fixed golden input whose outputs a device can
+compare against. Everything is written into a temporary folder that becomes ``OUT`` only
+when every tree has passed, so a failure never leaves a partial bundle.
+
+Layout of ``OUT``::
+
+    manifest.json              # one entry per tree (see :func:`export_bundle`)
+    golden_input.npy           # [G, 3, H, W] float32 test images
+    <hash>/model.onnx          # the tree, weights inline
+    <hash>/golden_outputs.npz  # PyTorch outputs on golden_input.npy, keyed by task
+    <hash>/model.engine(.json) # with --target trt only: TensorRT engine and its metadata
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dymu import __version__
+from dymu.compile.materialize import materialize
+from dymu.compile.onnx_export import export_onnx, ort_parity
+from dymu.data import get_builder
+from dymu.data.base import cache_root
+from dymu.errors import RuntimeFailure, UserError
+from dymu.io import atomic_dir, write_json
+from dymu.models.flops import count_flops, count_params
+from dymu.search import TrainedRun, load_run
+from dymu.space.derive import derive_tree
+from dymu.space.graph import anchor_flops, min_flops
+from dymu.space.tree import TreeSpec
+from dymu.train.loop import evaluate, iterate
+
+TARGETS = ("onnx", "trt")
+"""What ``--target`` builds: ONNX files only, or ONNX plus TensorRT engines for this GPU."""
+
+GOLDEN_IMAGES = 4
+"""Test images in ``golden_input.npy``."""
+
+PARITY_ATOL = 1e-4
+"""Largest ONNX Runtime - PyTorch difference a tree may show (fp32)."""
+
+
+def simplex_grid(num_tasks: int, k: int) -> np.ndarray:
+    """Every preference ``c / k`` with non-negative integers ``c`` summing to ``k``: [P, N].
+
+    P = C(k + N - 1, N - 1); k = 1 gives the N one-hot preferences.
+    """
+    if k < 1:
+        raise UserError(f"--grid must be >= 1, got {k}")
+    points = [
+        c for c in itertools.product(range(k + 1), repeat=num_tasks) if sum(c) == k
+    ]  # [P][N] integer compositions of k
+    return np.array(points[::-1], dtype=np.float64) / k
+
+
+def check_target(target: str) -> None:
+    """Refuse an unknown target, or TensorRT where it cannot run, before any work."""
+    if target not in TARGETS:
+        raise UserError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "trt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise UserError(
+                "--target trt: TensorRT is not installed here; export ONNX (--target onnx) "
+                "and build the engines on the device (see the bundle's README)"
+            )
+        if not torch.cuda.is_available():
+            raise RuntimeFailure("--target trt: TensorRT needs a CUDA GPU; none found")
+
+
+def _check_budget(budget: Any, low: float) -> float:
+    ok = isinstance(budget, numbers.Real) and not isinstance(budget, bool)
+    if not ok or not math.isfinite(float(budget)) or not 0.0 < float(budget) <= 1.0:
+        raise UserError(f"--budget must be in (0, 1], got {budget!r}")
+    if float(budget) < low:
+        raise UserError(
+            f"--budget {budget} is below the cheapest tree in this space: "
+            f"{math.ceil(low * 1e4) / 1e4:.4f} of the anchor's FLOPs (fvcore count)"
+        )
+    return float(budget)
+
+
+def _fresh_out(out: Path) -> None:
+    """``out`` must not hold anything yet, and its parent must be a writable folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists; remove it or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write {out}: {out.parent} is not writable")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_bundle(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    budget: float,
+    preferences: Sequence[Sequence[float]],
+    target: str = "onnx",
+    trt_version: str = "10.3",
+    dynamic_batch: bool = True,
+) -> dict[str, Any]:
+    """Derive, materialize, export and check the trees serving ``budget``; write ``out``.
+
+    Args:
+        run_dir: a finished ``dymu search`` run.
+        out: the bundle folder to create (must not exist, or be empty).
+        budget: FLOPs fraction of the anchor in (0, 1], at least the cheapest tree's.
+        preferences: [P, N] preferences (rows on the simplex), e.g. :func:`simplex_grid`.
+        target: ``onnx``, or ``trt`` to also build TensorRT engines on this machine's GPU.
+        trt_version: the device's TensorRT version; picks the ONNX opset and exporter
+            (:mod:`dymu.compile.trt_support`).
+        dynamic_batch: export with a dynamic batch axis (else batch 1).
+
+    Returns:
+        The manifest (also written as ``out/manifest.json``): ``trees``, one entry per tree
+        with ``hash``, ``preferences`` and ``budget`` it serves, ``flops`` (the space's
+        count), ``flops_fraction``, ``flops_counted`` (fvcore on the materialized module),
+        ``params``, ``files`` (name -> sha256), ``parity`` (ONNX Runtime against PyTorch)
+        and ``metrics`` (test split); plus the anchor's FLOPs, tasks and input size.
+
+    Raises:
+        UserError: bad budget or target, a run that is not finished, an existing or
+            unwritable ``out``.
+        RuntimeFailure: a tree fails a check (parity above 1e-4, FLOPs over the budget).
+    """
+    check_target(target)
+    out = Path(out)
+    run = load_run(run_dir)
+    space, anchor = run.space, run.anchor
+    full = anchor_flops(space)
+    budget = _check_budget(budget, min_flops(space) / full)
+    prefs = np.asarray(preferences, dtype=np.float64)
+    if prefs.ndim != 2 or prefs.shape[1] != len(anchor.tasks):
+        raise UserError(f"preferences must be [P, {len(anchor.tasks)}], got {list(prefs.shape)}")
+    _fresh_out(out)
+
+    served: dict[str, tuple[Any, list[np.ndarray]]] = {}  # hash -> (tree, its preferences)
+    with torch.no_grad():
+        for r in prefs:
+            alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
+            tree = derive_tree(alpha, space, budget)
+            served.setdefault(tree.hash(), (tree, []))[1].append(r)
+
+    cfg = run.cfg
+    builder = get_builder(cfg.data.name)
+    test = builder.load(cfg.data, "test")
+    size = (
+        tuple(cfg.data.size)
+        if cfg.data.size is not None
+        else builder.info_for(cfg.data).default_size
+    )
+    golden = next(iterate(test, GOLDEN_IMAGES, shuffle=False))["image"].float()  # [G, 3, H, W]
+    entries = []
+    with atomic_dir(out) as tmp:
+        np.save(tmp / "golden_input.npy", golden.numpy())
+        for h, (tree, rs) in tqdm(served.items(), desc="export", unit="tree", leave=False):
+            job = _TreeJob(tree, rs, budget, size, trt_version, dynamic_batch)
+            entries.append(_export_tree(job, run, tmp / h, golden, test))
+            if target == "trt":
+                _build_engine(tmp / h, dynamic_batch, cache_root(cfg.data) / "trt")
+                entries[-1]["files"] = _hashes(tmp / h, tmp)
+        manifest = {
+            "dymu_version": __version__,
+            "tasks": anchor.task_names,
+            "input": {"name": "image", "shape": [1, 3, *size], "dynamic_batch": dynamic_batch},
+            "budget": budget,
+            "anchor_flops": full,
+            "flops_counting": "fvcore, one fused multiply-add = 1 FLOP, BatchNorm folded",
+            "trt_version": trt_version,
+            "target": target,
+            "golden_input": {
+                "file": "golden_input.npy",
+                "sha256": _sha256(tmp / "golden_input.npy"),
+            },
+            "trees": entries,
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+@dataclass
+class _TreeJob:
+    """One tree to export and what it serves."""
+
+    tree: TreeSpec
+    preferences: list[np.ndarray]
+    budget: float
+    size: tuple[int, int]
+    trt_version: str
+    dynamic_batch: bool
+
+
+def _hashes(folder: Path, root: Path) -> dict[str, str]:
+    """``{path relative to root: sha256}`` of every file in ``folder``."""
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(folder.iterdir())}
+
+
+def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> dict[str, Any]:
+    """Materialize, count, export, check, run on the golden input and evaluate one tree.
+
+    The weight hypernet's offsets are taken at the mean of the preferences the tree serves.
+    """
+    space, anchor, h = run.space, run.anchor, job.tree.hash()
+    full = anchor_flops(space)
+    mean_r = torch.tensor(np.mean(job.preferences, axis=0), dtype=torch.float32)
+    with torch.no_grad():
+        net = materialize(anchor, job.tree, run.weights(mean_r, job.budget))
+    counted = count_flops(net, torch.zeros(1, 3, *job.size))
+    if counted > job.budget * full:
+        raise RuntimeFailure(
+            f"tree {h}: fvcore counts {counted} FLOPs, over the budget's "
+            f"{job.budget * full:.0f}; the space's table does not match the model"
+        )
+    folder.mkdir()
+    result = export_onnx(
+        net,
+        folder / "model.onnx",
+        input_shape=(1, 3, *job.size),
+        target=job.trt_version,
+        dynamic_batch=job.dynamic_batch,
+    )
+    batches = (1, 2, 3) if job.dynamic_batch else (1,)
+    parity = ort_parity(net, folder / "model.onnx", batch_sizes=batches)
+    if not parity["overall"] < PARITY_ATOL:
+        raise RuntimeFailure(
+            f"tree {h}: ONNX Runtime differs from PyTorch by {parity['overall']:.2e}"
+        )
+    with torch.no_grad():
+        outputs = net(golden)
+    np.savez(folder / "golden_outputs.npz", **{k: v.numpy() for k, v in outputs.items()})
+    cfg = run.cfg
+    metrics = evaluate(net, test, anchor.tasks, cfg.evaluate.batch_size, torch.device("cpu"))
+    return {
+        "hash": h,
+        "parents": [list(p) for p in job.tree.parents],
+        "budget": job.budget,
+        "preferences": [[round(float(x), 6) for x in r] for r in job.preferences],
+        "weights_at": [round(float(x), 6) for x in mean_r],
+        "flops": job.tree.flops(space),
+        "flops_fraction": job.tree.flops(space) / full,
+        "flops_counted": counted,
+        "params": count_params(net),
+        "files": _hashes(folder, folder.parent),
+        "onnx": result.to_json(),
+        "parity": parity,
+        "metrics": metrics,
+    }
+
+
+def _build_engine(folder: Path, dynamic_batch: bool, cache_dir: Path) -> None:
+    """TensorRT engine for this machine's GPU, with one timing cache per device in
+    ``cache_dir`` shared by every tree (and every later export)."""
+    from dymu.compile import trt_engine
+
+    device = trt_engine.current_device()
+    trt_engine.build_engine(
+        folder / "model.onnx",
+        folder / "model.engine",
+        precision="fp32",
+        min_batch=1,
+        opt_batch=1,
+        max_batch=32 if dynamic_batch else 1,
+        timing_cache=trt_engine.timing_cache_path(cache_dir, device),
+    )

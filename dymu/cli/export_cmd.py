@@ -1,0 +1,90 @@
+"""``dymu export``: the trees that serve a budget as checked ONNX files with a manifest."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  dymu export --run runs/quick --budget 0.8 --out export/quick        # a grid of 3 per task
+  dymu export --run runs/default --budget 0.5 --preference 0.4,0.3,0.2,0.1 --out export/one
+  dymu export --run runs/default --budget 0.75 --grid 4 --trt-version 8.5 --out export/xavier
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "export",
+        parents=[parent],
+        help="export the trees serving a budget as ONNX files with a manifest",
+        description="Derive the tree of every preference asked for (one, or a grid on the "
+        "simplex) at a FLOPs budget, materialize each distinct tree (BatchNorm folded, the "
+        "weight hypernet's offsets baked in), export it to one self-contained ONNX file "
+        "for the device's TensorRT version, check it (opset, onnx.checker, operators the "
+        "TensorRT parser knows, ONNX Runtime against PyTorch) and write OUT/manifest.json "
+        "with FLOPs (fvcore, 1 multiply-add = 1 FLOP), parameters, parity errors, test "
+        "metrics, sha256 of every file, and golden inputs and outputs.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="DIR", required=True, help="a finished dymu search run")
+    p.add_argument("--budget", required=True, help="fraction of the anchor's FLOPs in (0, 1]")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preference", help="one preference: comma-separated weights")
+    which.add_argument(
+        "--grid",
+        type=int,
+        metavar="K",
+        help="every preference with weights in steps of 1/K (default: 3)",
+    )
+    p.add_argument("--target", default="onnx", help="onnx (default) or trt (needs TensorRT)")
+    p.add_argument(
+        "--trt-version",
+        default="10.3",
+        metavar="V",
+        help="TensorRT version on the device; picks the ONNX opset (8.5/8.6 -> 17; default 10.3)",
+    )
+    p.add_argument("--static-batch", action="store_true", help="export batch 1 only")
+    p.add_argument("--out", metavar="DIR", required=True, help="bundle folder to create")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dymu.cli.search_cmds import parse_budget, parse_preference
+    from dymu.compile.export import check_target, export_bundle, simplex_grid
+    from dymu.errors import UserError
+    from dymu.space.graph import load_space
+
+    check_target(args.target)
+    budget = parse_budget(args.budget)
+    try:
+        tasks = list(load_space(f"{args.run}/space.json").graph["tasks"])
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{args.run} is not a finished search run: space.json is missing") from None
+    if args.preference is not None:
+        prefs = [parse_preference(args.preference, tasks).tolist()]
+    else:
+        prefs = simplex_grid(len(tasks), 3 if args.grid is None else args.grid)
+    manifest = export_bundle(
+        args.run,
+        args.out,
+        budget=budget,
+        preferences=prefs,
+        target=args.target,
+        trt_version=args.trt_version,
+        dynamic_batch=not args.static_batch,
+    )
+    full = manifest["anchor_flops"]
+    count = len(manifest["trees"])
+    print(
+        f"{count} tree{'s' if count != 1 else ''} for budget {budget:g} "
+        f"({len(prefs)} preference{'s' if len(prefs) != 1 else ''}):"
+    )
+    for t in manifest["trees"]:
+        print(
+            f"  {t['hash']}  FLOPs {t['flops_counted'] / 1e6:.2f} M "
+            f"({t['flops_counted'] / full:.3f} of the anchor; fvcore)  params "
+            f"{t['params'] / 1e6:.3f} M  parity {t['parity']['overall']:.1e}  serves "
+            f"{len(t['preferences'])}"
+        )
+    print(f"wrote {args.out}/manifest.json")
+    return 0
