@@ -12,6 +12,7 @@ when every tree has passed, so a failure never leaves a partial bundle.
 Layout of ``OUT``::
 
     manifest.json              # one entry per tree (see :func:`export_bundle`)
+    dymu_runtime.py, README.md # standalone device runtime and steps (dymu.compile.bundle)
     golden_input.npy           # [G, 3, H, W] float32 test images
     <hash>/model.onnx          # the tree, weights inline
     <hash>/golden_outputs.npz  # PyTorch outputs on golden_input.npy, keyed by task
@@ -36,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dymu import __version__
+from dymu.compile.bundle import write_bundle_files
 from dymu.compile.materialize import materialize
 from dymu.compile.onnx_export import export_onnx, ort_parity
 from dymu.data import get_builder
@@ -203,6 +205,7 @@ def export_bundle(
             },
             "trees": entries,
         }
+        manifest["runtime"] = write_bundle_files(tmp, manifest)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 

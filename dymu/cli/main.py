@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from dymu import __version__
-from dymu.cli import anchor_cmds, config_cmd, datasets, export_cmd, search_cmds
+from dymu.cli import anchor_cmds, bench_cmd, config_cmd, datasets, export_cmd, search_cmds
 from dymu.cli.common import Parser
 from dymu.errors import DymuError
 
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   dymu search --run runs/default
   dymu sample --run runs/default --preference 0.4,0.3,0.2,0.1 --budget 0.8
   dymu export --run runs/default --budget 0.5 --out export/default
+  dymu bench --run runs/default
   dymu datasets list
   dymu datasets show synthscenes --out synthscenes.png
   dymu config -c configs/quick.yaml data.size=[32,32]
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     anchor_cmds.add_parsers(sub, common)
     search_cmds.add_parsers(sub, common)
     export_cmd.add_parser(sub, common)
+    bench_cmd.add_parser(sub, common)
     return parser
 
 

@@ -1,0 +1,262 @@
+"""``dymu bench``: latency, throughput and peak memory of exported trees per backend.
+
+Each (tree, backend) is measured in its own subprocess, so its peak resident memory
+(``ru_maxrss``) and, on a GPU, its peak CUDA memory belong to that measurement alone and one
+backend's allocations cannot slow the next. Backends:
+
+- ``eager``: the materialized tree in PyTorch (needs the run directory);
+- ``compiled``: the same through ``torch.compile`` (on a GPU with CUDA graphs,
+  ``mode="reduce-overhead"``);
+- ``onnxruntime``: the bundle's ONNX file on ONNX Runtime's CPU provider;
+- ``tensorrt``: the tree's engine, where TensorRT, a GPU and a built engine are present.
+
+Latency is per call at batch 1 (p50 and p90 over ``iters`` timed calls after ``warmup``);
+throughput is images per second at batch 32 (batch over the median call time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dymu.errors import RuntimeFailure, UserError
+from dymu.io import save_figure, write_json
+
+BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
+THROUGHPUT_BATCH = 32
+
+
+def available_backends(has_run: bool) -> list[str]:
+    """The backends this machine can measure (PyTorch ones only with the run directory)."""
+    import torch
+
+    found = []
+    if has_run:
+        found += ["eager", "compiled"]
+    found.append("onnxruntime")
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        found.append("tensorrt")
+    return found
+
+
+def _timed(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _torch_runner(bundle: Path, run: Path, entry: dict, compiled: bool, device: str):
+    """A callable on a [B, 3, H, W] array: the materialized tree, eager or compiled."""
+    import torch
+
+    from dymu.compile.materialize import materialize
+    from dymu.search import load_run
+    from dymu.space.tree import TreeSpec
+
+    trained = load_run(run)
+    tree = TreeSpec(entry["parents"])
+    if tree.hash() != entry["hash"]:
+        raise UserError(f"{bundle} does not come from {run}: tree {entry['hash']} differs")
+    r = torch.tensor(entry["weights_at"], dtype=torch.float32)
+    with torch.no_grad():
+        net = materialize(trained.anchor, tree, trained.weights(r, entry["budget"])).to(device)
+    if compiled:
+        net = torch.compile(net, mode="reduce-overhead" if device == "cuda" else "default")
+
+    def call(x: np.ndarray) -> None:
+        with torch.no_grad():
+            net(torch.from_numpy(x).to(device))
+
+    return call
+
+
+def _ort_runner(bundle: Path, entry: dict):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        str(bundle / entry["hash"] / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+
+    def call(x: np.ndarray) -> None:
+        session.run(None, {"image": x})
+
+    return call
+
+
+def _trt_runner(bundle: Path, entry: dict):
+    import torch
+
+    from dymu.compile.trt_engine import EngineRunner
+
+    engine = bundle / entry["hash"] / "model.engine"
+    if not engine.is_file():
+        raise UserError(f"no TensorRT engine {engine}: export with --target trt first")
+    runner = EngineRunner(engine)
+
+    def call(x: np.ndarray) -> None:
+        runner(torch.from_numpy(x).cuda())
+
+    return call
+
+
+def measure_one(
+    bundle: Path, run: Path | None, tree_hash: str, backend: str, warmup: int, iters: int
+) -> dict[str, Any]:
+    """Latency, throughput and peak memory of one tree on one backend (in this process)."""
+    import torch
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = next((t for t in manifest["trees"] if t["hash"] == tree_hash), None)
+    if entry is None:
+        raise UserError(f"tree {tree_hash} is not in {bundle}/manifest.json")
+    gpu = torch.cuda.is_available() and backend in ("eager", "compiled", "tensorrt")
+    device = "cuda" if gpu else "cpu"
+    if backend in ("eager", "compiled"):
+        if run is None:
+            raise UserError(f"backend {backend} needs --run (the search run of the bundle)")
+        call = _torch_runner(bundle, run, entry, backend == "compiled", device)
+    elif backend == "onnxruntime":
+        call = _ort_runner(bundle, entry)
+    else:
+        call = _trt_runner(bundle, entry)
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    _, _, height, width = manifest["input"]["shape"]
+    rng = np.random.default_rng(0)
+    one = rng.random((1, 3, height, width), dtype=np.float32)
+    many = rng.random((THROUGHPUT_BATCH, 3, height, width), dtype=np.float32)
+    lat = _timed(lambda: call(one), warmup, iters, sync)
+    batch_s = statistics.median(
+        _timed(lambda: call(many), max(1, warmup // 4), iters // 4 + 1, sync)
+    )
+    return {
+        "tree": tree_hash,
+        "backend": backend,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "flops": entry["flops_counted"],
+        "flops_fraction": entry["flops_fraction"],
+        "budget": entry["budget"],
+        "latency_ms_p50": 1e3 * float(np.percentile(lat, 50)),
+        "latency_ms_p90": 1e3 * float(np.percentile(lat, 90)),
+        "throughput_img_s": THROUGHPUT_BATCH / batch_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def bench_bundles(
+    bundles: list[Path],
+    *,
+    run: Path | None,
+    backends: list[str] | None,
+    out: Path,
+    warmup: int = 10,
+    iters: int = 50,
+) -> dict[str, Any]:
+    """Measure every tree of every bundle on every backend; write ``out`` (JSON) and a plot."""
+    for bundle in bundles:
+        if not (bundle / "manifest.json").is_file():
+            raise UserError(f"{bundle} is not an export bundle: manifest.json is missing")
+    chosen = backends or available_backends(run is not None)
+    for b in chosen:
+        if b not in BACKENDS:
+            raise UserError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    rows = []
+    for bundle in bundles:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        for entry in manifest["trees"]:
+            for backend in chosen:
+                rows.append(_measure_in_child(bundle, run, entry["hash"], backend, warmup, iters))
+                print(_row_text(rows[-1]), flush=True)
+    result = {"rows": rows, "warmup": warmup, "iters": iters, "batch": THROUGHPUT_BATCH}
+    write_json(out, result)
+    _plot(rows, out.with_suffix(".png"))
+    return result
+
+
+def _measure_in_child(bundle, run, tree_hash, backend, warmup, iters) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "dymu.compile.bench", str(bundle), tree_hash, backend]
+    cmd += ["--warmup", str(warmup), "--iters", str(iters)]
+    if run is not None:
+        cmd += ["--run", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeFailure(f"benchmark of {tree_hash} on {backend} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    return (
+        f"{row['tree']}  {row['backend']:<11} {row['device']:<6} FLOPs {row['flops'] / 1e6:7.2f} M"
+        f"  batch 1 p50 {row['latency_ms_p50']:7.3f} ms  p90 {row['latency_ms_p90']:7.3f} ms"
+        f"  batch {THROUGHPUT_BATCH} {row['throughput_img_s']:8.1f} img/s"
+        f"  peak RSS {row['peak_rss_mb']:6.0f} MB"
+    )
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for backend in sorted({r["backend"] for r in rows}):
+        pts = sorted(
+            (r["flops"] / 1e6, r["latency_ms_p50"]) for r in rows if r["backend"] == backend
+        )
+        ax.plot(*zip(*pts, strict=True), "o-", label=backend)
+    ax.set_xlabel("MFLOPs (fvcore, 1 multiply-add = 1 FLOP)")
+    ax.set_ylabel("latency at batch 1, p50 (ms)")
+    ax.set_title("latency against FLOPs", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Child process: measure one (tree, backend) and print its JSON row."""
+    p = argparse.ArgumentParser()
+    p.add_argument("bundle", type=Path)
+    p.add_argument("tree")
+    p.add_argument("backend", choices=BACKENDS)
+    p.add_argument("--run", type=Path)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    a = p.parse_args(argv)
+    try:
+        row = measure_one(a.bundle, a.run, a.tree, a.backend, a.warmup, a.iters)
+    except Exception as exc:  # the parent shows this last line
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
