@@ -21,7 +21,6 @@ Layout of ``OUT``::
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
 import math
@@ -43,7 +42,7 @@ from dymu.compile.onnx_export import export_onnx, ort_parity
 from dymu.data import get_builder
 from dymu.data.base import cache_root
 from dymu.errors import RuntimeFailure, UserError
-from dymu.io import atomic_dir, write_json
+from dymu.io import atomic_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
 from dymu.space.derive import derive_tree
@@ -110,14 +109,6 @@ def _fresh_out(out: Path) -> None:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write {out}: {out.parent} is not writable")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_bundle(
@@ -201,7 +192,7 @@ def export_bundle(
             "target": target,
             "golden_input": {
                 "file": "golden_input.npy",
-                "sha256": _sha256(tmp / "golden_input.npy"),
+                "sha256": sha256_file(tmp / "golden_input.npy"),
             },
             "trees": entries,
         }
@@ -224,7 +215,7 @@ class _TreeJob:
 
 def _hashes(folder: Path, root: Path) -> dict[str, str]:
     """``{path relative to root: sha256}`` of every file in ``folder``."""
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted(folder.iterdir())}
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir())}
 
 
 def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> dict[str, Any]:

@@ -20,7 +20,6 @@ sizes. ``onnx``, ``onnxruntime`` and ``onnxscript`` are imported inside the func
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from dymu.compile.trt_support import DYNAMO, LEGACY, Report, TrtTarget, check_graph, resolve
 from dymu.errors import RuntimeFailure, UserError
-from dymu.io import atomic_path
+from dymu.io import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -338,14 +337,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- public API ---------------------------------------------------------------------------
 
 
@@ -463,7 +454,7 @@ def export_onnx(
         input_shape=shape,
         dynamic_batch=dynamic_batch,
         size_bytes=dest.stat().st_size,
-        sha256=_sha256(dest),
+        sha256=sha256_file(dest),
         report=report,
         warnings=_useful_warnings(caught),
         notes=tuple(notes),

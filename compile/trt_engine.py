@@ -35,7 +35,6 @@ Three rules shape the code:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -53,7 +52,7 @@ import torch
 
 from dymu import __version__ as DYMU_VERSION
 from dymu.errors import DymuError, RuntimeFailure, UserError
-from dymu.io import atomic_path, ensure_dir, write_bytes, write_json, write_text
+from dymu.io import atomic_path, ensure_dir, sha256_file, write_bytes, write_json, write_text
 
 if TYPE_CHECKING:
     import onnx
@@ -355,14 +354,6 @@ def _require_tensorrt() -> Any:
 # --- ONNX inspection (host-side, no TensorRT) ---------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def onnx_float_types(model: onnx.ModelProto) -> tuple[str, set[str]]:
     """``(input dtype, dtypes of floating-point weights)`` of a model, as lower-case ONNX
     type names (``"float"``, ``"float16"``).
@@ -560,7 +551,7 @@ def _build_in_process(
         opt_shape=shapes[1],
         max_shape=shapes[2],
         output_names=output_names,
-        onnx_sha256=_sha256(onnx_path),
+        onnx_sha256=sha256_file(onnx_path),
         workspace_bytes=workspace,
         onnx_path=str(onnx_path),
     )

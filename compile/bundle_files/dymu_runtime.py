@@ -99,7 +99,7 @@ def load_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path) -> str:  # dymu.io.sha256_file; this file must not import dymu
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
