@@ -19,14 +19,27 @@ EVERY = 100
 """Steps between checkpoints of stages 1 and 2 (a few seconds of work at most to redo)."""
 
 
-def save_checkpoint(path: Path, config_hash: str, step: int, **state: Any) -> None:
-    """Write ``state`` (state dicts, tensors, numbers) with the step and config hash."""
+def save_checkpoint(
+    path: Path, config_hash: str, step: int, model, optimizer, scheduler, **extra: Any
+) -> None:
+    """Write the model's, optimizer's and scheduler's state, ``extra`` (tensors, numbers,
+    RNG states), the step and the config hash."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        **extra,
+    }
     with atomic_path(path) as tmp:
         torch.save({**state, "step": int(step), "config_hash": config_hash}, tmp)
 
 
-def load_checkpoint(path: Path, config_hash: str, stage: str) -> dict[str, Any]:
-    """Read a checkpoint of ``stage`` written by :func:`save_checkpoint` for ``config_hash``.
+def load_checkpoint(
+    path: Path, config_hash: str, stage: str, model, optimizer, scheduler
+) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler from a checkpoint of ``stage`` written by
+    :func:`save_checkpoint` for ``config_hash``; return the whole record (``step`` and
+    the extras).
 
     Raises:
         UserError: the file is unreadable or was written with another config.
@@ -39,6 +52,9 @@ def load_checkpoint(path: Path, config_hash: str, stage: str) -> dict[str, Any]:
         raise UserError(
             f"{stage} checkpoint {path} was made with another config; delete it or drop --resume"
         )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     return state
 
 

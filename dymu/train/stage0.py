@@ -69,10 +69,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     ckpt = Path(run_dir) / CHECKPOINT
     start = 0
     if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "stage-0")
-        stacked.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_checkpoint(ckpt, h, "stage-0", stacked, opt, sched)
         start = state["step"]  # finished epochs
     if start:
         print(f"stage 0: resuming after epoch {start}/{s0.epochs} from {ckpt}")
@@ -126,9 +123,9 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             ckpt,
             h,
             epoch + 1,
-            model=stacked.state_dict(),
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(),
+            stacked,
+            opt,
+            sched,
         )
 
     stacked.write_back(anchor)

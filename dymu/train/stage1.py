@@ -110,10 +110,7 @@ def train_stage1(
     ckpt = Path(run_dir) / CHECKPOINT
     first, images, seconds = 0, 0, 0.0
     if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "stage-1")
-        edge.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_checkpoint(ckpt, h, "stage-1", edge, opt, sched)
         set_rng_state(rng, state["numpy_rng"])
         gen.set_state(state["torch_rng"])
         first, images, seconds = state["step"], state["images"], state["seconds"]
@@ -187,9 +184,9 @@ def train_stage1(
                 ckpt,
                 h,
                 step + 1,
-                model=edge.state_dict(),
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
+                edge,
+                opt,
+                sched,
                 numpy_rng=rng_state(rng),
                 torch_rng=gen.get_state(),
                 images=images,

@@ -78,10 +78,7 @@ def train_stage2(
     ckpt = Path(run_dir) / CHECKPOINT
     first, seconds = 0, 0.0
     if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "stage-2")
-        weights.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_checkpoint(ckpt, h, "stage-2", weights, opt, sched)
         set_rng_state(rng, state["numpy_rng"])
         first, seconds = state["step"], state["seconds"]
         print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
@@ -120,9 +117,9 @@ def train_stage2(
                 ckpt,
                 h,
                 step + 1,
-                model=weights.state_dict(),
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
+                weights,
+                opt,
+                sched,
                 numpy_rng=rng_state(rng),
                 seconds=seconds,
             )
