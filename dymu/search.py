@@ -50,6 +50,12 @@ def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHy
     return edge
 
 
+def load_weights(run: Path, anchor: Anchor) -> WeightHypernet:
+    weights = WeightHypernet(len(anchor.tasks), bn_layout(anchor.streams))
+    weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
+    return weights
+
+
 @dataclass
 class TrainedRun:
     """Everything a finished search leaves that later stages (sample, export) need."""
@@ -73,11 +79,8 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
     space = load_space(run / "space.json")
-    n, num_layers = len(anchor.tasks), anchor.num_layers
-    edge = load_edge(run, n, num_layers, cfg).eval()
-    weights = WeightHypernet(n, bn_layout(anchor.streams))
-    weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
-    return TrainedRun(cfg, anchor.eval(), space, edge, weights.eval())
+    edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
+    return TrainedRun(cfg, anchor.eval(), space, edge, load_weights(run, anchor).eval())
 
 
 def affinity_hash(cfg: Config) -> str:
@@ -116,8 +119,7 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         edge, _ = train_stage1(cfg, run, anchor, space, affinity, train, val, resume=resume)
     if _matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
-        weights = WeightHypernet(n, bn_layout(anchor.streams))
-        weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
+        weights = load_weights(run, anchor)
     else:
         weights, _ = train_stage2(cfg, run, anchor, space, edge, train, val, resume=resume)
     report = evaluate_search(cfg.evaluate, anchor, space, edge, weights, test, device)
