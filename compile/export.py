@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,8 +43,8 @@ from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
-from dymu.space.derive import derive_tree
-from dymu.space.graph import anchor_flops, min_flops
+from dymu.space.derive import check_budget, derive_tree
+from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.train.loop import evaluate, iterate
 
@@ -85,18 +83,6 @@ def check_target(target: str) -> None:
             )
         if not torch.cuda.is_available():
             raise RuntimeFailure("--target trt: TensorRT needs a CUDA GPU; none found")
-
-
-def _check_budget(budget: Any, low: float) -> float:
-    ok = isinstance(budget, numbers.Real) and not isinstance(budget, bool)
-    if not ok or not math.isfinite(float(budget)) or not 0.0 < float(budget) <= 1.0:
-        raise UserError(f"--budget must be in (0, 1], got {budget!r}")
-    if float(budget) < low:
-        raise UserError(
-            f"--budget {budget} is below the cheapest tree in this space: "
-            f"{math.ceil(low * 1e4) / 1e4:.4f} of the anchor's FLOPs (fvcore count)"
-        )
-    return float(budget)
 
 
 def _fresh_out(out: Path) -> None:
@@ -150,18 +136,17 @@ def export_bundle(
     run = load_run(run_dir)
     space, anchor = run.space, run.anchor
     full = anchor_flops(space)
-    budget = _check_budget(budget, min_flops(space) / full)
     prefs = np.asarray(preferences, dtype=np.float64)
     if prefs.ndim != 2 or prefs.shape[1] != len(anchor.tasks):
         raise UserError(f"preferences must be [P, {len(anchor.tasks)}], got {list(prefs.shape)}")
-    _fresh_out(out)
-
+    budget = check_budget(budget, space)
     served: dict[str, tuple[Any, list[np.ndarray]]] = {}  # hash -> (tree, its preferences)
     with torch.no_grad():
         for r in prefs:
             alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
             tree = derive_tree(alpha, space, budget)
             served.setdefault(tree.hash(), (tree, []))[1].append(r)
+    _fresh_out(out)
 
     cfg = run.cfg
     builder = get_builder(cfg.data.name)

@@ -102,6 +102,18 @@ def _check_fits_space(budget: float, G: nx.DiGraph) -> float:
 # -- public API --------------------------------------------------------------------------
 
 
+def check_budget(budget: Any, G: nx.DiGraph) -> float:
+    """``budget`` as a float a tree of ``G`` can meet: in (0, 1] and at least the cheapest
+    tree's share of the anchor's FLOPs.
+
+    Raises:
+        UserError: otherwise; below the minimum, the message names the minimum.
+    """
+    budget = _check_budget(budget)
+    _check_fits_space(budget, G)
+    return budget
+
+
 def argmax_tree(alpha: Any) -> TreeSpec:
     """The tree of most likely parents: node ``(l, j)`` takes ``argmax_i alpha[l-1, j, i]``.
 
