@@ -8,19 +8,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tiny import mobilenet_anchor, randomise_batchnorms
 from torch import nn
 
 from dymu.compile.materialize import fold_batchnorms, materialize, node_name
 from dymu.config import ModelConfig
 from dymu.hypernet.weight import WeightHypernet, bn_layout
 from dymu.models.anchor import Anchor, build_anchor
-from dymu.models.backbones import build_backbone
 from dymu.models.flops import count_flops, count_params
-from dymu.models.heads import build_head
 from dymu.models.treenet import TreeNet
 from dymu.space.anchor_space import anchor_space
 from dymu.space.tree import TreeSpec
-from dymu.tasks import TaskSpec, build_task
+from dymu.tasks import TaskSpec
 
 SPECS = [
     TaskSpec("semseg", "semseg", 5),
@@ -29,19 +28,6 @@ SPECS = [
 ]
 SIZE = (32, 32)
 BatchNorm = nn.modules.batchnorm._BatchNorm
-
-
-def _randomise_batchnorms(model: nn.Module, seed: int) -> None:
-    """Non-trivial BN affine parameters and running statistics, so folding is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BatchNorm):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
 
 
 def _trees(num_tasks: int, num_layers: int) -> list[TreeSpec]:
@@ -57,7 +43,7 @@ def _trees(num_tasks: int, num_layers: int) -> list[TreeSpec]:
 @pytest.fixture(scope="module")
 def anchor() -> Anchor:
     a = build_anchor(ModelConfig(width=4), SPECS, seed=0)
-    _randomise_batchnorms(a, seed=0)
+    randomise_batchnorms(a, seed=0)
     return a.eval()
 
 
@@ -193,23 +179,7 @@ def test_fvcore_flops_of_the_materialized_tree_equal_the_space(anchor, space):
 
 def test_mobilenetv2_blocks_fold_too():
     """Inverted residuals (depthwise convs, ReLU6, linear projection) fold exactly."""
-    tasks = [build_task(s) for s in SPECS[:2]]
-    streams, heads = [], {}
-    for task in tasks:
-        torch.manual_seed(0)
-        backbone = build_backbone("mobilenetv2", width_mult=0.25)
-        low = backbone.low_level_layer
-        heads[task.name] = build_head(
-            "deeplabv3plus_light",
-            in_channels=backbone.out_channels[-1],
-            low_channels=backbone.out_channels[low],
-            low_layer=low,
-            out_channels=task.out_channels,
-        )
-        streams.append(backbone)
-    mnv2 = Anchor(tasks, streams, heads)
-    _randomise_batchnorms(mnv2, seed=1)
-    mnv2.eval()
+    mnv2 = mobilenet_anchor(SPECS[:2])
     tree = TreeSpec.random(2, mnv2.num_layers, np.random.default_rng(1))
     net = materialize(mnv2, tree)
     x = torch.rand(2, 3, *SIZE)
@@ -236,7 +206,7 @@ def test_the_anchor_is_left_untouched(anchor, offsets):
 def test_fold_leaves_a_batchnorm_no_conv_precedes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
-    _randomise_batchnorms(model, seed=2)
+    randomise_batchnorms(model, seed=2)
     model.eval()
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():

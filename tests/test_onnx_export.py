@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper
 from onnx.external_data_helper import uses_external_data
+from tiny import mobilenet_anchor, randomise_batchnorms
 from torch import nn
 
 from dymu.compile import onnx_export, trt_support
@@ -24,11 +24,9 @@ from dymu.compile.onnx_export import export_onnx, ort_parity, verify_opset
 from dymu.compile.trt_support import check_graph, opset_for, resolve
 from dymu.config import ModelConfig
 from dymu.errors import RuntimeFailure, UserError
-from dymu.models.anchor import Anchor, build_anchor
-from dymu.models.backbones import build_backbone
-from dymu.models.heads import build_head
+from dymu.models.anchor import build_anchor
 from dymu.space.tree import TreeSpec
-from dymu.tasks import TaskSpec, build_task
+from dymu.tasks import TaskSpec
 
 SPECS = [
     TaskSpec("semseg", "semseg", 5),
@@ -44,24 +42,11 @@ needs_onnxscript = pytest.mark.skipif(
 )
 
 
-def _randomise_batchnorms(model: nn.Module, seed: int) -> None:
-    """Non-trivial BN statistics, so the folded convolutions carry real numbers."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def net() -> nn.Module:
     """A branching tree (random parents) of a width-4, 3-task anchor."""
     anchor = build_anchor(ModelConfig(width=4), SPECS, seed=0)
-    _randomise_batchnorms(anchor, seed=0)
+    randomise_batchnorms(anchor, seed=0)
     anchor.eval()
     tree = TreeSpec.random(len(SPECS), anchor.num_layers, np.random.default_rng(3))
     return materialize(anchor, tree)
@@ -405,23 +390,7 @@ def test_without_onnxscript_newer_targets_fall_back_at_the_same_opset(net, tmp_p
 
 def test_mobilenetv2_tree_exports(tmp_path):
     """Depthwise convs, ReLU6 (Clip) and a DeepLabV3+ head survive export."""
-    tasks = [build_task(s) for s in SPECS[:2]]
-    streams, heads = [], {}
-    for task in tasks:
-        torch.manual_seed(0)
-        backbone = build_backbone("mobilenetv2", width_mult=0.25)
-        low = backbone.low_level_layer
-        heads[task.name] = build_head(
-            "deeplabv3plus_light",
-            in_channels=backbone.out_channels[-1],
-            low_channels=backbone.out_channels[low],
-            low_layer=low,
-            out_channels=task.out_channels,
-        )
-        streams.append(backbone)
-    anchor = Anchor(tasks, streams, heads)
-    _randomise_batchnorms(anchor, seed=1)
-    anchor.eval()
+    anchor = mobilenet_anchor(SPECS[:2])
     tree = TreeSpec.random(2, anchor.num_layers, np.random.default_rng(1))
     net = materialize(anchor, tree)
     result = export_onnx(net, tmp_path / "m.onnx", input_shape=(1, 3, *SIZE), target="8.5")

@@ -24,3 +24,48 @@ TINY = [
     "evaluate.flops_samples=5",
     "evaluate.batch_size=8",
 ]
+
+
+def randomise_batchnorms(model, seed: int) -> None:
+    """Non-trivial BN affine parameters and running statistics, so that folding them into
+    convolutions is really tested."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
+
+
+def mobilenet_anchor(specs):
+    """An anchor of MobileNetV2 streams at width 0.25 with light DeepLabv3+ heads (the model
+    config has no width multiplier, so it is assembled by hand), BNs randomised, eval mode."""
+    import torch
+
+    from dymu.models.anchor import Anchor
+    from dymu.models.backbones import build_backbone
+    from dymu.models.heads import build_head
+    from dymu.tasks import build_task
+
+    tasks = [build_task(s) for s in specs]
+    streams, heads = [], {}
+    for task in tasks:
+        torch.manual_seed(0)
+        backbone = build_backbone("mobilenetv2", width_mult=0.25)
+        low = backbone.low_level_layer
+        heads[task.name] = build_head(
+            "deeplabv3plus_light",
+            in_channels=backbone.out_channels[-1],
+            low_channels=backbone.out_channels[low],
+            low_layer=low,
+            out_channels=task.out_channels,
+        )
+        streams.append(backbone)
+    anchor = Anchor(tasks, streams, heads)
+    randomise_batchnorms(anchor, seed=1)
+    return anchor.eval()
