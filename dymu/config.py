@@ -128,6 +128,22 @@ class ModelConfig:
 
 
 @dataclass
+class TowersConfig:
+    """Small self-auxiliary towers (METHOD.md 4): one per task, dropped after training."""
+
+    gamma: float = 0.0
+    """Weight of each tower's loss next to its task's (0 = no towers)."""
+    size: float = 0.1
+    """A tower's parameters as a fraction of its task's main head (0 = a linear tower)."""
+
+    def check(self, prefix: str) -> None:
+        if self.gamma < 0:
+            raise UserError(f"config: {prefix}.gamma must be >= 0, got {self.gamma}")
+        if not 0 <= self.size < 1:
+            raise UserError(f"config: {prefix}.size must be in [0, 1), got {self.size}")
+
+
+@dataclass
 class Stage0Config:
     """Stage 0: every stream trained alone on its own task."""
 
@@ -143,8 +159,11 @@ class Stage0Config:
     """Validate every this many epochs (and after the last one)."""
     workers: int = 0
     """DataLoader worker processes for datasets read from files (0 = in the main process)."""
+    towers: TowersConfig = field(default_factory=TowersConfig)
+    """Auxiliary towers on each stream's last layer while it trains (never saved)."""
 
     def check(self, prefix: str) -> None:
+        self.towers.check(f"{prefix}.towers")
         for key in ("epochs", "batch_size", "val_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"config: {prefix}.{key} must be >= 1")
@@ -258,6 +277,52 @@ class EvaluateConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """``dymu baselines``: the methods DYMU is compared with, on the search's data and sweep.
+
+    Every multi-task model here is the shared-backbone net (:mod:`dymu.models.shared`) on the
+    anchor's backbone and heads; its task losses are scaled by ``w_i`` as in stage 1.
+    """
+
+    methods: list[str] = field(
+        default_factory=lambda: ["static", "phn", "phn_bn", "transfer", "weighting"]
+    )
+    """Which to train: ``static`` (one shared model per sweep preference), ``phn`` and
+    ``phn_bn`` (Pareto hypernetworks), ``transfer`` (Pareto set with parameter transfer),
+    ``weighting`` (one shared model per strategy in ``weightings``). Single-task is stage 0."""
+    weightings: list[str] = field(
+        default_factory=lambda: ["equal", "uncertainty", "dwa", "mgda_ub", "pcgrad", "tensioner"]
+    )
+    epochs: int = 12
+    """Epochs of every model (the same as stage 0's default)."""
+    batch_size: int = 32
+    lr: float = 2e-3
+    phn_solver: Literal["linear", "epo"] = "linear"
+    phn_alpha: float = 0.2
+    """Dirichlet concentration of the training rays of the Pareto hypernetworks."""
+    transfer_neighbours: int = 2
+    transfer_strength: float = 0.1
+    """Weight moved to the neighbours per step at the base learning rate (METHOD.md 3)."""
+    towers: TowersConfig = field(default_factory=TowersConfig)
+    """Auxiliary towers on the shared backbone of ``static`` and ``weighting`` models."""
+
+    def check(self, prefix: str) -> None:
+        self.towers.check(f"{prefix}.towers")
+        known = ("static", "phn", "phn_bn", "transfer", "weighting")
+        for m in self.methods:
+            if m not in known:
+                raise UserError(
+                    f"config: unknown {prefix}.methods entry {m!r}; choose from {', '.join(known)}"
+                )
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError(f"config: {prefix}.epochs, batch_size and lr must be > 0")
+        if self.phn_alpha <= 0 or self.transfer_neighbours < 0:
+            raise UserError(f"config: {prefix}.phn_alpha must be > 0, transfer_neighbours >= 0")
+        if not 0 <= self.transfer_strength <= 1:
+            raise UserError(f"config: {prefix}.transfer_strength must be in [0, 1]")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -269,6 +334,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
 def section_hash(cfg: Config, *sections: str) -> str:
@@ -278,6 +344,10 @@ def section_hash(cfg: Config, *sections: str) -> str:
     import json
 
     blob = {name: dataclasses.asdict(getattr(cfg, name)) for name in sections}
+    for values in blob.values():
+        # Towers that are off change nothing: artifacts made before towers existed stay valid.
+        if values.get("towers", {}).get("gamma") == 0:
+            del values["towers"]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -406,7 +476,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     expected = _expected_type(key)
-    accepted = (expected, *get_args(expected)) if expected is not None else ()
+    union = get_origin(expected) in (Union, types.UnionType)
+    accepted = (expected, *get_args(expected)) if union else (expected,)
     if str in accepted and value is not None and not isinstance(value, str):
         value = raw
     elif float in accepted and isinstance(value, str):

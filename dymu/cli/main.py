@@ -13,7 +13,15 @@ import traceback
 from collections.abc import Sequence
 
 from dymu import __version__
-from dymu.cli import anchor_cmds, bench_cmd, config_cmd, datasets, export_cmd, search_cmds
+from dymu.cli import (
+    anchor_cmds,
+    baselines_cmd,
+    bench_cmd,
+    config_cmd,
+    datasets,
+    export_cmd,
+    search_cmds,
+)
 from dymu.cli.common import Parser
 from dymu.errors import DymuError
 
@@ -64,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd.add_parser(sub, common)
     anchor_cmds.add_parsers(sub, common)
     search_cmds.add_parsers(sub, common)
+    baselines_cmd.add_parser(sub, common)
     export_cmd.add_parser(sub, common)
     bench_cmd.add_parser(sub, common)
     return parser

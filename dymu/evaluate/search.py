@@ -9,11 +9,13 @@ reference point is declared in the report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from dymu.config import EvaluateConfig
@@ -38,20 +40,50 @@ from dymu.tasks.delta import delta_m
 from dymu.train.loop import iterate, to_device
 
 
-@torch.no_grad()
 def evaluate_net(net: TreeNet, offsets, ds, tasks, batch_size: int, device) -> tuple[dict, list]:
     """(metrics per task, mean loss per task) of one tree over a whole split."""
+    return evaluate_model(lambda image: net(image, offsets), ds, tasks, batch_size, device)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Callable[[Tensor], dict[str, Tensor]], ds, tasks, batch_size: int, device
+) -> tuple[dict, list]:
+    """(metrics per task, mean loss per task) of any multi-task model over a whole split.
+
+    ``model`` maps an image batch to raw outputs keyed by task (already in eval mode).
+    """
     metrics = {t.name: t.new_metric() for t in tasks}
     totals, count = torch.zeros(len(tasks), dtype=torch.float64), 0
     for batch in iterate(ds, batch_size, shuffle=False):
         batch = to_device(batch, device)
-        out = net(batch["image"], offsets)
+        out = model(batch["image"])
         b = batch["image"].shape[0]
         for k, t in enumerate(tasks):
             metrics[t.name].update(out[t.name], batch[t.name])
             totals[k] += float(t.loss(out[t.name], batch[t.name])) * b
         count += b
     return {n: m.compute() for n, m in metrics.items()}, (totals / max(count, 1)).tolist()
+
+
+def delta_m_directions(tasks, base_metrics: dict) -> tuple[dict[str, dict[str, bool]], list[str]]:
+    """(task -> metric -> higher is better, metrics left out of delta_m).
+
+    A baseline metric of 0 (a weak anchor scoring nothing within 11.25 degrees, say) has no
+    relative change: such metrics leave delta_m, and the report lists them.
+    """
+    directions, excluded = {}, []
+    for t in tasks:
+        keep = {}
+        for metric, higher in t.metric_directions.items():
+            value = base_metrics[t.name].get(metric, float("nan"))
+            if np.isfinite(value) and value != 0:
+                keep[metric] = higher
+            else:
+                excluded.append(f"{t.name}/{metric}")
+        if keep:
+            directions[t.name] = keep
+    return directions, excluded
 
 
 @torch.no_grad()
@@ -72,19 +104,7 @@ def evaluate_search(
     prefs = preference_sweep(n, cfg.preferences, cfg.seed)
     base_net = TreeNet(anchor, TreeSpec.no_sharing(n, anchor.num_layers))
     base_metrics, base_losses = evaluate_net(base_net, None, test_ds, tasks, cfg.batch_size, device)
-    # A baseline metric of 0 (a weak anchor scoring nothing within 11.25 degrees, say) has no
-    # relative change: such metrics leave delta_m, and the report lists them.
-    directions, excluded = {}, []
-    for t in tasks:
-        keep = {}
-        for metric, higher in t.metric_directions.items():
-            value = base_metrics[t.name].get(metric, float("nan"))
-            if np.isfinite(value) and value != 0:
-                keep[metric] = higher
-            else:
-                excluded.append(f"{t.name}/{metric}")
-        if keep:
-            directions[t.name] = keep
+    directions, excluded = delta_m_directions(tasks, base_metrics)
     primary = [t.primary_metric for t in tasks]
 
     rows = []

@@ -81,16 +81,21 @@ class StackedAnchor(nn.Module):
         self.heads = anchor.heads
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
+        return self.forward_with_features(image)[0]
+
+    def forward_with_features(self, image: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(every task's head output, the last-layer features its head read), keyed by task."""
         size = (image.shape[-2], image.shape[-1])
         n = len(self.tasks)
         per_layer = [split_streams(f, n) for f in self.backbone(image)]  # [L][N] of [B,C,H,W]
-        out = {}
+        out, feats = {}, {}
         for j, task in enumerate(self.tasks):
             head = self.heads[task.name]
             # The stream views are strided; convolutions on them are many times slower.
             low = per_layer[head.low_layer][j].contiguous() if head.low_layer is not None else None
-            out[task.name] = head(per_layer[-1][j].contiguous(), low, size)
-        return out
+            feats[task.name] = per_layer[-1][j].contiguous()
+            out[task.name] = head(feats[task.name], low, size)
+        return out, feats
 
     def write_back(self, anchor: Anchor) -> None:
         """Copy the trained stacked backbone weights into the anchor's streams."""

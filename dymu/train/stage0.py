@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from dymu.config import Config, section_hash
+from dymu.config import Config, TowersConfig, section_hash
 from dymu.data import get_builder
 from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
+from dymu.models.towers import AuxTowers
 from dymu.run import resolve_device
 from dymu.train.checkpoint import load_checkpoint, save_checkpoint
 from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
@@ -58,7 +60,11 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     stacked = StackedAnchor(anchor).to(device)
     s0 = cfg.stage0
-    params = stacked.parameters()
+    towers = stream_towers(anchor, s0.towers)
+    # What the optimizer trains and the checkpoint holds: the streams, and towers if any.
+    trained = stacked if towers is None else nn.ModuleDict({"anchor": stacked, "towers": towers})
+    trained.to(device)
+    params = trained.parameters()
     if s0.optimizer == "adam":
         opt = torch.optim.AdamW(params, lr=s0.lr, weight_decay=s0.weight_decay)
     else:
@@ -69,7 +75,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     ckpt = Path(run_dir) / CHECKPOINT
     start = 0
     if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "stage-0", stacked, opt, sched)
+        state = load_checkpoint(ckpt, h, "stage-0", trained, opt, sched)
         start = state["step"]  # finished epochs
     if start:
         print(f"stage 0: resuming after epoch {start}/{s0.epochs} from {ckpt}")
@@ -77,7 +83,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     images, seconds = 0, 0.0
     tasks = anchor.tasks
     for epoch in range(start, s0.epochs):
-        stacked.train()
+        trained.train()
         # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted one.
         flip_gen.manual_seed(cfg.run.seed * 1000 + epoch)
         torch.manual_seed(cfg.run.seed * 1000 + epoch)
@@ -101,8 +107,12 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             if s0.hflip:
                 batch = random_hflip(batch, tasks, flip_gen)
             batch = to_device(batch, device)
-            out = stacked(batch["image"])
+            out, feats = stacked.forward_with_features(batch["image"])
             losses = {t.name: t.loss(out[t.name], batch[t.name]) for t in tasks}
+            if towers is not None:
+                size = (batch["image"].shape[-2], batch["image"].shape[-1])
+                aux = towers.losses(feats, size, batch)
+                losses = {k: v + aux[k] for k, v in losses.items()}
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,7 +133,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             ckpt,
             h,
             epoch + 1,
-            stacked,
+            trained,
             opt,
             sched,
         )
@@ -154,6 +164,23 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     )
     write_json(run_dir / ANCHOR_JSON, record)
     return anchor, record
+
+
+def stream_towers(anchor: Anchor, cfg: TowersConfig) -> AuxTowers | None:
+    """Auxiliary towers on every stream's last layer (METHOD.md 4), or None when gamma is 0.
+
+    They live beside the anchor, so ``anchor.safetensors`` and every tree derived from it
+    never hold them.
+    """
+    if cfg.gamma == 0:
+        return None
+    return AuxTowers(
+        anchor.tasks,
+        in_channels=anchor.streams[0].out_channels[-1],
+        heads=anchor.heads,
+        gamma=cfg.gamma,
+        size=cfg.size,
+    )
 
 
 def ensure_anchor(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anchor, dict]:

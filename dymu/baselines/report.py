@@ -1,0 +1,250 @@
+"""The comparison of DYMU with every baseline: ``baselines/report.json``, ``report.md``, a plot.
+
+All methods are scored the same way: each point's test losses are divided by the anchor's
+own (single-task) test losses, and one reference point, 1.1 x the worst normalised loss over
+**every method's points**, serves every hypervolume, so the hypervolumes can be compared.
+DYMU's points are the search evaluation's sweep at each budget (``report.json`` of the run);
+single-task is the anchor (one point). Training time is the sum of the stages a method
+needs: DYMU counts stage 0 (its anchor) as well as stages 1 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dymu.config import Config
+from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point, uniformity
+from dymu.io import save_figure, write_json, write_text
+from dymu.tasks.delta import delta_m
+from dymu.train.stage0 import ANCHOR_JSON
+from dymu.train.stage1 import EDGE_JSON
+from dymu.train.stage2 import WEIGHT_JSON
+
+FOLDER = "baselines"
+
+LABELS = {
+    "single_task": "single-task (anchor)",
+    "static": "static shared models, one per preference",
+    "transfer": "Pareto set with parameter transfer",
+    "phn": "Pareto hypernetwork (all parameters)",
+    "phn_bn": "Pareto hypernetwork, BN only (PHN-BN)",
+    "weighting": "shared model per weighting strategy",
+}
+
+
+def _entries(cfg: Config, run: Path) -> list[dict[str, Any]]:
+    """Every method's points and costs, DYMU (one entry per budget) first."""
+    search = json.loads((run / "report.json").read_text())
+    anchor = json.loads((run / ANCHOR_JSON).read_text())
+    stage_seconds = [
+        anchor["train"]["seconds"],
+        json.loads((run / EDGE_JSON).read_text())["seconds"],
+        json.loads((run / WEIGHT_JSON).read_text())["seconds"],
+    ]
+    entries = []
+    for b in search["budgets"]:
+        key = f"{b:g}"
+        rows = [r for r in search["rows"] if f"{r['budget']:g}" == key]
+        entries.append(
+            {
+                "method": f"dymu@{key}",
+                "label": f"DYMU, budget {key}",
+                "points": [{**r, "label": r["tree"]} for r in rows],
+                "flops_fraction": search["flops"][key]["mean"],
+                "params": search["flops"][key]["params_mean"],
+                "train_seconds": float(sum(stage_seconds)),
+                "controllable": True,
+            }
+        )
+    base = search["baseline"]
+    entries.append(
+        {
+            "method": "single_task",
+            "label": LABELS["single_task"],
+            "points": [{"label": "anchor", "preference": None, **base}],
+            "flops_fraction": 1.0,
+            "params": None,
+            "train_seconds": stage_seconds[0],
+            "controllable": False,
+        }
+    )
+    for method in cfg.baselines.methods:
+        path = run / FOLDER / f"{method}.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        entries.append(
+            {
+                "method": method,
+                "label": LABELS[method],
+                "points": result["points"],
+                "flops_fraction": result["flops_fraction"],
+                "params": result["params"],
+                "params_stored": result.get("params_stored"),
+                "train_seconds": result["train_seconds"],
+                "controllable": method != "weighting",
+            }
+        )
+    return entries
+
+
+def build_report(cfg: Config, run: Path) -> dict[str, Any]:
+    """Score every method on one reference point; write report.json, report.md, fronts.png."""
+    from dymu.evaluate.search import delta_m_directions
+    from dymu.tasks import build_task
+
+    search = json.loads((run / "report.json").read_text())
+    tasks = search["tasks"]
+    base = search["baseline"]
+    entries = _entries(cfg, run)
+    specs = {s.name: s for s in _specs(cfg)}
+    directions, excluded = delta_m_directions(
+        [build_task(specs[t]) for t in tasks], base["metrics"]
+    )
+    base_losses = np.array(base["losses"])
+    for e in entries:
+        e["normalised"] = normalised_losses(
+            np.array([p["losses"] for p in e["points"]]), base_losses
+        )  # [P, T]
+    ref = reference_point(np.concatenate([e["normalised"] for e in entries]))
+    summary = {}
+    for e in entries:
+        prefs = [p["preference"] for p in e["points"]]
+        row = {
+            "label": e["label"],
+            "points": len(e["points"]),
+            "hypervolume": hypervolume(e["normalised"], ref),
+            "uniformity": (
+                uniformity(np.array([p["losses"] for p in e["points"]]), np.array(prefs))
+                if e["controllable"] and None not in prefs
+                else None
+            ),
+            "delta_m": float(
+                np.mean([delta_m(p["metrics"], base["metrics"], directions) for p in e["points"]])
+            ),
+            "flops_fraction": e["flops_fraction"],
+            "params": e["params"],
+            "params_stored": e.get("params_stored"),
+            "train_seconds": round(e["train_seconds"], 2),
+        }
+        if e["method"] == "weighting":
+            row["per_strategy"] = {
+                p["label"]: {
+                    "hypervolume": hypervolume(n[None], ref),
+                    "delta_m": delta_m(p["metrics"], base["metrics"], directions),
+                }
+                for p, n in zip(e["points"], e["normalised"], strict=True)
+            }
+        summary[e["method"]] = row
+    report = {
+        "tasks": tasks,
+        "reference_point": ref.tolist(),
+        "objectives": "test loss / anchor's test loss, per task",
+        "delta_m_excluded": excluded,
+        "methods": summary,
+        "comparison": _comparison(summary, search["budgets"]),
+        "points": {
+            e["method"]: [
+                {k: p.get(k) for k in ("label", "preference", "losses")} for p in e["points"]
+            ]
+            for e in entries
+        },
+    }
+    folder = run / FOLDER
+    _plot(entries, tasks, folder / "fronts.png")
+    write_json(folder / "report.json", report)
+    write_text(folder / "report.md", _markdown(report))
+    return report
+
+
+def _specs(cfg: Config):
+    from dymu.data import get_builder
+
+    return get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
+
+
+def _comparison(summary: dict[str, Any], budgets: list[float]) -> dict[str, Any]:
+    """DYMU at its largest budget against the static models and PHN-BN (the issue's goals)."""
+    dymu = summary[f"dymu@{max(budgets):g}"]
+    out: dict[str, Any] = {"dymu": f"dymu@{max(budgets):g}"}
+    for other in ("static", "phn_bn", "phn", "transfer"):
+        if other in summary and summary[other]["hypervolume"] > 0:
+            out[other] = {
+                "hv_ratio": dymu["hypervolume"] / summary[other]["hypervolume"],
+                "time_ratio": dymu["train_seconds"] / max(summary[other]["train_seconds"], 1e-9),
+            }
+    return out
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# DYMU against the baselines",
+        "",
+        f"Tasks: {', '.join(report['tasks'])}. Objectives: {report['objectives']}; one reference "
+        f"point for every hypervolume: {[round(x, 4) for x in report['reference_point']]} "
+        "(1.1 x the worst normalised loss over all methods' points).",
+        "",
+        "| method | points | hypervolume | uniformity | delta_m % | FLOPs / anchor | params "
+        "(one model) | params stored | training s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report["methods"].values():
+        uni = "-" if row["uniformity"] is None else f"{row['uniformity']:.3f}"
+        params = "-" if row["params"] is None else f"{row['params']:,.0f}"
+        stored = "-" if row.get("params_stored") is None else f"{row['params_stored']:,.0f}"
+        lines.append(
+            f"| {row['label']} | {row['points']} | {row['hypervolume']:.4f} | {uni} | "
+            f"{row['delta_m']:+.2f} | {row['flops_fraction']:.3f} | {params} | {stored} | "
+            f"{row['train_seconds']:.0f} |"
+        )
+    weighting = report["methods"].get("weighting")
+    if weighting:
+        lines += ["", "Shared model per weighting strategy (one point each):", ""]
+        lines += ["| strategy | hypervolume | delta_m % |", "| --- | --- | --- |"]
+        for name, s in weighting["per_strategy"].items():
+            lines.append(f"| {name} | {s['hypervolume']:.4f} | {s['delta_m']:+.2f} |")
+    comp = report["comparison"]
+    if len(comp) > 1:
+        lines += ["", f"{comp['dymu']} against:", ""]
+        for other, c in comp.items():
+            if other != "dymu":
+                lines.append(
+                    f"- {other}: hypervolume x{c['hv_ratio']:.3f}, "
+                    f"training time x{c['time_ratio']:.3f}"
+                )
+    if report["delta_m_excluded"]:
+        lines += ["", f"Left out of delta_m (baseline 0): {', '.join(report['delta_m_excluded'])}."]
+    lines += [
+        "",
+        "FLOPs: fvcore, one fused multiply-add = one FLOP, BatchNorm folded; DYMU's is the mean "
+        "over many preferences at that budget. Training time: DYMU counts stages 0, 1 and 2; "
+        "single-task counts stage 0. `fronts.png` shows every pair of tasks.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(entries: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:6]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.4), squeeze=False)
+    markers = "os^vD<>ph*"
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for k, e in enumerate(entries):
+            n = e["normalised"]
+            ax.scatter(n[:, i], n[:, j], s=14, marker=markers[k % len(markers)], label=e["label"])
+        ax.set_xlabel(f"{tasks[i]} loss / anchor's", fontsize=8)
+        ax.set_ylabel(f"{tasks[j]} loss / anchor's", fontsize=8)
+    axes[0][-1].legend(fontsize=6, loc="upper right")
+    fig.suptitle("every method's points on the test split (lower is better)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -1,0 +1,271 @@
+"""``dymu baselines``: train every comparison method on the search's data, backbone and sweep.
+
+Reads a finished search run (its anchor, loss scales and ``report.json``) and trains, into
+``RUN/baselines/``, each method named in ``baselines.methods``:
+
+- ``static``: one shared-backbone model per preference of the evaluation sweep, trained on
+  ``sum_i r_i w_i L_i`` (the K models stacked, :class:`dymu.pareto.transfer.ParetoSet`);
+- ``transfer``: the same K models trained jointly with parameter transfer (METHOD.md 3);
+- ``phn`` / ``phn_bn``: a Pareto hypernetwork generating all, or only the normalisation,
+  parameters of the shared model from the preference (METHOD.md 2);
+- ``weighting``: one shared model per strategy in ``baselines.weightings`` (not
+  preference-controllable: one point each).
+
+Each method is written to ``baselines/<method>.json`` when it finishes and skipped on a
+later call when that file matches the config, so an interrupted call loses at most one
+method. The comparison (:mod:`dymu.baselines.report`) is rebuilt from those files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dymu.baselines.shared import train_shared
+from dymu.config import Config, section_hash
+from dymu.errors import UserError
+from dymu.evaluate.metrics import preference_sweep
+from dymu.evaluate.search import evaluate_model
+from dymu.io import ensure_dir, write_json
+from dymu.models.flops import count_flops, count_params
+from dymu.models.shared import SharedNet, build_shared_net
+from dymu.models.towers import AuxTowers
+from dymu.run import resolve_device
+from dymu.search import load_run
+from dymu.space.graph import anchor_flops
+from dymu.train.loop import endless, iterate, num_batches, to_device
+from dymu.train.stage0 import load_splits, stage0_hash
+from dymu.train.stage1 import EDGE_JSON
+
+FOLDER = "baselines"
+
+
+def baselines_hash(cfg: Config) -> str:
+    """What a method's results depend on: the baselines settings, the sweep and the anchor."""
+    return section_hash(cfg, "baselines", "evaluate") + "-" + stage0_hash(cfg)
+
+
+class _Context:
+    """What every method needs: data, tasks, loss scales, the sweep, sizes, the device."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.run.device)
+        trained = load_run(run_dir)
+        self.anchor = trained.anchor
+        self.tasks = self.anchor.tasks
+        self.anchor_flops = anchor_flops(trained.space)
+        self.specs, self.splits = load_splits(cfg)
+        # [T] w_i = 1 / single-task loss: the scales stage 1 used, so objectives match DYMU's.
+        edge = json.loads((run_dir / EDGE_JSON).read_text())
+        self.scales = torch.tensor(edge["loss_scales"], dtype=torch.float32)
+        self.preferences = preference_sweep(
+            len(self.tasks), cfg.evaluate.preferences, cfg.evaluate.seed
+        )
+        self.image = next(iterate(self.splits.test, 1, shuffle=False))["image"].float()  # [1,3,H,W]
+
+    def steps(self) -> int:
+        b = self.cfg.baselines
+        return b.epochs * num_batches(self.splits.train, b.batch_size, drop_last=True)
+
+    def batches(self, seed: int) -> Iterator[dict[str, Tensor]]:
+        return (
+            to_device(batch, self.device)
+            for batch in endless(self.splits.train, self.cfg.baselines.batch_size, seed)
+        )
+
+    def scaled_losses(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+        """``[T]`` task losses times their scales ``w_i``."""
+        losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in self.tasks])
+        return losses * self.scales.to(losses.device)
+
+    def shared_net(self, seed_offset: int = 0) -> SharedNet:
+        return build_shared_net(self.cfg.model, self.specs, seed=self.cfg.run.seed + seed_offset)
+
+    def point(self, model: Callable[[Tensor], dict[str, Tensor]], label: str, pref=None) -> dict:
+        """One evaluated point: test metrics and mean (unscaled) test losses."""
+        metrics, losses = evaluate_model(
+            model, self.splits.test, self.tasks, self.cfg.evaluate.batch_size, self.device
+        )
+        return {
+            "label": label,
+            "preference": None if pref is None else [round(float(x), 6) for x in pref],
+            "losses": losses,
+            "metrics": metrics,
+        }
+
+    def cost(self, net: torch.nn.Module) -> dict[str, float]:
+        flops = count_flops(net.cpu(), self.image)
+        net.to(self.device)
+        return {
+            "flops": flops,
+            "flops_fraction": flops / self.anchor_flops,
+            "params": count_params(net),
+        }
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
+    """K shared models on the sweep's preferences, stacked; with or without transfer."""
+    from dymu.pareto.transfer import ParetoSet, train_pareto_set, transfer_matrix
+
+    b = ctx.cfg.baselines
+    prefs = torch.tensor(ctx.preferences, dtype=torch.float32)  # [K, T]
+    template = ctx.shared_net()
+    pset = ParetoSet(template, num_models=len(prefs), init="same").to(ctx.device)
+    matrix = (
+        transfer_matrix(prefs, neighbours=b.transfer_neighbours, strength=b.transfer_strength)
+        if transfer
+        else None
+    )
+    tick = time.perf_counter()
+    log = train_pareto_set(
+        pset,
+        prefs.to(ctx.device),
+        ctx.batches(ctx.cfg.run.seed),
+        ctx.scaled_losses,
+        steps=ctx.steps(),
+        lr=b.lr,
+        transfer=matrix,
+    )
+    seconds = time.perf_counter() - tick
+    points = []
+    for k, r in enumerate(ctx.preferences):
+        model = pset.model(k).eval()
+        points.append(ctx.point(model, f"r{k}", r))
+    cost = ctx.cost(pset.model(0))
+    return {
+        "points": points,
+        "train_seconds": seconds,
+        **cost,
+        "params_stored": cost["params"] * len(prefs),
+        "log": log,
+    }
+
+
+def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
+    """A Pareto hypernetwork over the shared model (all parameters, or BN only)."""
+    from dymu.pareto.phn import ParetoHypernet, phn_bn, train_phn
+
+    b = ctx.cfg.baselines
+    target = ctx.shared_net()
+    n = len(ctx.tasks)
+    torch.manual_seed(ctx.cfg.run.seed)
+    model = phn_bn(target, num_tasks=n) if bn_only else ParetoHypernet(target, num_tasks=n)
+    model.to(ctx.device)
+    tick = time.perf_counter()
+    log = train_phn(
+        model,
+        ctx.batches(ctx.cfg.run.seed),
+        ctx.scaled_losses,
+        steps=ctx.steps(),
+        lr=b.lr,
+        solver=b.phn_solver,
+        alpha=b.phn_alpha,
+        seed=ctx.cfg.run.seed,
+    )
+    seconds = time.perf_counter() - tick
+    model.eval()
+    points = []
+    for k, r in enumerate(ctx.preferences):
+        ray = torch.tensor(r, dtype=torch.float32, device=ctx.device)
+        points.append(ctx.point(lambda x, ray=ray: model(x, ray), f"r{k}", r))
+    cost = ctx.cost(target)
+    return {
+        "points": points,
+        "train_seconds": seconds,
+        **cost,
+        "params_stored": count_params(model),
+        "log": {k: v for k, v in log.items() if k != "losses"},
+    }
+
+
+def _weighting(ctx: _Context) -> dict[str, Any]:
+    """One shared model per weighting strategy; each gives one (uncontrollable) point."""
+    from dymu.weighting import build_weighting
+
+    b = ctx.cfg.baselines
+    points, logs, seconds = [], {}, 0.0
+    cost: dict[str, float] = {}
+    for name in b.weightings:
+        net = ctx.shared_net()
+        weighting = build_weighting(name, num_tasks=len(ctx.tasks))
+        towers = None
+        if b.towers.gamma > 0:
+            towers = AuxTowers(
+                ctx.tasks,
+                in_channels=net.backbone.out_channels[-1],
+                heads=net.heads,
+                gamma=b.towers.gamma,
+                size=b.towers.size,
+            )
+        log = train_shared(
+            net,
+            weighting,
+            ctx.splits.train,
+            scales=ctx.scales,
+            epochs=b.epochs,
+            batch_size=b.batch_size,
+            lr=b.lr,
+            seed=ctx.cfg.run.seed,
+            device=ctx.device,
+            towers=towers,
+            desc=name,
+        )
+        seconds += log["seconds"]
+        logs[name] = log
+        points.append(ctx.point(net, name))
+        cost = ctx.cost(net)
+    return {
+        "points": points,
+        "train_seconds": seconds,
+        **cost,
+        "params_stored": cost["params"],
+        "log": logs,
+    }
+
+
+METHODS: dict[str, Callable[[_Context], dict[str, Any]]] = {
+    "static": lambda ctx: _static_or_transfer(ctx, transfer=False),
+    "transfer": lambda ctx: _static_or_transfer(ctx, transfer=True),
+    "phn": lambda ctx: _phn(ctx, bn_only=False),
+    "phn_bn": lambda ctx: _phn(ctx, bn_only=True),
+    "weighting": _weighting,
+}
+
+
+def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Train the configured methods (skipping finished ones); write and return the report."""
+    from dymu.baselines.report import build_report
+
+    run = Path(run_dir)
+    if not (run / "report.json").is_file():
+        raise UserError(f"{run} is not a finished search run: report.json is missing")
+    anchor_json = json.loads((run / "anchor.json").read_text())
+    if anchor_json.get("config_hash") != stage0_hash(cfg):
+        raise UserError(
+            f"{run} was searched with other data, model or stage-0 settings than this config; "
+            "pass the config of the search (-c) and change only baselines.* keys"
+        )
+    folder = ensure_dir(run / FOLDER)
+    h = baselines_hash(cfg)
+    ctx: _Context | None = None
+    for method in cfg.baselines.methods:
+        path = folder / f"{method}.json"
+        if path.is_file() and json.loads(path.read_text()).get("config_hash") == h:
+            print(f"baselines: {method} already trained with this config ({path})")
+            continue
+        ctx = ctx or _Context(cfg, run)
+        print(f"baselines: training {method}")
+        result = METHODS[method](ctx)
+        write_json(path, {"method": method, "config_hash": h, **result})
+    return build_report(cfg, run)

@@ -1,0 +1,109 @@
+"""Training one shared-backbone multi-task model with a task-weighting strategy.
+
+The architecture x weighting split of LibMTL: the model is :class:`~dymu.models.shared.SharedNet`,
+the weighting any entry of :data:`dymu.weighting.WEIGHTINGS`. Task losses are multiplied by
+the scales ``w_i`` (1 / single-task loss, as in stage 1) before the weighting sees them, so
+strategies start from comparable objectives. Optional auxiliary towers (METHOD.md 4) add
+``gamma * L_t_aux`` to each task's loss and are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dymu.models.shared import SharedNet
+from dymu.models.towers import AuxTowers
+from dymu.train.loop import iterate, num_batches, to_device
+from dymu.weighting import Weighting
+
+
+def train_shared(
+    net: SharedNet,
+    weighting: Weighting,
+    train_ds,
+    *,
+    scales: Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    towers: AuxTowers | None = None,
+    desc: str = "shared",
+) -> dict[str, Any]:
+    """Train ``net`` in place; return the per-step weights, per-epoch losses and timing.
+
+    Args:
+        net: the shared model (its backbone is the shared part the weighting acts on).
+        weighting: the strategy; its own parameters (uncertainty's log-variances) are trained
+            with the model's.
+        train_ds: the training split.
+        scales: ``[T]`` loss scales ``w_i``.
+        epochs, batch_size, lr, seed: Adam with a cosine schedule, like stage 0.
+        device: where to train.
+        towers: auxiliary towers on the shared representation, or None.
+        desc: progress-bar label.
+
+    Returns:
+        ``weights`` ([steps][T], the strategy's weights of every step), ``epoch_losses``
+        ([epochs][T], mean scaled task losses), ``seconds`` and ``images_per_s``.
+    """
+    tasks = net.tasks
+    modules = [net, weighting] + ([towers] if towers is not None else [])
+    for m in modules:
+        m.to(device).train()
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    per_epoch = num_batches(train_ds, batch_size, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
+    shared = [p for p in net.backbone.parameters() if p.requires_grad]
+    scales = scales.to(device)
+    torch.manual_seed(seed)
+    log_weights: list[list[float]] = []
+    epoch_losses: list[list[float]] = []
+    images, seconds = 0, 0.0
+    for epoch in range(epochs):
+        batches = iterate(
+            train_ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True
+        )
+        bar = tqdm(batches, total=per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
+        sums, steps = torch.zeros(len(tasks), dtype=torch.float64), 0
+        for batch in bar:
+            tick = time.perf_counter()
+            batch = to_device(batch, device)
+            image = batch["image"]
+            size = (image.shape[-2], image.shape[-1])
+            feats = net.features(image)
+            out = net.heads_on(feats, size)
+            per_task = [t.loss(out[t.name], batch[t.name]) for t in tasks]
+            if towers is not None:
+                aux = towers.losses({t.name: feats[-1] for t in tasks}, size, batch)
+                per_task = [loss + aux[t.name] for loss, t in zip(per_task, tasks, strict=True)]
+            losses = torch.stack(per_task) * scales  # [T]
+            opt.zero_grad(set_to_none=True)
+            w = weighting.backward(losses, shared, representation=feats[-1])
+            opt.step()
+            sched.step()
+            seconds += time.perf_counter() - tick
+            images += image.shape[0]
+            log_weights.append([round(float(x), 6) for x in w])
+            sums += losses.detach().double().cpu()
+            steps += 1
+        bar.close()
+        mean = sums / max(steps, 1)
+        weighting.epoch_end(mean.float())
+        epoch_losses.append(mean.tolist())
+    net.eval()
+    return {
+        "weights": log_weights,
+        "weights_mean": np.mean(log_weights, axis=0).round(6).tolist() if log_weights else [],
+        "epoch_losses": epoch_losses,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / max(seconds, 1e-9), 1),
+    }
