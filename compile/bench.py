@@ -8,7 +8,15 @@ backend's allocations cannot slow the next. Backends:
 - ``compiled``: the same through ``torch.compile`` (on a GPU with CUDA graphs,
   ``mode="reduce-overhead"``);
 - ``onnxruntime``: the bundle's ONNX file on ONNX Runtime's CPU provider;
-- ``tensorrt``: the tree's engine, where TensorRT, a GPU and a built engine are present.
+- ``tensorrt``: the tree's engine, where TensorRT, a GPU and a built engine are present;
+- ``aoti``: the tree's AOTInductor package (``--target aoti``) on the device it was compiled
+  for, CPU or CUDA (needs PyTorch, not the run directory);
+- ``aoti_cudagraph``: a CUDA package replayed from captured CUDA graphs
+  (:class:`~dymu.compile.aoti.CudaGraphRunner`).
+
+Without ``--backend``, a bundle exported with ``--target aoti`` is also measured on ``aoti``
+(and ``aoti_cudagraph`` for CUDA packages). A backend a bundle cannot serve (no package, a
+package for a device this machine lacks) is refused before anything is measured.
 
 Latency is per call at batch 1 (p50 and p90 over ``iters`` timed calls after ``warmup``);
 throughput is images per second at batch 32 (batch over the median call time).
@@ -33,12 +41,25 @@ import numpy as np
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import save_figure, write_json
 
-BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt", "aoti", "aoti_cudagraph")
 THROUGHPUT_BATCH = 32
+_AOTI = ("aoti", "aoti_cudagraph")
 
 
-def available_backends(has_run: bool) -> list[str]:
-    """The backends this machine can measure (PyTorch ones only with the run directory)."""
+def _aoti_device(manifest: dict[str, Any] | None) -> str | None:
+    """The device a bundle's AOTInductor packages were compiled for (None: it has none)."""
+    if manifest is None or manifest.get("target") != "aoti":
+        return None
+    devices = {t["aoti"]["device"] for t in manifest["trees"] if "aoti" in t}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def available_backends(has_run: bool, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The backends this machine can measure for a bundle with ``manifest``.
+
+    PyTorch ones only with the run directory; ``aoti`` (and on CUDA ``aoti_cudagraph``)
+    when the bundle was exported with ``--target aoti`` for a device present here.
+    """
     import torch
 
     found = []
@@ -47,7 +68,44 @@ def available_backends(has_run: bool) -> list[str]:
     found.append("onnxruntime")
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         found.append("tensorrt")
+    device = _aoti_device(manifest)
+    if device == "cpu":
+        found.append("aoti")
+    elif device == "cuda" and torch.cuda.is_available():
+        found += ["aoti", "aoti_cudagraph"]
     return found
+
+
+def check_backend(bundle: Path, manifest: dict[str, Any], backend: str) -> None:
+    """Refuse, with one line, a backend that cannot run some tree of ``bundle`` here.
+
+    Checked in the parent before any child starts, so a bundle without AOTInductor
+    packages or a package for a device this machine lacks is a usage error, not a failed
+    measurement halfway through.
+    """
+    import torch
+
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend not in _AOTI:
+        return
+    for entry in manifest["trees"]:
+        path = bundle / entry["hash"] / "model.pt2"
+        if "aoti" not in entry or not path.is_file():
+            raise UserError(
+                f"backend {backend}: {bundle} has no AOTInductor package for tree "
+                f"{entry['hash']} ({path.name}); export with --target aoti"
+            )
+        device = entry["aoti"]["device"]
+        if backend == "aoti_cudagraph" and device != "cuda":
+            raise UserError(
+                f"backend aoti_cudagraph needs packages compiled for cuda; {bundle} has {device}"
+            )
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError(
+                f"backend {backend}: {bundle} was compiled for cuda and this machine has no "
+                "CUDA device"
+            )
 
 
 def _timed(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:
@@ -91,9 +149,13 @@ def _torch_runner(bundle: Path, run: Path, entry: dict, compiled: bool, device: 
 
 def _ort_runner(bundle: Path, entry: dict):
     import onnxruntime as ort
+    import torch
 
+    # As many threads as PyTorch's backends use (the row's ``threads``), so rows compare.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(
-        str(bundle / entry["hash"] / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(bundle / entry["hash"] / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
 
     def call(x: np.ndarray) -> None:
@@ -118,6 +180,27 @@ def _trt_runner(bundle: Path, entry: dict):
     return call
 
 
+def _aoti_runner(bundle: Path, entry: dict, cuda_graphs: bool):
+    """A callable on a [B, 3, H, W] array: the tree's package on its compile device."""
+    import torch
+
+    from dymu.compile.aoti import CudaGraphRunner, load_aoti
+
+    if "aoti" not in entry:
+        raise UserError(
+            f"no AOTInductor package for tree {entry['hash']}: export with --target aoti"
+        )
+    device = entry["aoti"]["device"]
+    model = load_aoti(bundle / entry["hash"] / "model.pt2", device, single_threaded=cuda_graphs)
+    run = CudaGraphRunner(model) if cuda_graphs else model
+
+    def call(x: np.ndarray) -> None:
+        with torch.no_grad():
+            run(torch.from_numpy(x).to(device))
+
+    return call
+
+
 def measure_one(
     bundle: Path, run: Path | None, tree_hash: str, backend: str, warmup: int, iters: int
 ) -> dict[str, Any]:
@@ -128,9 +211,14 @@ def measure_one(
     entry = next((t for t in manifest["trees"] if t["hash"] == tree_hash), None)
     if entry is None:
         raise UserError(f"tree {tree_hash} is not in {bundle}/manifest.json")
-    gpu = torch.cuda.is_available() and backend in ("eager", "compiled", "tensorrt")
+    if backend in _AOTI:
+        gpu = entry.get("aoti", {}).get("device") == "cuda"
+    else:
+        gpu = torch.cuda.is_available() and backend in ("eager", "compiled", "tensorrt")
     device = "cuda" if gpu else "cpu"
-    if backend in ("eager", "compiled"):
+    if backend in _AOTI:
+        call = _aoti_runner(bundle, entry, backend == "aoti_cudagraph")
+    elif backend in ("eager", "compiled"):
         if run is None:
             raise UserError(f"backend {backend} needs --run (the search run of the bundle)")
         call = _torch_runner(bundle, run, entry, backend == "compiled", device)
@@ -176,17 +264,22 @@ def bench_bundles(
     warmup: int = 10,
     iters: int = 50,
 ) -> dict[str, Any]:
-    """Measure every tree of every bundle on every backend; write ``out`` (JSON) and a plot."""
+    """Measure every tree of every bundle on every backend; write ``out`` (JSON) and a plot.
+
+    ``backends`` None: each bundle's :func:`available_backends`. Every (bundle, backend) is
+    checked (:func:`check_backend`) before the first measurement.
+    """
+    plan = []
     for bundle in bundles:
         if not (bundle / "manifest.json").is_file():
             raise UserError(f"{bundle} is not an export bundle: manifest.json is missing")
-    chosen = backends or available_backends(run is not None)
-    for b in chosen:
-        if b not in BACKENDS:
-            raise UserError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    rows = []
-    for bundle in bundles:
         manifest = json.loads((bundle / "manifest.json").read_text())
+        chosen = backends or available_backends(run is not None, manifest)
+        for backend in chosen:
+            check_backend(bundle, manifest, backend)
+        plan.append((bundle, manifest, chosen))
+    rows = []
+    for bundle, manifest, chosen in plan:
         for entry in manifest["trees"]:
             for backend in chosen:
                 rows.append(_measure_in_child(bundle, run, entry["hash"], backend, warmup, iters))
@@ -211,7 +304,7 @@ def _measure_in_child(bundle, run, tree_hash, backend, warmup, iters) -> dict[st
 
 def _row_text(row: dict[str, Any]) -> str:
     return (
-        f"{row['tree']}  {row['backend']:<11} {row['device']:<6} FLOPs {row['flops'] / 1e6:7.2f} M"
+        f"{row['tree']}  {row['backend']:<14} {row['device']:<6} FLOPs {row['flops'] / 1e6:7.2f} M"
         f"  batch 1 p50 {row['latency_ms_p50']:7.3f} ms  p90 {row['latency_ms_p90']:7.3f} ms"
         f"  batch {THROUGHPUT_BATCH} {row['throughput_img_s']:8.1f} img/s"
         f"  peak RSS {row['peak_rss_mb']:6.0f} MB"

@@ -6,7 +6,9 @@ materialized with the weight hypernet's BatchNorm offsets at the mean of the pre
 serves (:func:`dymu.compile.materialize.materialize`), counted by fvcore, exported and checked
 (:func:`dymu.compile.onnx_export.export_onnx`, :func:`~dymu.compile.onnx_export.ort_parity`),
 evaluated on the test split, and run on a fixed golden input whose outputs a device can
-compare against. Everything is written into a temporary folder that becomes ``OUT`` only
+compare against. With ``--target aoti`` each tree is also compiled with AOTInductor for this
+machine (its CUDA GPU, else its CPU; :mod:`dymu.compile.aoti`) and checked against PyTorch
+the same way. Everything is written into a temporary folder that becomes ``OUT`` only
 when every tree has passed, so a failure never leaves a partial bundle.
 
 Layout of ``OUT``::
@@ -17,6 +19,7 @@ Layout of ``OUT``::
     <hash>/model.onnx          # the tree, weights inline
     <hash>/golden_outputs.npz  # PyTorch outputs on golden_input.npy, keyed by task
     <hash>/model.engine(.json) # with --target trt only: TensorRT engine and its metadata
+    <hash>/model.pt2           # with --target aoti only: AOTInductor package for this machine
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dymu import __version__
+from dymu.compile import aoti
 from dymu.compile.bundle import write_bundle_files
 from dymu.compile.materialize import materialize
 from dymu.compile.onnx_export import export_onnx, ort_parity
@@ -48,14 +52,15 @@ from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.train.loop import evaluate, iterate
 
-TARGETS = ("onnx", "trt")
-"""What ``--target`` builds: ONNX files only, or ONNX plus TensorRT engines for this GPU."""
+TARGETS = ("onnx", "trt", "aoti")
+"""What ``--target`` builds: ONNX files only, or ONNX plus TensorRT engines for this GPU, or
+ONNX plus AOTInductor packages for this machine's device (its CUDA GPU, else its CPU)."""
 
 GOLDEN_IMAGES = 4
 """Test images in ``golden_input.npy``."""
 
 PARITY_ATOL = 1e-4
-"""Largest ONNX Runtime - PyTorch difference a tree may show (fp32)."""
+"""Largest ONNX Runtime (or AOTInductor) - PyTorch difference a tree may show (fp32)."""
 
 
 def simplex_grid(num_tasks: int, k: int) -> np.ndarray:
@@ -72,7 +77,8 @@ def simplex_grid(num_tasks: int, k: int) -> np.ndarray:
 
 
 def check_target(target: str) -> None:
-    """Refuse an unknown target, or TensorRT where it cannot run, before any work."""
+    """Refuse an unknown target, TensorRT where it cannot run, or AOTInductor without a C++
+    compiler, before any work."""
     if target not in TARGETS:
         raise UserError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "trt":
@@ -83,6 +89,11 @@ def check_target(target: str) -> None:
             )
         if not torch.cuda.is_available():
             raise RuntimeFailure("--target trt: TensorRT needs a CUDA GPU; none found")
+    if target == "aoti":
+        try:
+            aoti.check_compiler()
+        except UserError as exc:
+            raise UserError(f"--target aoti: {exc}") from None
 
 
 def _fresh_out(out: Path) -> None:
@@ -114,7 +125,9 @@ def export_bundle(
         out: the bundle folder to create (must not exist, or be empty).
         budget: FLOPs fraction of the anchor in (0, 1], at least the cheapest tree's.
         preferences: [P, N] preferences (rows on the simplex), e.g. :func:`simplex_grid`.
-        target: ``onnx``, or ``trt`` to also build TensorRT engines on this machine's GPU.
+        target: ``onnx``; ``trt`` to also build TensorRT engines on this machine's GPU;
+            ``aoti`` to also compile AOTInductor packages for this machine's device (CUDA
+            when available, else CPU), each checked against PyTorch like the ONNX file.
         trt_version: the device's TensorRT version; picks the ONNX opset and exporter
             (:mod:`dymu.compile.trt_support`).
         dynamic_batch: export with a dynamic batch axis (else batch 1).
@@ -124,12 +137,16 @@ def export_bundle(
         with ``hash``, ``preferences`` and ``budget`` it serves, ``flops`` (the space's
         count), ``flops_fraction``, ``flops_counted`` (fvcore on the materialized module),
         ``params``, ``files`` (name -> sha256), ``parity`` (ONNX Runtime against PyTorch)
-        and ``metrics`` (test split); plus the anchor's FLOPs, tasks and input size.
+        and ``metrics`` (test split), and for target ``aoti`` an ``aoti`` record
+        (``file``, ``device``, ``torch_version``, ``parity``, ``compile_s`` and the rest of
+        :class:`~dymu.compile.aoti.AotiResult`); plus the anchor's FLOPs, tasks and input
+        size.
 
     Raises:
         UserError: bad budget or target, a run that is not finished, an existing or
             unwritable ``out``.
-        RuntimeFailure: a tree fails a check (parity above 1e-4, FLOPs over the budget).
+        RuntimeFailure: a tree fails a check (ONNX Runtime or AOTInductor parity above
+            1e-4, FLOPs over the budget), or an AOTInductor compile fails.
     """
     check_target(target)
     out = Path(out)
@@ -161,7 +178,7 @@ def export_bundle(
     with atomic_dir(out) as tmp:
         np.save(tmp / "golden_input.npy", golden.numpy())
         for h, (tree, rs) in tqdm(served.items(), desc="export", unit="tree", leave=False):
-            job = _TreeJob(tree, rs, budget, size, trt_version, dynamic_batch)
+            job = _TreeJob(tree, rs, budget, size, trt_version, dynamic_batch, target)
             entries.append(_export_tree(job, run, tmp / h, golden, test))
             if target == "trt":
                 _build_engine(tmp / h, dynamic_batch, cache_root(cfg.data) / "trt")
@@ -196,6 +213,7 @@ class _TreeJob:
     size: tuple[int, int]
     trt_version: str
     dynamic_batch: bool
+    target: str = "onnx"
 
 
 def _hashes(folder: Path, root: Path) -> dict[str, str]:
@@ -236,9 +254,10 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
     with torch.no_grad():
         outputs = net(golden)
     np.savez(folder / "golden_outputs.npz", **{k: v.numpy() for k, v in outputs.items()})
+    compiled = _compile_aoti(net, folder, job) if job.target == "aoti" else None
     cfg = run.cfg
     metrics = evaluate(net, test, anchor.tasks, cfg.evaluate.batch_size, torch.device("cpu"))
-    return {
+    entry = {
         "hash": h,
         "parents": [list(p) for p in job.tree.parents],
         "budget": job.budget,
@@ -249,10 +268,41 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
         "flops_counted": counted,
         "params": count_params(net),
         "files": _hashes(folder, folder.parent),
-        "onnx": result.to_json(),
+        # The file relative to the bundle: the absolute path is the temporary folder's.
+        "onnx": {
+            **{k: v for k, v in result.to_json().items() if k != "path"},
+            "file": f"{h}/model.onnx",
+        },
         "parity": parity,
         "metrics": metrics,
     }
+    if compiled is not None:
+        entry["aoti"] = compiled
+    return entry
+
+
+def _compile_aoti(net, folder: Path, job: _TreeJob) -> dict[str, Any]:
+    """``folder/model.pt2`` for this machine's device, checked against PyTorch on the
+    batch sizes the ONNX file was; its manifest record (file relative to the bundle)."""
+    device = aoti.default_device()
+    path = folder / aoti.PACKAGE_NAME
+    result = aoti.compile_aoti(
+        net,
+        path,
+        input_shape=(1, 3, *job.size),
+        dynamic_batch=job.dynamic_batch,
+        device=device,
+    )
+    batches = (1, 2, 3) if job.dynamic_batch else (1,)
+    parity = aoti.aoti_parity(net, path, batch_sizes=batches, device=device)
+    if not parity["overall"] < PARITY_ATOL:
+        raise RuntimeFailure(
+            f"tree {job.tree.hash()}: AOTInductor ({device}) differs from PyTorch by "
+            f"{parity['overall']:.2e}"
+        )
+    record = result.to_json()
+    del record["path"]  # a temporary folder's path; "file" is where it lives in the bundle
+    return {"file": str(path.relative_to(folder.parent)), **record, "parity": parity}
 
 
 def _build_engine(folder: Path, dynamic_batch: bool, cache_dir: Path) -> None:

@@ -49,3 +49,17 @@ def test_bench_bad_input(exported, tmp_path, capsys, extra, message):
     argv = ["bench", "--bundle", str(bundle), "--out", str(tmp_path / "b.json"), *extra]
     assert main(argv) != 0
     assert message in capsys.readouterr().err
+
+
+def test_bench_refuses_aoti_for_an_onnx_bundle(exported, tmp_path, capsys):
+    from dymu.compile.bench import available_backends
+
+    _, bundle = exported
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "aoti" not in available_backends(True, manifest)  # exported with --target onnx
+    out = tmp_path / "b.json"
+    argv = ["bench", "--bundle", str(bundle), "--backend", "aoti", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export with --target aoti" in err
+    assert not out.exists()

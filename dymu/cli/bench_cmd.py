@@ -8,6 +8,7 @@ EXAMPLES = """examples:
   dymu bench --run runs/quick                       # budgets 0.5 and 1.0, uniform preference
   dymu bench --bundle export/quick --run runs/quick --out bench.json
   dymu bench --bundle export/quick --backend onnxruntime
+  dymu bench --bundle export/aoti                   # exported with --target aoti: + AOTInductor
 """
 
 
@@ -18,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
         help="latency, throughput and peak memory of trees per backend",
         description="Measure every tree of export bundles (or, with only --run, the trees "
         "of the uniform preference at --budgets) on PyTorch eager, compiled PyTorch, ONNX "
-        "Runtime CPU and TensorRT where present: latency p50/p90 at batch 1, throughput at "
+        "Runtime CPU, TensorRT where present, and the AOTInductor packages of bundles "
+        "exported with --target aoti (aoti; on CUDA also aoti_cudagraph, replayed from "
+        "CUDA graphs): latency p50/p90 at batch 1, throughput at "
         "batch 32, peak memory, each in its own process. Writes JSON and a plot of latency "
         "against FLOPs (fvcore, 1 multiply-add = 1 FLOP).",
         epilog=EXAMPLES,
@@ -27,7 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
     p.add_argument("--run", metavar="DIR", help="the search run (needed for PyTorch backends)")
     p.add_argument("--bundle", metavar="DIR", action="append", help="an export bundle (repeat)")
     p.add_argument("--budgets", default="0.5,1.0", help="without --bundle: budgets to export")
-    p.add_argument("--backend", action="append", help="limit to these backends (repeat)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        help="limit to these backends (repeat): eager, compiled, onnxruntime, tensorrt, aoti, "
+        "aoti_cudagraph",
+    )
     p.add_argument("--iters", type=int, default=50, help="timed calls at batch 1")
     p.add_argument("--out", metavar="FILE", default="bench.json", help="JSON to write")
     p.set_defaults(func=run_bench)

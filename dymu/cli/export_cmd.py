@@ -8,6 +8,7 @@ EXAMPLES = """examples:
   dymu export --run runs/quick --budget 0.8 --out export/quick        # a grid of 3 per task
   dymu export --run runs/default --budget 0.5 --preference 0.4,0.3,0.2,0.1 --out export/one
   dymu export --run runs/default --budget 0.75 --grid 4 --trt-version 8.5 --out export/xavier
+  dymu export --run runs/quick --budget 0.5 --target aoti --out export/aoti  # + model.pt2
 """
 
 
@@ -22,7 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
         "for the device's TensorRT version, check it (opset, onnx.checker, operators the "
         "TensorRT parser knows, ONNX Runtime against PyTorch) and write OUT/manifest.json "
         "with FLOPs (fvcore, 1 multiply-add = 1 FLOP), parameters, parity errors, test "
-        "metrics, sha256 of every file, and golden inputs and outputs.",
+        "metrics, sha256 of every file, and golden inputs and outputs. --target trt also "
+        "builds TensorRT engines for this GPU; --target aoti also compiles each tree into an "
+        "AOTInductor package (model.pt2) for this machine's CUDA GPU, else its CPU, checked "
+        "against PyTorch like the ONNX file.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -36,7 +40,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
         metavar="K",
         help="every preference with weights in steps of 1/K (default: 3)",
     )
-    p.add_argument("--target", default="onnx", help="onnx (default) or trt (needs TensorRT)")
+    p.add_argument(
+        "--target",
+        default="onnx",
+        help="onnx (default); trt: also TensorRT engines (needs TensorRT and a GPU); aoti: "
+        "also AOTInductor packages for this machine (needs a C++ compiler; ~1 min per tree)",
+    )
     p.add_argument(
         "--trt-version",
         default="10.3",
@@ -86,5 +95,11 @@ def run_export(args: argparse.Namespace) -> int:
             f"{t['params'] / 1e6:.3f} M  parity {t['parity']['overall']:.1e}  serves "
             f"{len(t['preferences'])}"
         )
+        if "aoti" in t:
+            a = t["aoti"]
+            print(
+                f"    AOTInductor {a['device_name']}: parity {a['parity']['overall']:.1e}, "
+                f"compiled in {a['compile_s']:.0f} s"
+            )
     print(f"wrote {args.out}/manifest.json")
     return 0
