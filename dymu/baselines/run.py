@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,6 +45,10 @@ from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
 
 FOLDER = "baselines"
+
+CURVE_REFERENCE = 4.0
+"""Per-task reference of the per-epoch validation hypervolume of the stacked sets, in scaled
+losses (1 = the single-task loss on the training split); generous so early epochs count."""
 
 
 def baselines_hash(cfg: Config) -> str:
@@ -81,6 +86,12 @@ class _Context:
             for batch in endless(self.splits.train, self.cfg.baselines.batch_size, seed)
         )
 
+    def val_batches(self) -> Iterator[dict[str, Tensor]]:
+        return iterate(self.splits.val, self.cfg.evaluate.batch_size, shuffle=False)
+
+    def to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return to_device(batch, self.device)
+
     def scaled_losses(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
         """``[T]`` task losses times their scales ``w_i``."""
         losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in self.tasks])
@@ -115,40 +126,63 @@ class _Context:
 
 
 def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
-    """K shared models on the sweep's preferences, stacked; with or without transfer."""
-    from dymu.pareto.transfer import ParetoSet, train_pareto_set, transfer_matrix
+    """K shared models on the sweep's preferences, stacked; with or without transfer.
+
+    Both modes see the same batches and steps, so their per-epoch validation hypervolumes
+    (kept in ``log``) compare transfer against independent training.
+    """
+    from dymu.pareto.transfer import ParetoSet, evaluate_losses, train_pareto_set
 
     b = ctx.cfg.baselines
     prefs = torch.tensor(ctx.preferences, dtype=torch.float32)  # [K, T]
-    template = ctx.shared_net()
-    pset = ParetoSet(template, num_models=len(prefs), init="same").to(ctx.device)
-    matrix = (
-        transfer_matrix(prefs, neighbours=b.transfer_neighbours, strength=b.transfer_strength)
-        if transfer
-        else None
-    )
-    tick = time.perf_counter()
+    # One batched computation on a GPU; on a CPU the stacked set runs its models in turn,
+    # which measured faster there (benchmarks/results/transfer_pareto.json).
+    execution = "vmap" if ctx.device.type == "cuda" else "loop"
+    pset = ParetoSet(ctx.shared_net(), len(prefs), init="same", execution=execution)
+    pset.to(ctx.device)
+
+    def batches(epoch: int):
+        for batch in iterate(
+            ctx.splits.train,
+            b.batch_size,
+            shuffle=True,
+            seed=ctx.cfg.run.seed * 1000 + epoch,
+            drop_last=True,
+        ):
+            batch = to_device(batch, ctx.device)
+            yield batch["image"], batch
+
+    def val_losses(model_set) -> np.ndarray:
+        val = ((x["image"], x) for x in map(ctx.to_device, ctx.val_batches()))
+        return evaluate_losses(model_set, val, ctx.scaled_losses)  # [K, T] ~1 = single-task
+
     log = train_pareto_set(
         pset,
         prefs.to(ctx.device),
-        ctx.batches(ctx.cfg.run.seed),
+        batches,
         ctx.scaled_losses,
-        steps=ctx.steps(),
+        epochs=b.epochs,
         lr=b.lr,
-        transfer=matrix,
+        optimizer="adam",
+        weight_decay=1e-4,
+        schedule="cosine",
+        steps_per_epoch=num_batches(ctx.splits.train, b.batch_size, drop_last=True),
+        transfer=transfer,
+        neighbours=b.transfer_neighbours,
+        strength=b.transfer_strength,
+        eval_fn=val_losses,
+        reference=[CURVE_REFERENCE] * len(ctx.tasks),
+        log=lambda e: print(f"  epoch {e['epoch']}: validation HV {e['hv']:.4f}"),
     )
-    seconds = time.perf_counter() - tick
-    points = []
-    for k, r in enumerate(ctx.preferences):
-        model = pset.model(k).eval()
-        points.append(ctx.point(model, f"r{k}", r))
+    seconds = log["history"][-1]["elapsed_s"]
+    points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(ctx.preferences)]
     cost = ctx.cost(pset.model(0))
     return {
         "points": points,
         "train_seconds": seconds,
         **cost,
         "params_stored": cost["params"] * len(prefs),
-        "log": log,
+        "log": {"history": log["history"], "execution": execution},
     }
 
 
@@ -185,7 +219,7 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
         "train_seconds": seconds,
         **cost,
         "params_stored": count_params(model),
-        "log": {k: v for k, v in log.items() if k != "losses"},
+        "log": {k: v for k, v in log.items() if k not in ("rays", "losses", "weights", "step_s")},
     }
 
 
@@ -256,6 +290,11 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
             f"{run} was searched with other data, model or stage-0 settings than this config; "
             "pass the config of the search (-c) and change only baselines.* keys"
         )
+    if "weighting" in cfg.baselines.methods:
+        from dymu.weighting import WEIGHTINGS
+
+        for name in cfg.baselines.weightings:
+            WEIGHTINGS.get(name)  # an unknown strategy fails before anything trains
     folder = ensure_dir(run / FOLDER)
     h = baselines_hash(cfg)
     ctx: _Context | None = None

@@ -58,11 +58,22 @@ def train_shared(
     modules = [net, weighting] + ([towers] if towers is not None else [])
     for m in modules:
         m.to(device).train()
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    decayed = [p for m in modules if m is not weighting for p in m.parameters()]
+    # Uncertainty's log-variances are not weights to shrink: no decay on them.
+    opt = torch.optim.AdamW(
+        [
+            {"params": decayed, "weight_decay": 1e-4},
+            {"params": list(weighting.parameters()), "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
     per_epoch = num_batches(train_ds, batch_size, drop_last=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
     shared = [p for p in net.backbone.parameters() if p.requires_grad]
+    # The features the heads read: every path from the backbone to a loss passes through
+    # one of them, which representation-based strategies (mgda_ub) need.
+    last = net.backbone.num_layers - 1
+    read = sorted({last, *(h.low_layer for h in net.heads.values() if h.low_layer is not None)})
     scales = scales.to(device)
     torch.manual_seed(seed)
     log_weights: list[list[float]] = []
@@ -85,15 +96,16 @@ def train_shared(
             if towers is not None:
                 aux = towers.losses({t.name: feats[-1] for t in tasks}, size, batch)
                 per_task = [loss + aux[t.name] for loss, t in zip(per_task, tasks, strict=True)]
-            losses = torch.stack(per_task) * scales  # [T]
+            # A list, not a stacked tensor: each task's backward then visits only its head.
+            losses = [loss * scales[k] for k, loss in enumerate(per_task)]
             opt.zero_grad(set_to_none=True)
-            w = weighting.backward(losses, shared, representation=feats[-1])
+            w = weighting.backward(losses, shared, representation=[feats[i] for i in read])
             opt.step()
             sched.step()
             seconds += time.perf_counter() - tick
             images += image.shape[0]
             log_weights.append([round(float(x), 6) for x in w])
-            sums += losses.detach().double().cpu()
+            sums += torch.stack(losses).detach().double().cpu()
             steps += 1
         bar.close()
         mean = sums / max(steps, 1)

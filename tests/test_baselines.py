@@ -1,0 +1,95 @@
+"""``dymu baselines`` on a tiny search run: every method, the shared report, reuse, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny import TINY
+
+from dymu.cli.main import main
+from dymu.evaluate.metrics import hypervolume, normalised_losses
+
+BASE = [
+    "baselines.epochs=1",
+    "baselines.batch_size=8",
+    "baselines.weightings=[equal,tensioner]",
+    "baselines.towers.gamma=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("baselines")
+    common = [*TINY, f"data.cache_dir={tmp / 'cache'}"]
+    assert main(["search", "--run", str(tmp / "run"), *common]) == 0
+    assert main(["baselines", "--run", str(tmp / "run"), *common, *BASE]) == 0
+    return tmp / "run", common
+
+
+def test_every_method_is_scored_on_one_reference_point(run):
+    run_dir, _ = run
+    report = json.loads((run_dir / "baselines" / "report.json").read_text())
+    search = json.loads((run_dir / "report.json").read_text())
+    methods = report["methods"]
+    assert {"single_task", "static", "transfer", "phn", "phn_bn", "weighting"} <= set(methods)
+    assert {f"dymu@{b:g}" for b in search["budgets"]} <= set(methods)
+    # 3 preferences in the tiny sweep: one model per preference; one per weighting strategy.
+    assert methods["static"]["points"] == methods["phn_bn"]["points"] == 3
+    assert methods["weighting"]["points"] == 2
+    assert methods["static"]["params_stored"] == 3 * methods["static"]["params"]
+    # Recompute one hypervolume from the stored points and the declared reference.
+    ref = np.array(report["reference_point"])
+    base = np.array(search["baseline"]["losses"])
+    pts = np.array([p["losses"] for p in report["points"]["static"]])
+    expected = hypervolume(normalised_losses(pts, base), ref)
+    assert methods["static"]["hypervolume"] == pytest.approx(expected)
+    # The reference point covers every method's normalised losses.
+    for points in report["points"].values():
+        norm = normalised_losses(np.array([p["losses"] for p in points]), base)
+        assert np.all(norm < ref)
+    # Single-task is the anchor itself: delta_m 0, full FLOPs.
+    assert methods["single_task"]["delta_m"] == pytest.approx(0.0, abs=1e-9)
+    assert methods["single_task"]["flops_fraction"] == 1.0
+    # One shared backbone costs less than N streams.
+    assert 0 < methods["static"]["flops_fraction"] < 1
+    assert (run_dir / "baselines" / "fronts.png").stat().st_size > 0
+    md = (run_dir / "baselines" / "report.md").read_text()
+    assert "PHN-BN" in md and "tensioner" in md
+
+
+def test_logs_hold_per_step_weights_and_per_epoch_hypervolume(run):
+    run_dir, _ = run
+    weighting = json.loads((run_dir / "baselines" / "weighting.json").read_text())
+    log = weighting["log"]["tensioner"]
+    steps = 24 // 8  # tiny train split / batch size, one epoch
+    assert len(log["weights"]) == steps and len(log["weights"][0]) == 3
+    static = json.loads((run_dir / "baselines" / "static.json").read_text())
+    history = static["log"]["history"]
+    assert [e["epoch"] for e in history] == [0, 1]
+    assert all(e["hv"] is not None for e in history)
+
+
+def test_finished_methods_are_reused_and_a_foreign_config_is_refused(run, capsys):
+    run_dir, common = run
+    assert main(["baselines", "--run", str(run_dir), *common, *BASE]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already trained") == 5
+    # Another model than the search's: one line, exit 2.
+    assert main(["baselines", "--run", str(run_dir), *common, *BASE, "model.width=8"]) == 2
+    err = capsys.readouterr().err
+    assert "other data, model or stage-0 settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_weighting_is_refused_before_training(run, capsys):
+    run_dir, common = run
+    argv = ["baselines", "--run", str(run_dir), *common, *BASE, "baselines.weightings=[nope]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "tensioner" in err
+
+
+def test_a_run_without_a_search_is_refused(tmp_path, capsys):
+    assert main(["baselines", "--run", str(tmp_path), *TINY]) == 2
+    assert "report.json is missing" in capsys.readouterr().err
