@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dymu.compile.parity import parity_report
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_path, sha256_file
 
@@ -426,7 +427,6 @@ def aoti_parity(
             metadata or compiled for another device.
         RuntimeFailure: output names or shapes differ between the package and ``net``.
     """
-    import numpy as np
 
     model = load_aoti(path, device)
     info = package_info(model)
@@ -438,31 +438,20 @@ def aoti_parity(
     ref_device = next((p.device for p in net.parameters()), torch.device("cpu"))
     names = info["output_names"]
     gen = torch.Generator().manual_seed(seed)
-    per_task = dict.fromkeys(names, 0.0)
-    close = True
-    with torch.no_grad(), _ieee_fp32(device):
+
+    def pairs():
         for b in sizes:
             x = torch.rand(b, *chw, generator=gen)  # [b, C, H, W]
             want = net(x.to(ref_device))
             got = model(x.to(device))
-            if set(want) != set(names) or set(got) != set(names):
-                raise RuntimeFailure(
-                    f"package outputs {sorted(got)} differ from module outputs {sorted(want)}"
-                )
-            for name in names:
-                g, w = got[name].cpu().numpy(), want[name].cpu().numpy()
-                if g.shape != w.shape:
-                    raise RuntimeFailure(
-                        f"batch {b}, output {name}: package shape {g.shape} != PyTorch {w.shape}"
-                    )
-                per_task[name] = max(per_task[name], float(np.abs(g - w).max(initial=0.0)))
-                close &= bool(np.allclose(g, w, atol=atol, rtol=rtol))
-    return {
-        "per_task": per_task,
-        "overall": max(per_task.values(), default=0.0),
-        "batch_sizes": sizes,
-        "allclose": close,
-    }
+            yield (
+                b,
+                {k: v.cpu().numpy() for k, v in got.items()},
+                {k: v.cpu().numpy() for k, v in want.items()},
+            )
+
+    with torch.no_grad(), _ieee_fp32(device):
+        return parity_report(pairs(), names, atol=atol, rtol=rtol, backend="package")
 
 
 class CudaGraphRunner:

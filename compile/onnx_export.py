@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from dymu.compile.parity import parity_report
 from dymu.compile.trt_support import DYNAMO, LEGACY, Report, TrtTarget, check_graph, resolve
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_path, sha256_file
@@ -492,7 +493,6 @@ def ort_parity(
         UserError: the file's input is not ``[B, C, H, W]`` with fixed C, H, W.
         RuntimeFailure: output names or shapes differ between the file and the module.
     """
-    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -508,26 +508,13 @@ def ort_parity(
     names = [o.name for o in session.get_outputs()]
 
     gen = torch.Generator().manual_seed(seed)
-    per_task = dict.fromkeys(names, 0.0)
-    close = True
-    for b in sizes:
-        x = torch.rand(b, *dims[1:], generator=gen)  # [b, C, H, W]
-        with torch.no_grad():
-            want = module(x)
-        got = session.run(names, {inp.name: x.numpy()})
-        if set(want) != set(names):
-            raise RuntimeFailure(f"ONNX outputs {names} differ from module outputs {list(want)}")
-        for name, g in zip(names, got, strict=True):
-            w = want[name].detach().cpu().numpy()
-            if g.shape != w.shape:
-                raise RuntimeFailure(
-                    f"batch {b}, output {name}: ONNX shape {g.shape} != PyTorch {w.shape}"
-                )
-            per_task[name] = max(per_task[name], float(np.abs(g - w).max(initial=0.0)))
-            close &= bool(np.allclose(g, w, atol=atol, rtol=rtol))
-    return {
-        "per_task": per_task,
-        "overall": max(per_task.values(), default=0.0),
-        "batch_sizes": sizes,
-        "allclose": close,
-    }
+
+    def pairs():
+        for b in sizes:
+            x = torch.rand(b, *dims[1:], generator=gen)  # [b, C, H, W]
+            with torch.no_grad():
+                want = {k: v.detach().cpu().numpy() for k, v in module(x).items()}
+            got = dict(zip(names, session.run(names, {inp.name: x.numpy()}), strict=True))
+            yield b, got, want
+
+    return parity_report(pairs(), names, atol=atol, rtol=rtol, backend="ONNX Runtime")

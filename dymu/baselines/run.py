@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from dymu.baselines.shared import train_shared
 from dymu.config import Config, section_hash
@@ -141,14 +142,21 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     pset = ParetoSet(ctx.shared_net(), len(prefs), init="same", execution=execution)
     pset.to(ctx.device)
 
+    per_epoch = num_batches(ctx.splits.train, b.batch_size, drop_last=True)
+    name = "transfer" if transfer else "static"
+
     def batches(epoch: int):
-        for batch in iterate(
+        epoch_batches = iterate(
             ctx.splits.train,
             b.batch_size,
             shuffle=True,
             seed=ctx.cfg.run.seed * 1000 + epoch,
             drop_last=True,
-        ):
+        )
+        bar = tqdm(
+            epoch_batches, total=per_epoch, desc=f"{name} epoch {epoch + 1}/{b.epochs}", leave=False
+        )
+        for batch in bar:
             batch = to_device(batch, ctx.device)
             yield batch["image"], batch
 
@@ -166,13 +174,13 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
         optimizer="adam",
         weight_decay=1e-4,
         schedule="cosine",
-        steps_per_epoch=num_batches(ctx.splits.train, b.batch_size, drop_last=True),
+        steps_per_epoch=per_epoch,
         transfer=transfer,
         neighbours=b.transfer_neighbours,
         strength=b.transfer_strength,
         eval_fn=val_losses,
         reference=[CURVE_REFERENCE] * len(ctx.tasks),
-        log=lambda e: print(f"  epoch {e['epoch']}: validation HV {e['hv']:.4f}"),
+        log=lambda e: tqdm.write(f"{name} epoch {e['epoch']}: validation HV {e['hv']:.4f}"),
     )
     seconds = log["history"][-1]["elapsed_s"]
     points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(ctx.preferences)]
@@ -197,6 +205,7 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
     model = phn_bn(target, num_tasks=n) if bn_only else ParetoHypernet(target, num_tasks=n)
     model.to(ctx.device)
     tick = time.perf_counter()
+    bar = tqdm(total=ctx.steps(), desc="phn_bn" if bn_only else "phn", unit="step", leave=False)
     log = train_phn(
         model,
         ctx.batches(ctx.cfg.run.seed),
@@ -206,8 +215,10 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
         solver=b.phn_solver,
         alpha=b.phn_alpha,
         seed=ctx.cfg.run.seed,
+        on_step=lambda step, record: bar.update(1),
     )
     seconds = time.perf_counter() - tick
+    bar.close()
     model.eval()
     points = []
     for k, r in enumerate(ctx.preferences):

@@ -99,7 +99,10 @@ def train_shared(
             # A list, not a stacked tensor: each task's backward then visits only its head.
             losses = [loss * scales[k] for k, loss in enumerate(per_task)]
             opt.zero_grad(set_to_none=True)
-            w = weighting.backward(losses, shared, representation=[feats[i] for i in read])
+            # MGDA-UB is the representation ("upper bound") variant by definition; PCGrad
+            # and the tensioner act on the shared parameters, as their papers do.
+            rep = [feats[i] for i in read] if weighting.name == "mgda_ub" else None
+            w = weighting.backward(losses, shared, representation=rep)
             opt.step()
             sched.step()
             seconds += time.perf_counter() - tick
