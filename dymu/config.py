@@ -276,6 +276,10 @@ class EvaluateConfig:
             raise UserError(f"config: {prefix}.budgets must be fractions in (0, 1]")
 
 
+BASELINE_METHODS = ("static", "transfer", "phn", "phn_bn", "weighting")
+"""What ``dymu baselines`` can train, in report order (:mod:`dymu.baselines`)."""
+
+
 @dataclass
 class BaselinesConfig:
     """``dymu baselines``: the methods DYMU is compared with, on the search's data and sweep.
@@ -284,9 +288,7 @@ class BaselinesConfig:
     anchor's backbone and heads; its task losses are scaled by ``w_i`` as in stage 1.
     """
 
-    methods: list[str] = field(
-        default_factory=lambda: ["static", "phn", "phn_bn", "transfer", "weighting"]
-    )
+    methods: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
     """Which to train: ``static`` (one shared model per sweep preference), ``phn`` and
     ``phn_bn`` (Pareto hypernetworks), ``transfer`` (Pareto set with parameter transfer),
     ``weighting`` (one shared model per strategy in ``weightings``). Single-task is stage 0."""
@@ -308,11 +310,11 @@ class BaselinesConfig:
 
     def check(self, prefix: str) -> None:
         self.towers.check(f"{prefix}.towers")
-        known = ("static", "phn", "phn_bn", "transfer", "weighting")
         for m in self.methods:
-            if m not in known:
+            if m not in BASELINE_METHODS:
                 raise UserError(
-                    f"config: unknown {prefix}.methods entry {m!r}; choose from {', '.join(known)}"
+                    f"config: unknown {prefix}.methods entry {m!r}; choose from "
+                    f"{', '.join(BASELINE_METHODS)}"
                 )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserError(f"config: {prefix}.epochs, batch_size and lr must be > 0")

@@ -76,6 +76,13 @@ def test_finished_methods_are_reused_and_a_foreign_config_is_refused(run, capsys
     assert main(["baselines", "--run", str(run_dir), *common, *BASE]) == 0
     out = capsys.readouterr().out
     assert out.count("already trained") == 5
+    # A call that names fewer methods still reports every method trained with these settings.
+    assert (
+        main(["baselines", "--run", str(run_dir), *common, *BASE, "baselines.methods=[phn]"]) == 0
+    )
+    report = json.loads((run_dir / "baselines" / "report.json").read_text())
+    assert {"static", "transfer", "phn", "phn_bn", "weighting"} <= set(report["methods"])
+    capsys.readouterr()
     # Another model than the search's: one line, exit 2.
     assert main(["baselines", "--run", str(run_dir), *common, *BASE, "model.width=8"]) == 2
     err = capsys.readouterr().err

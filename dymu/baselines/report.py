@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dymu.config import Config
+from dymu.config import BASELINE_METHODS
 from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point, uniformity
 from dymu.io import save_figure, write_json, write_text
 from dymu.tasks.delta import delta_m
@@ -36,8 +36,12 @@ LABELS = {
 }
 
 
-def _entries(cfg: Config, run: Path) -> list[dict[str, Any]]:
-    """Every method's points and costs, DYMU (one entry per budget) first."""
+def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
+    """Every method's points and costs, DYMU (one entry per budget) first.
+
+    Baselines are those in ``RUN/baselines/`` trained with settings of hash ``config_hash``,
+    whichever call trained them.
+    """
     search = json.loads((run / "report.json").read_text())
     anchor = json.loads((run / ANCHOR_JSON).read_text())
     stage_seconds = [
@@ -72,11 +76,13 @@ def _entries(cfg: Config, run: Path) -> list[dict[str, Any]]:
             "controllable": False,
         }
     )
-    for method in cfg.baselines.methods:
+    for method in BASELINE_METHODS:
         path = run / FOLDER / f"{method}.json"
         if not path.is_file():
             continue
         result = json.loads(path.read_text())
+        if result.get("config_hash") != config_hash:
+            continue
         entries.append(
             {
                 "method": method,
@@ -92,19 +98,13 @@ def _entries(cfg: Config, run: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def build_report(cfg: Config, run: Path) -> dict[str, Any]:
+def build_report(run: Path, config_hash: str) -> dict[str, Any]:
     """Score every method on one reference point; write report.json, report.md, fronts.png."""
-    from dymu.evaluate.search import delta_m_directions
-    from dymu.tasks import build_task
-
     search = json.loads((run / "report.json").read_text())
     tasks = search["tasks"]
     base = search["baseline"]
-    entries = _entries(cfg, run)
-    specs = {s.name: s for s in _specs(cfg)}
-    directions, excluded = delta_m_directions(
-        [build_task(specs[t]) for t in tasks], base["metrics"]
-    )
+    entries = _entries(run, config_hash)
+    directions, excluded = _directions(run, base["metrics"])
     base_losses = np.array(base["losses"])
     for e in entries:
         e["normalised"] = normalised_losses(
@@ -161,10 +161,16 @@ def build_report(cfg: Config, run: Path) -> dict[str, Any]:
     return report
 
 
-def _specs(cfg: Config):
+def _directions(run: Path, base_metrics: dict) -> tuple[dict, list[str]]:
+    """delta_m's metric directions, from the tasks of the run's own config."""
+    from dymu.config import load_config
     from dymu.data import get_builder
+    from dymu.evaluate.search import delta_m_directions
+    from dymu.tasks import build_task
 
-    return get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
+    cfg = load_config(run / "config.yaml")
+    specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
+    return delta_m_directions([build_task(s) for s in specs], base_metrics)
 
 
 def _comparison(summary: dict[str, Any], budgets: list[float]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ method. The comparison (:mod:`dymu.baselines.report`) is rebuilt from those file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -53,8 +54,11 @@ losses (1 = the single-task loss on the training split); generous so early epoch
 
 
 def baselines_hash(cfg: Config) -> str:
-    """What a method's results depend on: the baselines settings, the sweep and the anchor."""
-    return section_hash(cfg, "baselines", "evaluate") + "-" + stage0_hash(cfg)
+    """What a method's results depend on: the baselines settings, the sweep, the anchor and
+    stage 1 (whose loss scales every method uses)."""
+    # Which methods a call trains changes no method's result.
+    general = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, methods=[]))
+    return section_hash(general, "baselines", "evaluate", "stage1") + "-" + stage0_hash(cfg)
 
 
 class _Context:
@@ -98,8 +102,9 @@ class _Context:
         losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in self.tasks])
         return losses * self.scales.to(losses.device)
 
-    def shared_net(self, seed_offset: int = 0) -> SharedNet:
-        return build_shared_net(self.cfg.model, self.specs, seed=self.cfg.run.seed + seed_offset)
+    def shared_net(self) -> SharedNet:
+        """A fresh shared model; every method starts from the same weights."""
+        return build_shared_net(self.cfg.model, self.specs, seed=self.cfg.run.seed)
 
     def point(self, model: Callable[[Tensor], dict[str, Tensor]], label: str, pref=None) -> dict:
         """One evaluated point: test metrics and mean (unscaled) test losses."""
@@ -318,4 +323,4 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         print(f"baselines: training {method}")
         result = METHODS[method](ctx)
         write_json(path, {"method": method, "config_hash": h, **result})
-    return build_report(cfg, run)
+    return build_report(run, h)
