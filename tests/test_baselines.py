@@ -52,6 +52,8 @@ def test_every_method_is_scored_on_one_reference_point(run):
     # Single-task is the anchor itself: delta_m 0, full FLOPs.
     assert methods["single_task"]["delta_m"] == pytest.approx(0.0, abs=1e-9)
     assert methods["single_task"]["flops_fraction"] == 1.0
+    # DYMU stores the anchor and two hypernetworks; the anchor is what single-task deploys.
+    assert methods["dymu@1"]["params_stored"] > methods["single_task"]["params"] > 0
     # One shared backbone costs less than N streams.
     assert 0 < methods["static"]["flops_fraction"] < 1
     assert (run_dir / "baselines" / "fronts.png").stat().st_size > 0

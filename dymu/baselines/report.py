@@ -11,6 +11,7 @@ needs: DYMU counts stage 0 (its anchor) as well as stages 1 and 2.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
         json.loads((run / EDGE_JSON).read_text())["seconds"],
         json.loads((run / WEIGHT_JSON).read_text())["seconds"],
     ]
+    anchor_params = _stored_params(run, "anchor.safetensors")
+    stored = _stored_params(
+        run, "anchor.safetensors", "edge_hnet.safetensors", "weight_hnet.safetensors"
+    )
     entries = []
     for b in search["budgets"]:
         key = f"{b:g}"
@@ -60,6 +65,7 @@ def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
                 "points": [{**r, "label": r["tree"]} for r in rows],
                 "flops_fraction": search["flops"][key]["mean"],
                 "params": search["flops"][key]["params_mean"],
+                "params_stored": stored,
                 "train_seconds": float(sum(stage_seconds)),
                 "controllable": True,
             }
@@ -71,7 +77,8 @@ def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
             "label": LABELS["single_task"],
             "points": [{"label": "anchor", "preference": None, **base}],
             "flops_fraction": 1.0,
-            "params": None,
+            "params": anchor_params,
+            "params_stored": anchor_params,
             "train_seconds": stage_seconds[0],
             "controllable": False,
         }
@@ -96,6 +103,23 @@ def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+def _stored_params(run: Path, *files: str) -> int:
+    """Parameters in the run's safetensors ``files`` (BatchNorm running statistics and other
+    buffers not counted): what a method keeps to serve every preference."""
+    from safetensors import safe_open
+
+    buffers = ("running_mean", "running_var", "num_batches_tracked", "min_budget")
+    total = 0
+    for name in files:
+        with safe_open(run / name, framework="pt") as f:
+            total += sum(
+                math.prod(f.get_slice(key).get_shape())
+                for key in f.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+                if not key.endswith(buffers)
+            )
+    return total
 
 
 def build_report(run: Path, config_hash: str) -> dict[str, Any]:
