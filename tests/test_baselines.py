@@ -71,6 +71,11 @@ def test_logs_hold_per_step_weights_and_per_epoch_hypervolume(run):
     history = static["log"]["history"]
     assert [e["epoch"] for e in history] == [0, 1]
     assert all(e["hv"] is not None for e in history)
+    report = json.loads((run_dir / "baselines" / "report.json").read_text())
+    speed = report["transfer_speed"]
+    assert set(speed) == {"static", "transfer"}
+    assert speed["static"]["final_hv"] == pytest.approx(history[-1]["hv"])
+    assert speed["static"]["own_final"]["epoch"] in (0, 1)
 
 
 def test_finished_methods_are_reused_and_a_foreign_config_is_refused(run, capsys):

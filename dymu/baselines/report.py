@@ -171,6 +171,7 @@ def build_report(run: Path, config_hash: str) -> dict[str, Any]:
         "delta_m_excluded": excluded,
         "methods": summary,
         "comparison": _comparison(summary, search["budgets"]),
+        "transfer_speed": _transfer_speed(run, config_hash),
         "points": {
             e["method"]: [
                 {k: p.get(k) for k in ("label", "preference", "losses")} for p in e["points"]
@@ -210,6 +211,32 @@ def _comparison(summary: dict[str, Any], budgets: list[float]) -> dict[str, Any]
     return out
 
 
+def _transfer_speed(run: Path, config_hash: str) -> dict[str, Any] | None:
+    """Time to 90% of the final validation HV: the transfer set against the static set
+    (K independent models, same batches and steps), each against its own final HV and
+    against the better of the two (METHOD.md 3's measure)."""
+    from dymu.pareto.transfer import time_to_fraction
+
+    histories = {}
+    for method in ("static", "transfer"):
+        path = run / FOLDER / f"{method}.json"
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text())
+        if result.get("config_hash") != config_hash:
+            return None
+        histories[method] = result["log"]["history"]
+    best = max(h[-1]["hv"] for h in histories.values())
+    return {
+        method: {
+            "final_hv": history[-1]["hv"],
+            "own_final": time_to_fraction(history, 0.9),
+            "better_final": time_to_fraction(history, 0.9, target=best),
+        }
+        for method, history in histories.items()
+    }
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         "# DYMU against the baselines",
@@ -246,6 +273,22 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"- {other}: hypervolume x{c['hv_ratio']:.3f}, "
                     f"training time x{c['time_ratio']:.3f}"
                 )
+    speed = report.get("transfer_speed")
+    if speed:
+        lines += [
+            "",
+            "Time to 90% of the final validation hypervolume (stacked sets, same batches and "
+            "steps; training time only):",
+            "",
+            "| set | final HV | epoch (own final) | s | epoch (better final) | s |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for method, t in speed.items():
+            own, better = t["own_final"], t["better_final"]
+            lines.append(
+                f"| {method} | {t['final_hv']:.4f} | {own['epoch']} | {_secs(own)} | "
+                f"{better['epoch']} | {_secs(better)} |"
+            )
     if report["delta_m_excluded"]:
         lines += ["", f"Left out of delta_m (baseline 0): {', '.join(report['delta_m_excluded'])}."]
     lines += [
@@ -256,6 +299,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _secs(reached: dict[str, Any]) -> str:
+    return "-" if reached["elapsed_s"] is None else f"{reached['elapsed_s']:.0f}"
 
 
 def _plot(entries: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
