@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dymu import __version__
+from dymu import __version__, dist
 from dymu.config import Config, to_yaml
 from dymu.errors import UserError
 from dymu.io import ensure_dir, write_json, write_text
@@ -25,9 +25,29 @@ _VERSIONED = ("numpy", "torch", "networkx", "scikit-learn", "fvcore", "onnx", "o
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request is an error."""
+    """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request is an error.
+
+    Under ``torchrun`` with several processes, ``auto`` and ``cuda`` give each process the
+    GPU of its ``LOCAL_RANK``; naming one GPU (``cuda:N``) is an error there, since every
+    process would share it.
+    """
+    world = dist.world_size()
+    if world > 1 and spec in ("auto", "cuda") and torch.cuda.is_available():
+        index = dist.local_rank()
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"process {index} of torchrun has no GPU of its own: only "
+                f"{torch.cuda.device_count()} CUDA device(s) exist (use --nproc-per-node "
+                f"{torch.cuda.device_count()} or fewer)"
+            )
+        return torch.device("cuda", index)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and spec.startswith("cuda:"):
+        raise UserError(
+            f"run.device={spec} names one GPU for all {world} torchrun processes; use "
+            "run.device=cuda (each process takes the GPU of its LOCAL_RANK)"
+        )
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"run.device={spec} but no CUDA device is available (use cpu or auto)")
@@ -42,11 +62,11 @@ def resolve_device(spec: str) -> torch.device:
 def env_info(device: torch.device | None = None) -> dict[str, Any]:
     """Versions and hardware that can change a result (written as ``env.json``)."""
     versions = {}
-    for dist in _VERSIONED:
+    for package in _VERSIONED:
         try:
-            versions[dist] = metadata.version(dist)
+            versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            versions[dist] = None
+            versions[package] = None
     info: dict[str, Any] = {
         "dymu": __version__,
         "python": sys.version.split()[0],
@@ -66,9 +86,17 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:
-    """Create ``run_dir`` and write ``config.yaml`` (fully resolved) and ``env.json``."""
+    """Create ``run_dir`` and write ``config.yaml`` (fully resolved) and ``env.json``.
+
+    Under ``torchrun`` only rank 0 writes them (with the number of processes in
+    ``env.json``); every rank gets the path.
+    """
     path = ensure_dir(run_dir)
     device = resolve_device(cfg.run.device)
-    write_text(path / "config.yaml", to_yaml(cfg))
-    write_json(path / "env.json", env_info(device))
+    if dist.is_main():
+        write_text(path / "config.yaml", to_yaml(cfg))
+        info = env_info(device)
+        if dist.is_distributed():
+            info["processes"] = dist.world_size()
+        write_json(path / "env.json", info)
     return path

@@ -12,6 +12,7 @@ SEARCH_EXAMPLES = """examples:
   dymu search --run runs/default                       # the embedded default config
   dymu search -c configs/quick.yaml --run runs/quick   # a smoke run of minutes
   dymu search -c configs/default.yaml --run runs/default --resume
+  torchrun --nproc-per-node 2 -m -- dymu search --run runs/default   # stage 0 data-parallel
 """
 
 SAMPLE_EXAMPLES = """examples:

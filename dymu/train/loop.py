@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from dymu.data.base import ArrayDataset, MultiTaskDataset
+from dymu.dist import WHOLE, Shard
 from dymu.tasks import Task
 
 
@@ -29,17 +30,37 @@ def iterate(
     drop_last: bool = False,
     workers: int = 0,
     pin_memory: bool = False,
+    shard: Shard = WHOLE,
 ) -> Iterator[dict[str, Tensor]]:
     """Batches of ``ds``. In-memory datasets are sliced as whole arrays (no per-sample
-    Python work); folder datasets go through a DataLoader with ``workers`` processes."""
+    Python work); folder datasets go through a DataLoader with ``workers`` processes.
+
+    ``batch_size`` is the global batch; each batch holds this rank's contiguous part of it
+    (``shard``, all of it by default): every rank walks the same index order, so the ranks'
+    parts together are exactly the single-process batch.
+    """
     drop_last = drop_last and len(ds) >= batch_size  # never drop a whole small split
     if isinstance(ds, ArrayDataset):
         order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield ds.batch(order[start : start + batch_size])
+            positions = order[start : start + batch_size]  # the global batch
+            yield ds.batch(positions[shard.part(len(positions))])
         return
     gen = torch.Generator().manual_seed(seed)
+    if shard.world > 1:
+        # The samplers DataLoader builds from shuffle/batch_size/drop_last, with the same
+        # generator, so the global batches are the unsharded ones.
+        sampler = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+        yield from DataLoader(
+            ds,
+            batch_sampler=_ShardedBatches(BatchSampler(sampler, batch_size, drop_last), shard),
+            generator=gen,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+        )
+        return
     yield from DataLoader(
         ds,
         batch_size=batch_size,
@@ -52,18 +73,39 @@ def iterate(
     )
 
 
+class _ShardedBatches:
+    """A batch sampler's batches cut to one rank's contiguous part."""
+
+    def __init__(self, batches: BatchSampler, shard: Shard) -> None:
+        self.batches = batches
+        self.shard = shard
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.batches:
+            yield indices[self.shard.part(len(indices))]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def endless(
-    ds: MultiTaskDataset, batch_size: int, seed: int, start: int = 0
+    ds: MultiTaskDataset,
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    shard: Shard = WHOLE,
 ) -> Iterator[dict[str, Tensor]]:
     """Shuffled batches without end, a new order every pass (step-based stages 1 and 2).
 
     ``start`` skips that many batches, so a resumed stage sees the batches an uninterrupted
-    run would have seen.
+    run would have seen. ``shard`` is as in :func:`iterate` (``batch_size`` is global).
     """
     per_epoch = num_batches(ds, batch_size, drop_last=True)
     epoch, skip = divmod(start, per_epoch)
     while True:
-        batches = iterate(ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        batches = iterate(
+            ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True, shard=shard
+        )
         yield from itertools.islice(batches, skip, None)
         epoch, skip = epoch + 1, 0
 
@@ -73,11 +115,20 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 
 
 def random_hflip(
-    batch: dict[str, Tensor], tasks: Sequence[Task], generator: torch.Generator
+    batch: dict[str, Tensor],
+    tasks: Sequence[Task],
+    generator: torch.Generator,
+    shard: Shard = WHOLE,
 ) -> dict[str, Tensor]:
-    """Mirror a random half of the samples; normals' x component changes sign with them."""
+    """Mirror a random half of the samples; normals' x component changes sign with them.
+
+    ``batch`` is this rank's ``shard`` of the global batch (all of it by default): the
+    coins are tossed for the whole global batch, as the single-process run tosses them, and
+    this rank's part kept, so every rank must call this with the same generator state.
+    """
     image = batch["image"]
-    flip = torch.rand(image.shape[0], generator=generator) < 0.5  # [B]
+    coins = torch.rand(image.shape[0] * shard.world, generator=generator)  # [B * world]
+    flip = shard.take(coins) < 0.5  # [B]
     if not flip.any():
         return batch
     flip = flip.to(image.device)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dymu import dist
 from dymu.config import Config, TowersConfig, section_hash
 from dymu.data import get_builder
 from dymu.io import ensure_dir, write_json
@@ -53,13 +54,45 @@ def load_splits(cfg: Config) -> tuple[list, Splits]:
     return specs, splits
 
 
+class _Objective(nn.Module):
+    """Every task's loss (plus its tower's, if any) on one batch.
+
+    All of a step's differentiable work happens in ``forward``, because that is the only
+    work whose gradients DistributedDataParallel synchronises.
+    """
+
+    def __init__(self, stacked: StackedAnchor, towers: AuxTowers | None) -> None:
+        super().__init__()
+        self.stacked = stacked
+        self.towers = towers
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out, feats = self.stacked.forward_with_features(batch["image"])
+        losses = {t.name: t.loss(out[t.name], batch[t.name]) for t in self.stacked.tasks}
+        if self.towers is not None:
+            size = (batch["image"].shape[-2], batch["image"].shape[-1])
+            aux = self.towers.losses(feats, size, batch)
+            losses = {k: v + aux[k] for k, v in losses.items()}
+        return losses
+
+
 def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anchor, dict]:
-    """Train the anchor; write its weights and metrics into ``run_dir``; return both."""
+    """Train the anchor; write its weights and metrics into ``run_dir``; return both.
+
+    Under ``torchrun`` (:mod:`dymu.dist`) every rank trains on its shard of each
+    global batch of ``stage0.batch_size`` images, so a step equals the single-process one;
+    rank 0 alone validates (the other ranks' next step waits for it), checkpoints and
+    writes the files, and every rank returns the anchor read back from them.
+    """
     device = resolve_device(cfg.run.device)
-    specs, splits = load_splits(cfg)
+    s0 = cfg.stage0
+    dist.per_rank_batch(s0.batch_size, "stage0.batch_size")  # fail before any work
+    distributed = dist.setup(device)
+    main, part = dist.is_main(), dist.shard()
+    with dist.main_first():  # rank 0 makes a dataset cache, the others then read it
+        specs, splits = load_splits(cfg)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     stacked = StackedAnchor(anchor).to(device)
-    s0 = cfg.stage0
     towers = stream_towers(anchor, s0.towers)
     # What the optimizer trains and the checkpoint holds: the streams, and towers if any.
     trained = stacked if towers is None else nn.ModuleDict({"anchor": stacked, "towers": towers})
@@ -74,96 +107,106 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     h = stage0_hash(cfg)
     ckpt = Path(run_dir) / CHECKPOINT
     start = 0
-    if resume and ckpt.is_file():
+    if resume and ckpt.is_file():  # every rank restores the same file
         state = load_checkpoint(ckpt, h, "stage-0", trained, opt, sched)
         start = state["step"]  # finished epochs
-    if start:
+    if start and main:
         print(f"stage 0: resuming after epoch {start}/{s0.epochs} from {ckpt}")
     flip_gen = torch.Generator().manual_seed(cfg.run.seed)
     images, seconds = 0, 0.0
     tasks = anchor.tasks
-    for epoch in range(start, s0.epochs):
-        trained.train()
-        # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted one.
-        flip_gen.manual_seed(cfg.run.seed * 1000 + epoch)
-        torch.manual_seed(cfg.run.seed * 1000 + epoch)
-        bar = tqdm(
-            iterate(
-                splits.train,
-                s0.batch_size,
-                shuffle=True,
-                seed=cfg.run.seed * 1000 + epoch,
-                drop_last=True,
-                workers=s0.workers,
-                pin_memory=device.type == "cuda",
-            ),
-            total=per_epoch,
-            desc=f"stage 0 epoch {epoch + 1}/{s0.epochs}",
-            unit="batch",
-            leave=False,
-        )
-        for batch in bar:
-            tick = time.perf_counter()
-            if s0.hflip:
-                batch = random_hflip(batch, tasks, flip_gen)
-            batch = to_device(batch, device)
-            out, feats = stacked.forward_with_features(batch["image"])
-            losses = {t.name: t.loss(out[t.name], batch[t.name]) for t in tasks}
-            if towers is not None:
-                size = (batch["image"].shape[-2], batch["image"].shape[-1])
-                aux = towers.losses(feats, size, batch)
-                losses = {k: v + aux[k] for k, v in losses.items()}
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seconds += time.perf_counter() - tick
-            images += batch["image"].shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
-        bar.close()
-        last = epoch + 1 == s0.epochs
-        if (epoch + 1) % s0.val_every == 0 or last:
-            scores = evaluate(stacked, splits.val, tasks, s0.batch_size, device, s0.workers)
-            summary = ", ".join(
-                f"{t.name} {t.primary_metric} {scores[t.name][t.primary_metric]:.3f}" for t in tasks
+    # Under torchrun: global batch norms and dropouts, in place, until the block ends.
+    with dist.data_parallel(_Objective(stacked, towers), device) as objective:
+        for epoch in range(start, s0.epochs):
+            trained.train()
+            # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted
+            # one; every rank seeds alike and draws for the global batch.
+            flip_gen.manual_seed(cfg.run.seed * 1000 + epoch)
+            torch.manual_seed(cfg.run.seed * 1000 + epoch)
+            bar = tqdm(
+                iterate(
+                    splits.train,
+                    s0.batch_size,
+                    shuffle=True,
+                    seed=cfg.run.seed * 1000 + epoch,
+                    drop_last=True,
+                    workers=s0.workers,
+                    pin_memory=device.type == "cuda",
+                    shard=part,
+                ),
+                total=per_epoch,
+                desc=f"stage 0 epoch {epoch + 1}/{s0.epochs}",
+                unit="batch",
+                leave=False,
+                disable=not main,
             )
-            tqdm.write(f"stage 0 epoch {epoch + 1}/{s0.epochs}: val {summary}")
-        save_checkpoint(
-            ckpt,
-            h,
-            epoch + 1,
-            trained,
-            opt,
-            sched,
-        )
+            loss_sum = 0.0
+            for batch in bar:
+                tick = time.perf_counter()
+                if s0.hflip:
+                    batch = random_hflip(batch, tasks, flip_gen, part)
+                batch = to_device(batch, device)
+                loss = sum(objective(batch).values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seconds += time.perf_counter() - tick
+                images += dist.global_count(batch["image"].shape[0])
+                value = loss.item()
+                loss_sum += value
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+            bar.close()
+            # The mean over the epoch's steps of the global batch's loss (the ranks' mean).
+            sums = dist.all_reduce_sums({"loss": loss_sum, "steps": per_epoch})
+            train_loss = sums["loss"] / max(sums["steps"], 1)
+            last = epoch + 1 == s0.epochs
+            if main and ((epoch + 1) % s0.val_every == 0 or last):
+                scores = evaluate(stacked, splits.val, tasks, s0.batch_size, device, s0.workers)
+                summary = ", ".join(
+                    f"{t.name} {t.primary_metric} {scores[t.name][t.primary_metric]:.3f}"
+                    for t in tasks
+                )
+                tqdm.write(
+                    f"stage 0 epoch {epoch + 1}/{s0.epochs}: train loss {train_loss:.3f}, "
+                    f"val {summary}"
+                )
+            if main:
+                save_checkpoint(ckpt, h, epoch + 1, trained, opt, sched)
 
-    stacked.write_back(anchor)
-    anchor.to(device)
-    metrics = {
-        split: evaluate(anchor, getattr(splits, split), tasks, s0.batch_size, device, s0.workers)
-        for split in ("val", "test")
-    }
-    record = {
-        "tasks": anchor.task_names,
-        "config_hash": h,
-        "backbone": cfg.model.backbone,
-        "metrics": metrics,
-        "directions": {t.name: t.metric_directions for t in tasks},
-        "primary_metric": {t.name: t.primary_metric for t in tasks},
-        "conventions": {t.name: t.conventions for t in tasks if t.conventions},
-        "train": {
-            "epochs": s0.epochs,
-            "seconds": round(seconds, 2),
-            "images_per_s": round(images / seconds, 1) if seconds else None,
-        },
-    }
-    run_dir = ensure_dir(run_dir)
-    save_anchor(
-        anchor.cpu(), run_dir / ANCHOR_WEIGHTS, {"config_hash": h, "tasks": anchor.task_names}
-    )
-    write_json(run_dir / ANCHOR_JSON, record)
-    return anchor, record
+    if main:
+        stacked.write_back(anchor)
+        anchor.to(device)
+        metrics = {
+            split: evaluate(anchor, ds, tasks, s0.batch_size, device, s0.workers)
+            for split, ds in (("val", splits.val), ("test", splits.test))
+        }
+        record = {
+            "tasks": anchor.task_names,
+            "config_hash": h,
+            "backbone": cfg.model.backbone,
+            "metrics": metrics,
+            "directions": {t.name: t.metric_directions for t in tasks},
+            "primary_metric": {t.name: t.primary_metric for t in tasks},
+            "conventions": {t.name: t.conventions for t in tasks if t.conventions},
+            "train": {
+                "epochs": s0.epochs,
+                "seconds": round(seconds, 2),
+                "images_per_s": round(images / seconds, 1) if seconds else None,
+            },
+        }
+        if distributed:
+            record["train"]["processes"] = dist.world_size()
+        run_dir = ensure_dir(run_dir)
+        save_anchor(
+            anchor.cpu(), run_dir / ANCHOR_WEIGHTS, {"config_hash": h, "tasks": anchor.task_names}
+        )
+        write_json(run_dir / ANCHOR_JSON, record)
+    if not distributed:
+        return anchor, record
+    dist.barrier()  # rank 0 has written the files
+    # Every rank, rank 0 included, returns what rank 0 wrote: one anchor and record for all.
+    return load_trained_anchor(cfg, run_dir)
 
 
 def stream_towers(anchor: Anchor, cfg: TowersConfig) -> AuxTowers | None:
@@ -183,17 +226,28 @@ def stream_towers(anchor: Anchor, cfg: TowersConfig) -> AuxTowers | None:
     )
 
 
+def load_trained_anchor(cfg: Config, run_dir: Path) -> tuple[Anchor, dict]:
+    """The anchor and record that :func:`train_stage0` wrote into ``run_dir``."""
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / ANCHOR_JSON).read_text())
+    specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
+    anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
+    load_anchor_weights(anchor, run_dir / ANCHOR_WEIGHTS)
+    return anchor, record
+
+
 def ensure_anchor(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anchor, dict]:
     """The run's anchor: loaded when its files match the config, trained otherwise."""
     run_dir = Path(run_dir)
     weights, record_path = run_dir / ANCHOR_WEIGHTS, run_dir / ANCHOR_JSON
+    main = dist.is_main()
     if weights.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("config_hash") == stage0_hash(cfg):
-            specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
-            anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
-            load_anchor_weights(anchor, weights)
-            print(f"stage 0: using the trained anchor in {run_dir} (config unchanged)")
+            anchor, record = load_trained_anchor(cfg, run_dir)
+            if main:
+                print(f"stage 0: using the trained anchor in {run_dir} (config unchanged)")
             return anchor, record
-        print(f"stage 0: {weights} was trained with another config; training again")
+        if main:
+            print(f"stage 0: {weights} was trained with another config; training again")
     return train_stage0(cfg, run_dir, resume=resume)
