@@ -89,7 +89,12 @@ def test_finished_methods_are_reused_and_a_foreign_config_is_refused(run, capsys
     )
     report = json.loads((run_dir / "baselines" / "report.json").read_text())
     assert {"static", "transfer", "phn", "phn_bn", "weighting"} <= set(report["methods"])
-    capsys.readouterr()
+    # Another strategy list concerns only the weighting method: the static set is kept.
+    other = [*BASE, "baselines.weightings=[equal]", "baselines.methods=[static]"]
+    assert main(["baselines", "--run", str(run_dir), *common, *other]) == 0
+    assert "static already trained" in capsys.readouterr().out
+    report = json.loads((run_dir / "baselines" / "report.json").read_text())
+    assert "static" in report["methods"] and "weighting" not in report["methods"]
     # Another model than the search's: one line, exit 2.
     assert main(["baselines", "--run", str(run_dir), *common, *BASE, "model.width=8"]) == 2
     err = capsys.readouterr().err

@@ -37,11 +37,11 @@ LABELS = {
 }
 
 
-def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
+def _entries(run: Path, hashes: dict[str, str]) -> list[dict[str, Any]]:
     """Every method's points and costs, DYMU (one entry per budget) first.
 
-    Baselines are those in ``RUN/baselines/`` trained with settings of hash ``config_hash``,
-    whichever call trained them.
+    Baselines are those in ``RUN/baselines/`` whose settings match this config (``hashes``:
+    method -> hash), whichever call trained them.
     """
     search = json.loads((run / "report.json").read_text())
     anchor = json.loads((run / ANCHOR_JSON).read_text())
@@ -88,7 +88,7 @@ def _entries(run: Path, config_hash: str) -> list[dict[str, Any]]:
         if not path.is_file():
             continue
         result = json.loads(path.read_text())
-        if result.get("config_hash") != config_hash:
+        if result.get("config_hash") != hashes[method]:
             continue
         entries.append(
             {
@@ -122,12 +122,12 @@ def _stored_params(run: Path, *files: str) -> int:
     return total
 
 
-def build_report(run: Path, config_hash: str) -> dict[str, Any]:
+def build_report(run: Path, hashes: dict[str, str]) -> dict[str, Any]:
     """Score every method on one reference point; write report.json, report.md, fronts.png."""
     search = json.loads((run / "report.json").read_text())
     tasks = search["tasks"]
     base = search["baseline"]
-    entries = _entries(run, config_hash)
+    entries = _entries(run, hashes)
     directions, excluded = _directions(run, base["metrics"])
     base_losses = np.array(base["losses"])
     for e in entries:
@@ -171,7 +171,7 @@ def build_report(run: Path, config_hash: str) -> dict[str, Any]:
         "delta_m_excluded": excluded,
         "methods": summary,
         "comparison": _comparison(summary, search["budgets"]),
-        "transfer_speed": _transfer_speed(run, config_hash),
+        "transfer_speed": _transfer_speed(run, hashes),
         "points": {
             e["method"]: [
                 {k: p.get(k) for k in ("label", "preference", "losses")} for p in e["points"]
@@ -211,7 +211,7 @@ def _comparison(summary: dict[str, Any], budgets: list[float]) -> dict[str, Any]
     return out
 
 
-def _transfer_speed(run: Path, config_hash: str) -> dict[str, Any] | None:
+def _transfer_speed(run: Path, hashes: dict[str, str]) -> dict[str, Any] | None:
     """Time to 90% of the final validation HV: the transfer set against the static set
     (K independent models, same batches and steps), each against its own final HV and
     against the better of the two (METHOD.md 3's measure)."""
@@ -223,7 +223,7 @@ def _transfer_speed(run: Path, config_hash: str) -> dict[str, Any] | None:
         if not path.is_file():
             return None
         result = json.loads(path.read_text())
-        if result.get("config_hash") != config_hash:
+        if result.get("config_hash") != hashes[method]:
             return None
         histories[method] = result["log"]["history"]
     best = max(h[-1]["hv"] for h in histories.values())

@@ -53,12 +53,27 @@ CURVE_REFERENCE = 4.0
 losses (1 = the single-task loss on the training split); generous so early epochs count."""
 
 
-def baselines_hash(cfg: Config) -> str:
-    """What a method's results depend on: the baselines settings, the sweep, the anchor and
-    stage 1 (whose loss scales every method uses)."""
-    # Which methods a call trains changes no method's result.
-    general = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, methods=[]))
-    return section_hash(general, "baselines", "evaluate", "stage1") + "-" + stage0_hash(cfg)
+SETTINGS = {
+    "static": (),
+    "transfer": ("transfer_neighbours", "transfer_strength"),
+    "phn": ("phn_solver", "phn_alpha"),
+    "phn_bn": ("phn_solver", "phn_alpha"),
+    "weighting": ("weightings", "towers"),
+}
+"""The ``baselines.*`` settings each method depends on, besides epochs, batch size and lr."""
+
+
+def method_hash(cfg: Config, method: str) -> str:
+    """What one method's results depend on: its own settings, the sweep, the anchor and
+    stage 1 (whose loss scales every method uses); not the other methods' settings."""
+    import hashlib
+
+    b = cfg.baselines
+    own = {k: getattr(b, k) for k in ("epochs", "batch_size", "lr", *SETTINGS[method])}
+    # Nested settings (towers) are dataclasses: written as their fields.
+    blob = json.dumps({"method": method, **own}, sort_keys=True, default=dataclasses.asdict)
+    mine = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return mine + "-" + section_hash(cfg, "evaluate", "stage1") + "-" + stage0_hash(cfg)
 
 
 class _Context:
@@ -312,10 +327,11 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         for name in cfg.baselines.weightings:
             WEIGHTINGS.get(name)  # an unknown strategy fails before anything trains
     folder = ensure_dir(run / FOLDER)
-    h = baselines_hash(cfg)
+    hashes = {method: method_hash(cfg, method) for method in METHODS}
     ctx: _Context | None = None
     for method in cfg.baselines.methods:
         path = folder / f"{method}.json"
+        h = hashes[method]
         if path.is_file() and json.loads(path.read_text()).get("config_hash") == h:
             print(f"baselines: {method} already trained with this config ({path})")
             continue
@@ -323,4 +339,4 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         print(f"baselines: training {method}")
         result = METHODS[method](ctx)
         write_json(path, {"method": method, "config_hash": h, **result})
-    return build_report(run, h)
+    return build_report(run, hashes)
