@@ -89,8 +89,20 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Arithmetic of the training stages' forward passes (``dymu/train/precision.py``):
+    ``fp32``; ``bf16`` autocast (CPU or CUDA); ``fp16`` autocast with loss scaling (CUDA
+    only). Losses are always float32. A non-fp32 run's artifacts get their own hash."""
+    channels_last: bool = False
+    """Train with NHWC weights and images (faster convolutions on recent GPUs); a layout
+    only, so it changes results by float rounding and leaves the artifacts' hashes alone."""
 
     def check(self, prefix: str) -> None:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise UserError(
+                f"config: {prefix}.precision=fp16 needs CUDA ({prefix}.device is cpu); "
+                "use bf16 or fp32"
+            )
         if self.seed < 0:
             raise UserError(f"config: {prefix}.seed must be >= 0, got {self.seed}")
         dev = self.device

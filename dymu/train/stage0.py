@@ -27,6 +27,7 @@ from dymu.models.towers import AuxTowers
 from dymu.run import resolve_device
 from dymu.train.checkpoint import load_checkpoint, save_checkpoint
 from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
+from dymu.train.precision import Precision, precision_tag
 
 ANCHOR_WEIGHTS = "anchor.safetensors"
 ANCHOR_JSON = "anchor.json"
@@ -34,8 +35,11 @@ CHECKPOINT = "stage0/checkpoint.pt"
 
 
 def stage0_hash(cfg: Config) -> str:
-    """What the anchor depends on: data, model, stage-0 settings and the seed."""
-    return section_hash(cfg, "data", "model", "stage0") + f"-s{cfg.run.seed}"
+    """What the anchor depends on: data, model, stage-0 settings, the seed and the precision
+    (the later stages' hashes include this one, so they inherit the precision)."""
+    return (
+        section_hash(cfg, "data", "model", "stage0") + f"-s{cfg.run.seed}" + precision_tag(cfg.run)
+    )
 
 
 @dataclass
@@ -58,16 +62,23 @@ class _Objective(nn.Module):
     """Every task's loss (plus its tower's, if any) on one batch.
 
     All of a step's differentiable work happens in ``forward``, because that is the only
-    work whose gradients DistributedDataParallel synchronises.
+    work whose gradients DistributedDataParallel synchronises. The streams and heads run
+    under the precision's autocast; the losses, and the small towers, in float32.
     """
 
-    def __init__(self, stacked: StackedAnchor, towers: AuxTowers | None) -> None:
+    def __init__(
+        self, stacked: StackedAnchor, towers: AuxTowers | None, precision: Precision
+    ) -> None:
         super().__init__()
         self.stacked = stacked
         self.towers = towers
+        self.precision = precision
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out, feats = self.stacked.forward_with_features(batch["image"])
+        prec = self.precision
+        with prec.autocast():
+            out, feats = self.stacked.forward_with_features(prec.to_input(batch["image"]))
+        out, feats = prec.fp32(out), prec.fp32(feats)
         losses = {t.name: t.loss(out[t.name], batch[t.name]) for t in self.stacked.tasks}
         if self.towers is not None:
             size = (batch["image"].shape[-2], batch["image"].shape[-1])
@@ -85,6 +96,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     writes the files, and every rank returns the anchor read back from them.
     """
     device = resolve_device(cfg.run.device)
+    prec = Precision.from_config(cfg.run, device)  # fail before any work
     s0 = cfg.stage0
     dist.per_rank_batch(s0.batch_size, "stage0.batch_size")  # fail before any work
     distributed = dist.setup(device)
@@ -97,6 +109,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     # What the optimizer trains and the checkpoint holds: the streams, and towers if any.
     trained = stacked if towers is None else nn.ModuleDict({"anchor": stacked, "towers": towers})
     trained.to(device)
+    prec.prepare(trained)
     params = trained.parameters()
     if s0.optimizer == "adam":
         opt = torch.optim.AdamW(params, lr=s0.lr, weight_decay=s0.weight_decay)
@@ -109,6 +122,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     start = 0
     if resume and ckpt.is_file():  # every rank restores the same file
         state = load_checkpoint(ckpt, h, "stage-0", trained, opt, sched)
+        prec.load_state_dict(state)
         start = state["step"]  # finished epochs
     if start and main:
         print(f"stage 0: resuming after epoch {start}/{s0.epochs} from {ckpt}")
@@ -116,7 +130,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     images, seconds = 0, 0.0
     tasks = anchor.tasks
     # Under torchrun: global batch norms and dropouts, in place, until the block ends.
-    with dist.data_parallel(_Objective(stacked, towers), device) as objective:
+    with dist.data_parallel(_Objective(stacked, towers, prec), device) as objective:
         for epoch in range(start, s0.epochs):
             trained.train()
             # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted
@@ -148,8 +162,8 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
                 batch = to_device(batch, device)
                 loss = sum(objective(batch).values())
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                prec.backward(loss)
+                prec.step(opt)
                 sched.step()
                 seconds += time.perf_counter() - tick
                 images += dist.global_count(batch["image"].shape[0])
@@ -172,8 +186,9 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
                     f"val {summary}"
                 )
             if main:
-                save_checkpoint(ckpt, h, epoch + 1, trained, opt, sched)
+                save_checkpoint(ckpt, h, epoch + 1, trained, opt, sched, **prec.state_dict())
 
+    prec.release(trained)
     if main:
         stacked.write_back(anchor)
         anchor.to(device)
@@ -189,6 +204,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             "directions": {t.name: t.metric_directions for t in tasks},
             "primary_metric": {t.name: t.primary_metric for t in tasks},
             "conventions": {t.name: t.conventions for t in tasks if t.conventions},
+            "precision": prec.describe(),
             "train": {
                 "epochs": s0.epochs,
                 "seconds": round(seconds, 2),

@@ -48,6 +48,7 @@ from dymu.train.checkpoint import (
     set_rng_state,
 )
 from dymu.train.loop import endless, iterate, to_device
+from dymu.train.precision import Precision
 from dymu.train.stage0 import stage0_hash
 
 EDGE_WEIGHTS = "edge_hnet.safetensors"
@@ -88,10 +89,12 @@ def train_stage1(
     """Train the edge hypernet; write its weights and a summary into ``run_dir``."""
     s1 = cfg.stage1
     device = resolve_device(cfg.run.device)
+    prec = Precision.from_config(cfg.run, device)
     anchor = anchor.to(device).eval()
     anchor.requires_grad_(False)
     net = MixtureNet(anchor).to(device).eval()
     net.requires_grad_(False)
+    prec.prepare(net)  # the anchor's layers, in place; released after training
     n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
     node_flops, _, head_flops, _ = costs(space)
     node_flops = torch.tensor(node_flops, dtype=torch.float64, device=device)
@@ -111,6 +114,7 @@ def train_stage1(
     first, images, seconds = 0, 0, 0.0
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt, h, "stage-1", edge, opt, sched)
+        prec.load_state_dict(state)
         set_rng_state(rng, state["numpy_rng"])
         gen.set_state(state["torch_rng"])
         first, images, seconds = state["step"], state["images"], state["seconds"]
@@ -140,7 +144,10 @@ def train_stage1(
         tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
         v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
         batch = to_device(next(batches), device)
-        out = net(batch["image"], v)  # group g of the batch ran with v[g]
+        # Only the anchor runs under autocast; hypernet, losses and Omega stay float32.
+        with prec.autocast():
+            out = net(prec.to_input(batch["image"]), v)  # group g of the batch ran with v[g]
+        out = prec.fp32(out)
         size = batch["image"].shape[0] // s1.draws
         l_task = reg = penalty = torch.zeros((), device=device)
         for g in range(s1.draws):
@@ -162,8 +169,8 @@ def train_stage1(
             penalty = penalty + over / s1.draws
         loss = l_task + reg + s1.lambda_budget * penalty
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        prec.backward(loss)
+        prec.step(opt)
         sched.step()
         images += batch["image"].shape[0]
         seconds += time.perf_counter() - tick
@@ -191,8 +198,10 @@ def train_stage1(
                 torch_rng=gen.get_state(),
                 images=images,
                 seconds=seconds,
+                **prec.state_dict(),
             )
     bar.close()
+    prec.release(net)
     state = {k: v.detach().contiguous().cpu() for k, v in edge.state_dict().items()}
     meta = {"config_hash": h, "tasks": anchor.task_names, "num_layers": num_layers}
     with atomic_path(Path(run_dir) / EDGE_WEIGHTS) as tmp:
@@ -205,6 +214,7 @@ def train_stage1(
         "final": last,
         "loss_scales": scales.tolist(),
         "min_flops_fraction": low,
+        "precision": prec.describe(),
     }
     write_json(Path(run_dir) / EDGE_JSON, record)
     ckpt.unlink(missing_ok=True)  # the finished weights supersede it

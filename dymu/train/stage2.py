@@ -38,6 +38,7 @@ from dymu.train.checkpoint import (
     set_rng_state,
 )
 from dymu.train.loop import endless, to_device
+from dymu.train.precision import Precision
 from dymu.train.stage1 import loss_scales, stage1_hash
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
@@ -62,8 +63,10 @@ def train_stage2(
     """Train the weight hypernet; write its weights and a summary into ``run_dir``."""
     s2 = cfg.stage2
     device = resolve_device(cfg.run.device)
+    prec = Precision.from_config(cfg.run, device)
     anchor = anchor.to(device).eval()
     anchor.requires_grad_(False)
+    prec.prepare(anchor)  # in place; released after training
     edge = edge.to(device).eval()
     edge.requires_grad_(False)
     n = len(anchor.tasks)
@@ -79,6 +82,7 @@ def train_stage2(
     first, seconds = 0, 0.0
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt, h, "stage-2", weights, opt, sched)
+        prec.load_state_dict(state)
         set_rng_state(rng, state["numpy_rng"])
         first, seconds = state["step"], state["seconds"]
         print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
@@ -101,12 +105,15 @@ def train_stage2(
             tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
         net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
         batch = to_device(next(batches), device)
-        out = net(batch["image"], weights(r, b))
+        offsets = weights(r, b)  # the hypernet runs in float32, the tree under autocast
+        with prec.autocast():
+            out = net(prec.to_input(batch["image"]), offsets)
+        out = prec.fp32(out)
         losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
         loss = task_loss(losses, r, scales)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        prec.backward(loss)
+        prec.step(opt)
         sched.step()
         last = loss.item()
         seconds += time.perf_counter() - tick
@@ -122,8 +129,10 @@ def train_stage2(
                 sched,
                 numpy_rng=rng_state(rng),
                 seconds=seconds,
+                **prec.state_dict(),
             )
     bar.close()
+    prec.release(anchor)
     meta = {"config_hash": h, "tasks": anchor.task_names}
     state = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()}
     with atomic_path(Path(run_dir) / WEIGHT_WEIGHTS) as tmp:
@@ -134,6 +143,7 @@ def train_stage2(
         "seconds": round(seconds, 2),
         "final_loss": last,
         "distinct_trees": len(nets),
+        "precision": prec.describe(),
     }
     write_json(Path(run_dir) / WEIGHT_JSON, record)
     ckpt.unlink(missing_ok=True)  # the finished weights supersede it
