@@ -15,6 +15,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tiny import TINY as _TINY
+from tiny import stop_after_first_checkpoint
 
 import dymu.train.stage0 as stage0
 from dymu import dist
@@ -82,16 +83,9 @@ def test_two_processes_take_the_single_process_steps(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     single, _ = stage0.train_stage0(cfg, tmp_path / "single")
     # An interrupted single-process run: its epoch-1 checkpoint is what 2 ranks resume.
-    real_save = stage0.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(stage0, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        stage0.train_stage0(cfg, tmp_path / "out" / "resumed")
-    monkeypatch.undo()
+    stop_after_first_checkpoint(
+        monkeypatch, stage0, lambda: stage0.train_stage0(cfg, tmp_path / "out" / "resumed")
+    )
 
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

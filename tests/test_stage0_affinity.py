@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from tiny import TINY as _TINY
+from tiny import stop_after_first_checkpoint
 
 import dymu.train.stage0 as stage0
 from dymu.cli.main import main
@@ -49,16 +50,9 @@ def test_stage0_writes_anchor_and_baselines(tmp_path):
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     stage0.train_stage0(cfg, tmp_path / "straight")
-    real_save = stage0.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(stage0, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        stage0.train_stage0(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(stage0, "save_checkpoint", real_save)
+    stop_after_first_checkpoint(
+        monkeypatch, stage0, lambda: stage0.train_stage0(cfg, tmp_path / "resumed")
+    )
     assert not (tmp_path / "resumed" / "anchor.safetensors").exists()  # nothing half-done
     stage0.train_stage0(cfg, tmp_path / "resumed", resume=True)
     a = _weights(tmp_path / "straight" / "anchor.safetensors")

@@ -26,6 +26,23 @@ TINY = [
 ]
 
 
+def stop_after_first_checkpoint(monkeypatch, module, call) -> None:
+    """Run ``call()`` until ``module.save_checkpoint`` has written once, then stop it as a
+    Ctrl-C would; ``module.save_checkpoint`` is the real one again afterwards."""
+    import pytest
+
+    real_save = module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    monkeypatch.setattr(module, "save_checkpoint", real_save)
+
+
 def randomise_batchnorms(model, seed: int) -> None:
     """Non-trivial BN affine parameters and running statistics, so that folding them into
     convolutions is really tested."""
