@@ -38,7 +38,7 @@ from dymu.evaluate.search import evaluate_model
 from dymu.io import ensure_dir, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.models.shared import SharedNet, build_shared_net
-from dymu.models.towers import AuxTowers
+from dymu.models.towers import build_towers
 from dymu.run import resolve_device
 from dymu.search import load_run
 from dymu.space.graph import anchor_flops
@@ -264,15 +264,7 @@ def _weighting(ctx: _Context) -> dict[str, Any]:
     for name in b.weightings:
         net = ctx.shared_net()
         weighting = build_weighting(name, num_tasks=len(ctx.tasks))
-        towers = None
-        if b.towers.gamma > 0:
-            towers = AuxTowers(
-                ctx.tasks,
-                in_channels=net.backbone.out_channels[-1],
-                heads=net.heads,
-                gamma=b.towers.gamma,
-                size=b.towers.size,
-            )
+        towers = build_towers(net.tasks, net.backbone, net.heads, b.towers)
         log = train_shared(
             net,
             weighting,

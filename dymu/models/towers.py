@@ -23,7 +23,9 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dymu.config import TowersConfig
 from dymu.errors import UserError
+from dymu.models.backbones import Backbone
 from dymu.models.flops import count_params
 from dymu.tasks import Task
 
@@ -112,3 +114,22 @@ class AuxTowers(nn.Module):
         """``gamma * L_t_aux`` per task, to add to each task's main loss before weighting."""
         out = self(features, out_size)
         return {t.name: self.gamma * t.loss(out[t.name], batch[t.name]) for t in self.tasks}
+
+
+def build_towers(
+    tasks: Sequence[Task], backbone: Backbone, heads: Mapping[str, nn.Module], cfg: TowersConfig
+) -> AuxTowers | None:
+    """Towers on ``backbone``'s last layer as ``cfg`` asks, or None when ``cfg.gamma`` is 0.
+
+    Used for the anchor's streams in stage 0 (every stream has the same widths) and for the
+    shared model of the baselines.
+    """
+    if cfg.gamma == 0:
+        return None
+    return AuxTowers(
+        tasks,
+        in_channels=backbone.out_channels[-1],
+        heads=heads,
+        gamma=cfg.gamma,
+        size=cfg.size,
+    )

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.config import Config, TowersConfig, section_hash
+from dymu.config import Config, section_hash
 from dymu.data import get_builder
 from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
-from dymu.models.towers import AuxTowers
+from dymu.models.towers import AuxTowers, build_towers
 from dymu.run import resolve_device
 from dymu.train.checkpoint import load_checkpoint, save_checkpoint
 from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
@@ -105,7 +105,8 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
         specs, splits = load_splits(cfg)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     stacked = StackedAnchor(anchor).to(device)
-    towers = stream_towers(anchor, s0.towers)
+    # Beside the anchor, never in it: anchor.safetensors and its trees cannot hold them.
+    towers = build_towers(anchor.tasks, anchor.streams[0], anchor.heads, s0.towers)
     # What the optimizer trains and the checkpoint holds: the streams, and towers if any.
     trained = stacked if towers is None else nn.ModuleDict({"anchor": stacked, "towers": towers})
     trained.to(device)
@@ -223,23 +224,6 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     dist.barrier()  # rank 0 has written the files
     # Every rank, rank 0 included, returns what rank 0 wrote: one anchor and record for all.
     return load_trained_anchor(cfg, run_dir)
-
-
-def stream_towers(anchor: Anchor, cfg: TowersConfig) -> AuxTowers | None:
-    """Auxiliary towers on every stream's last layer (METHOD.md 4), or None when gamma is 0.
-
-    They live beside the anchor, so ``anchor.safetensors`` and every tree derived from it
-    never hold them.
-    """
-    if cfg.gamma == 0:
-        return None
-    return AuxTowers(
-        anchor.tasks,
-        in_channels=anchor.streams[0].out_channels[-1],
-        heads=anchor.heads,
-        gamma=cfg.gamma,
-        size=cfg.size,
-    )
 
 
 def load_trained_anchor(cfg: Config, run_dir: Path) -> tuple[Anchor, dict]:
