@@ -37,13 +37,13 @@ LABELS = {
 }
 
 
-def _entries(run: Path, hashes: dict[str, str]) -> list[dict[str, Any]]:
-    """Every method's points and costs, DYMU (one entry per budget) first.
+def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[dict[str, Any]]:
+    """Every method's points and costs, DYMU (one entry per budget, from the search's
+    ``report.json``: ``search``) first.
 
     Baselines are those in ``RUN/baselines/`` whose settings match this config (``hashes``:
     method -> hash), whichever call trained them.
     """
-    search = json.loads((run / "report.json").read_text())
     anchor = json.loads((run / ANCHOR_JSON).read_text())
     stage_seconds = [
         anchor["train"]["seconds"],
@@ -51,9 +51,7 @@ def _entries(run: Path, hashes: dict[str, str]) -> list[dict[str, Any]]:
         json.loads((run / WEIGHT_JSON).read_text())["seconds"],
     ]
     anchor_params = _stored_params(run, "anchor.safetensors")
-    stored = _stored_params(
-        run, "anchor.safetensors", "edge_hnet.safetensors", "weight_hnet.safetensors"
-    )
+    stored = anchor_params + _stored_params(run, "edge_hnet.safetensors", "weight_hnet.safetensors")
     entries = []
     for b in search["budgets"]:
         key = f"{b:g}"
@@ -100,6 +98,7 @@ def _entries(run: Path, hashes: dict[str, str]) -> list[dict[str, Any]]:
                 "params_stored": result.get("params_stored"),
                 "train_seconds": result["train_seconds"],
                 "controllable": method != "weighting",
+                "log": result["log"],
             }
         )
     return entries
@@ -127,7 +126,7 @@ def build_report(run: Path, hashes: dict[str, str]) -> dict[str, Any]:
     search = json.loads((run / "report.json").read_text())
     tasks = search["tasks"]
     base = search["baseline"]
-    entries = _entries(run, hashes)
+    entries = _entries(run, search, hashes)
     directions, excluded = _directions(run, base["metrics"])
     base_losses = np.array(base["losses"])
     for e in entries:
@@ -171,7 +170,7 @@ def build_report(run: Path, hashes: dict[str, str]) -> dict[str, Any]:
         "delta_m_excluded": excluded,
         "methods": summary,
         "comparison": _comparison(summary, search["budgets"]),
-        "transfer_speed": _transfer_speed(run, hashes),
+        "transfer_speed": _transfer_speed(entries),
         "points": {
             e["method"]: [
                 {k: p.get(k) for k in ("label", "preference", "losses")} for p in e["points"]
@@ -211,21 +210,17 @@ def _comparison(summary: dict[str, Any], budgets: list[float]) -> dict[str, Any]
     return out
 
 
-def _transfer_speed(run: Path, hashes: dict[str, str]) -> dict[str, Any] | None:
+def _transfer_speed(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Time to 90% of the final validation HV: the transfer set against the static set
     (K independent models, same batches and steps), each against its own final HV and
     against the better of the two (METHOD.md 3's measure)."""
     from dymu.pareto.transfer import time_to_fraction
 
-    histories = {}
-    for method in ("static", "transfer"):
-        path = run / FOLDER / f"{method}.json"
-        if not path.is_file():
-            return None
-        result = json.loads(path.read_text())
-        if result.get("config_hash") != hashes[method]:
-            return None
-        histories[method] = result["log"]["history"]
+    histories = {
+        e["method"]: e["log"]["history"] for e in entries if e["method"] in ("static", "transfer")
+    }
+    if len(histories) < 2:
+        return None
     best = max(h[-1]["hv"] for h in histories.values())
     return {
         method: {
