@@ -70,6 +70,7 @@ def test_logs_hold_per_step_weights_and_per_epoch_hypervolume(run):
     static = json.loads((run_dir / "baselines" / "static.json").read_text())
     history = static["log"]["history"]
     assert [e["epoch"] for e in history] == [0, 1]
+    assert not list((run_dir / "baselines").glob("*.ckpt.pt"))  # finished sets keep none
     assert all(e["hv"] is not None for e in history)
     report = json.loads((run_dir / "baselines" / "report.json").read_text())
     speed = report["transfer_speed"]

@@ -352,6 +352,71 @@ def test_train_is_deterministic_and_independent_mode_has_no_matrix() -> None:
     assert_state_close(results[0][1], results[1][1], atol=0)
 
 
+def test_train_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
+    """Stopped after epoch 1 and run again, the set ends exactly where one run ends."""
+    import dymu.pareto.transfer as transfer_module
+
+    torch.manual_seed(0)
+    template = TwoHeadNet()
+    batches = [data(seed=s) for s in range(2)]
+    eval_batches = [data(seed=10, batch=8)]
+    kwargs = dict(
+        epochs=3,
+        lr=0.1,
+        optimizer="adam",
+        schedule="cosine",
+        eval_fn=lambda p: evaluate_losses(p, eval_batches, two_task_loss),
+        reference=[3.0, 3.0],
+    )
+    whole = ParetoSet(template, 3)
+    straight = train_pareto_set(whole, PREFS, batches, two_task_loss, **kwargs)
+
+    ckpt = tmp_path / "set.pt"
+    save = transfer_module.save_checkpoint
+
+    def save_then_stop(path, config_hash, step, *args, **extra):
+        save(path, config_hash, step, *args, **extra)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transfer_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_pareto_set(
+            ParetoSet(template, 3),
+            PREFS,
+            batches,
+            two_task_loss,
+            checkpoint=ckpt,
+            checkpoint_hash="h",
+            **kwargs,
+        )
+    monkeypatch.setattr(transfer_module, "save_checkpoint", save)
+    steps = []
+    step = transfer_module.pareto_step
+    monkeypatch.setattr(
+        transfer_module, "pareto_step", lambda *a, **k: steps.append(1) or step(*a, **k)
+    )
+    resumed = ParetoSet(template, 3)
+    again = train_pareto_set(
+        resumed, PREFS, batches, two_task_loss, checkpoint=ckpt, checkpoint_hash="h", **kwargs
+    )
+    assert_state_close(state(resumed), state(whole), atol=1e-6)
+    assert len(steps) == 2 * len(batches)  # epochs 2 and 3 only
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2, 3]
+    np.testing.assert_allclose(
+        [h["hv"] for h in again["history"]], [h["hv"] for h in straight["history"]], atol=1e-6
+    )
+    with pytest.raises(UserError, match="another config"):
+        train_pareto_set(
+            ParetoSet(template, 3),
+            PREFS,
+            batches,
+            two_task_loss,
+            checkpoint=ckpt,
+            checkpoint_hash="other",
+            **kwargs,
+        )
+
+
 def test_train_bad_input() -> None:
     pset = ParetoSet(nn.Linear(2, 2), 2)
     batches = [(torch.zeros(1, 2), torch.zeros(1, 2))]

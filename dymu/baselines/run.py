@@ -13,7 +13,8 @@ Reads a finished search run (its anchor, loss scales and ``report.json``) and tr
 
 Each method is written to ``baselines/<method>.json`` when it finishes and skipped on a
 later call when that file matches the config, so an interrupted call loses at most one
-method. The comparison (:mod:`dymu.baselines.report`) is rebuilt from those files.
+method; the stacked sets also keep their last finished epoch (``<method>.ckpt.pt``) and
+go on from it. The comparison (:mod:`dymu.baselines.report`) is rebuilt from those files.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
 
 FOLDER = "baselines"
+CHECKPOINT_SUFFIX = ".ckpt.pt"
+"""``baselines/<method>.ckpt.pt``: the last finished epoch of a stacked set still training."""
 
 CURVE_REFERENCE = 4.0
 """Per-task reference of the per-epoch validation hypervolume of the stacked sets, in scaled
@@ -164,6 +167,17 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
 
     per_epoch = num_batches(ctx.splits.train, b.batch_size, drop_last=True)
     name = "transfer" if transfer else "static"
+    # Hours on a CPU: every finished epoch is kept, and a later call goes on from there.
+    checkpoint, h = ctx.run_dir / FOLDER / f"{name}{CHECKPOINT_SUFFIX}", method_hash(ctx.cfg, name)
+    if checkpoint.is_file():
+        try:
+            kept = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged file: train from the start
+            kept = {}
+        if isinstance(kept, dict) and kept.get("config_hash") == h:
+            print(f"baselines: {name} goes on after epoch {kept['step']} ({checkpoint})")
+        else:
+            checkpoint.unlink()  # damaged or left by other baselines.* settings
 
     def batches(epoch: int):
         epoch_batches = iterate(
@@ -201,7 +215,10 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
         eval_fn=val_losses,
         reference=[CURVE_REFERENCE] * len(ctx.tasks),
         log=lambda e: tqdm.write(f"{name} epoch {e['epoch']}: validation HV {e['hv']:.4f}"),
+        checkpoint=checkpoint,
+        checkpoint_hash=h,
     )
+    checkpoint.unlink()  # the method's json, written next, now holds the result
     seconds = log["history"][-1]["elapsed_s"]
     points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(ctx.preferences)]
     cost = ctx.cost(pset.model(0))

@@ -34,6 +34,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from torch.func import functional_call, stack_module_state
 from dymu.errors import UserError
 from dymu.evaluate.metrics import hypervolume
 from dymu.registry import Registry
+from dymu.train.checkpoint import load_checkpoint, save_checkpoint
 from dymu.train.loop import lr_lambda
 
 __all__ = [
@@ -603,6 +605,8 @@ def train_pareto_set(
     eval_fn: Callable[[ParetoSet], np.ndarray] | None = None,
     reference: Sequence[float] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_hash: str = "",
 ) -> dict[str, Any]:
     """Train K models on K preference-weighted objectives jointly, recording HV per epoch.
 
@@ -646,6 +650,11 @@ def train_pareto_set(
             held-out split); None records no HV.
         reference: [T] HV reference point; required with ``eval_fn``.
         log: called with each epoch's record as it is made (progress printing).
+        checkpoint: a file written after every epoch (models, optimizer, schedule, history,
+            RNG) and read back when it exists, so an interrupted set of long trainings
+            continues from its last finished epoch with the same result.
+        checkpoint_hash: the settings' hash stored in the checkpoint; a file with another
+            hash is refused (:func:`dymu.train.checkpoint.load_checkpoint`).
 
     Returns:
         ``{"history": [record per epoch], "final_hv", "matrix", "settings"}``; a record is
@@ -717,10 +726,17 @@ def train_pareto_set(
         if log is not None:
             log(entry)
 
-    record({"epoch": 0, "elapsed_s": 0.0})
-    elapsed = 0.0
+    first, elapsed = 1, 0.0
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    if ckpt is not None and ckpt.is_file():
+        state = load_checkpoint(ckpt, checkpoint_hash, "Pareto-set", pset, opt, scheduler)
+        torch.set_rng_state(state["torch_rng"])
+        history.extend(state["history"])
+        first, elapsed = state["step"] + 1, float(state["elapsed"])
+    else:
+        record({"epoch": 0, "elapsed_s": 0.0})
     pset.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
         start = time.perf_counter()
         sums = torch.zeros(k, w.shape[1], dtype=torch.float64)
         steps = 0
@@ -755,6 +771,18 @@ def train_pareto_set(
                 "lr": opt.param_groups[0]["lr"],
             }
         )
+        if ckpt is not None:
+            save_checkpoint(
+                ckpt,
+                checkpoint_hash,
+                epoch,
+                pset,
+                opt,
+                scheduler,
+                history=history,
+                elapsed=elapsed,
+                torch_rng=torch.get_rng_state(),
+            )
     return {
         "history": history,
         "final_hv": history[-1]["hv"],
