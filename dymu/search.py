@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 from safetensors.torch import load_file
 
+from dymu import dist
 from dymu.affinity.estimate import estimate_affinity
 from dymu.affinity.plot import affinity_png
 from dymu.affinity.result import AffinityResult
@@ -89,9 +90,16 @@ def affinity_hash(cfg: Config) -> str:
 
 
 def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or finish) the whole search in ``run_dir``; return the report."""
+    """Run (or finish) the whole search in ``run_dir``; return the report.
+
+    Under ``torchrun`` the three training stages are data-parallel over the ranks; the
+    affinity estimate and the evaluation, short and written once, run on rank 0 while the
+    others wait, then read its files, so every rank returns the same report.
+    """
     run = start_run(cfg, run_dir)
     device = resolve_device(cfg.run.device)
+    dist.setup(device)
+    main = dist.is_main()
     anchor, _ = ensure_anchor(cfg, run, resume=resume)
     builder = get_builder(cfg.data.name)
     train, val, test = (builder.load(cfg.data, s) for s in ("train", "val", "test"))
@@ -100,16 +108,20 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     path = run / "affinity.json"
     result = AffinityResult.load(path) if path.is_file() else None
     if result is None or result.meta.get("config_hash") != h:
-        result = estimate_affinity(anchor.to(device), train, cfg.affinity, device, cfg.run.seed)
-        result.meta["config_hash"] = h
-        result.save(path)
-        affinity_png(result, run / "affinity.png")
+        if main:
+            result = estimate_affinity(anchor.to(device), train, cfg.affinity, device, cfg.run.seed)
+            result.meta["config_hash"] = h
+            result.save(path)
+            affinity_png(result, run / "affinity.png")
+        dist.barrier()
+        result = result if main else AffinityResult.load(path)
     affinity = torch.tensor(result.mean, dtype=torch.float32)
 
     info = builder.info_for(cfg.data)
     size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
     space = anchor_space(anchor.cpu(), size)
-    save_space(space, run / "space.json")
+    if main:
+        save_space(space, run / "space.json")
     n, num_layers = len(anchor.tasks), anchor.num_layers
 
     if _matches(run / EDGE_JSON, stage1_hash(cfg)):
@@ -122,6 +134,8 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         weights = load_weights(run, anchor)
     else:
         weights, _ = train_stage2(cfg, run, anchor, space, edge, train, val, resume=resume)
-    report = evaluate_search(cfg.evaluate, anchor, space, edge, weights, test, device)
-    write_report(run, report, space)
-    return report
+    if main:
+        report = evaluate_search(cfg.evaluate, anchor, space, edge, weights, test, device)
+        write_report(run, report, space)
+    dist.barrier()
+    return report if main else json.loads((run / "report.json").read_text())

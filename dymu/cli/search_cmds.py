@@ -60,10 +60,13 @@ def add_parsers(subparsers: argparse._SubParsersAction, parent: argparse.Argumen
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
+    from dymu import dist
     from dymu.search import run_search
 
     cfg = config_from_args(args)
     report = run_search(cfg, args.run, resume=args.resume)
+    if not dist.is_main():  # under torchrun rank 0 speaks for all
+        return 0
     for b in report["budgets"]:
         k = f"{b:g}"
         print(

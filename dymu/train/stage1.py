@@ -17,6 +17,13 @@ hypernet's gradient at the same cost in images.
 Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory, and every
 ``checkpoint.EVERY`` steps ``stage1/checkpoint.pt``, from which ``resume=True`` continues
 exactly (same draws and batches as an uninterrupted run).
+
+Under ``torchrun`` (:mod:`dymu.dist`) every rank draws the same (r, b) pairs and Gumbel
+noise (generators seeded alike), holds its contiguous part of each global batch, and so
+part of some draws' groups; it weights each group's loss by the share of the group it holds,
+so the ranks' gradients add up to the single-process one (DDP averages them, hence the
+factor ``world`` on the task term; Omega and the budget penalty are the same on every
+rank). Rank 0 alone writes checkpoints and files.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from dymu import dist
 from dymu.config import Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
 from dymu.io import atomic_path, write_json
@@ -59,6 +67,27 @@ CHECKPOINT = "stage1/checkpoint.pt"
 def stage1_hash(cfg: Config) -> str:
     """What the edge hypernet depends on: the anchor, the affinity settings and stage 1."""
     return section_hash(cfg, "affinity", "stage1") + "-" + stage0_hash(cfg)
+
+
+def group_parts(batch_size: int, groups: int, part: dist.Shard) -> list[tuple[int, slice, float]]:
+    """Where each draw's group of a global batch lies in this rank's part of it.
+
+    The global batch of ``batch_size`` images is split into ``groups`` equal consecutive
+    groups (group g runs with draw g); the rank holds the contiguous ``part``.
+
+    Returns:
+        ``(g, local slice, share)`` for every group the rank holds images of: the slice
+        indexes the rank's part, and ``share`` is the fraction of group g it holds, so that
+        ``sum over ranks of share * (mean loss over the held images)`` is the group's mean.
+    """
+    size = batch_size // groups
+    mine = part.part(batch_size)
+    out = []
+    for g in range(groups):
+        lo, hi = max(g * size, mine.start), min((g + 1) * size, mine.stop)
+        if lo < hi:
+            out.append((g, slice(lo - mine.start, hi - mine.start), (hi - lo) / size))
+    return out
 
 
 @torch.no_grad()
@@ -90,6 +119,11 @@ def train_stage1(
     s1 = cfg.stage1
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
+    dist.per_rank_batch(s1.batch_size, "stage1.batch_size")  # fail before any work
+    dist.setup(device)
+    main, part, world = dist.is_main(), dist.shard(), dist.world_size()
+    parts = group_parts(s1.batch_size, s1.draws, part)  # the draws' groups this rank holds
+    mine = part.part(s1.batch_size)
     anchor = anchor.to(device).eval()
     anchor.requires_grad_(False)
     net = MixtureNet(anchor).to(device).eval()
@@ -118,7 +152,8 @@ def train_stage1(
         set_rng_state(rng, state["numpy_rng"])
         gen.set_state(state["torch_rng"])
         first, images, seconds = state["step"], state["images"], state["seconds"]
-        print(f"stage 1: resuming after step {first}/{s1.steps} from {ckpt}")
+        if main:
+            print(f"stage 1: resuming after step {first}/{s1.steps} from {ckpt}")
 
     bar = tqdm(
         range(first, s1.steps),
@@ -127,85 +162,94 @@ def train_stage1(
         desc="stage 1 (edge hypernet)",
         unit="step",
         leave=False,
+        disable=not main,
     )
-    batches = endless(train_ds, s1.batch_size, cfg.run.seed, start=first)
+    batches = endless(train_ds, s1.batch_size, cfg.run.seed, start=first, shard=part)
     last: dict[str, float] = {}
-    for step in bar:
-        tick = time.perf_counter()
-        # G draws of (r, b), one per group of batch_size / G images: [G, N] and [G]
-        rs = torch.tensor(
-            rng.dirichlet([s1.dirichlet] * n, size=s1.draws), dtype=torch.float32, device=device
-        )
-        bs = rng.uniform(low, 1.0, size=s1.draws)
-        b_t = torch.tensor(bs, dtype=torch.float32, device=device)  # [G]
-        logits = edge(rs, b_t)  # [G, L-1, N, N]
-        nu = logits.softmax(-1)
-        cs = edge.frugality(b_t).tolist()  # the paper's knob c implied by each b
-        tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
-        v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
-        batch = to_device(next(batches), device)
-        # Only the anchor runs under autocast; hypernet, losses and Omega stay float32.
-        with prec.autocast():
-            out = net(prec.to_input(batch["image"]), v)  # group g of the batch ran with v[g]
-        out = prec.fp32(out)
-        size = batch["image"].shape[0] // s1.draws
-        l_task = reg = penalty = torch.zeros((), device=device)
-        for g in range(s1.draws):
-            part = slice(g * size, (g + 1) * size)
-            losses = torch.stack([t.loss(out[t.name][part], batch[t.name][part]) for t in tasks])
-            l_task = l_task + task_loss(losses, rs[g], scales) / s1.draws
-            choice = nu[g] if s1.regularise == "alpha" else v[g]
-            term = omega(
-                choice,
-                sym_affinity,
-                rs[g],
-                p_use(nu[g]).detach(),
-                cs[g],
-                lambda_a=s1.lambda_active,
-                lambda_i=s1.lambda_inactive,
+    # Under torchrun: DDP averages the edge hypernet's gradients over the ranks.
+    with dist.data_parallel(edge, device) as hypernet:
+        for step in bar:
+            tick = time.perf_counter()
+            # G draws of (r, b), one per group of batch_size / G images: [G, N] and [G];
+            # the same on every rank (the generators are seeded alike).
+            rs = torch.tensor(
+                rng.dirichlet([s1.dirichlet] * n, size=s1.draws),
+                dtype=torch.float32,
+                device=device,
             )
-            reg = reg + term / s1.draws
-            over = budget_penalty(nu[g], node_flops, head_flops, float(bs[g]), full)
-            penalty = penalty + over / s1.draws
-        loss = l_task + reg + s1.lambda_budget * penalty
-        opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
-        prec.step(opt)
-        sched.step()
-        images += batch["image"].shape[0]
-        seconds += time.perf_counter() - tick
-        last = {
-            "loss": loss.item(),
-            "task": l_task.item(),
-            "omega": reg.item(),
-            "budget": penalty.item(),
-        }
-        if step % 10 == 0:
-            bar.set_postfix(
-                loss=f"{last['loss']:.3f}",
-                tau=f"{tau:.2f}",
-                img_s=f"{images / max(seconds, 1e-9):.0f}",
-            )
-        if (step + 1) % EVERY == 0 and step + 1 < s1.steps:
-            save_checkpoint(
-                ckpt,
-                h,
-                step + 1,
-                edge,
-                opt,
-                sched,
-                numpy_rng=rng_state(rng),
-                torch_rng=gen.get_state(),
-                images=images,
-                seconds=seconds,
-                **prec.state_dict(),
-            )
+            bs = rng.uniform(low, 1.0, size=s1.draws)
+            b_t = torch.tensor(bs, dtype=torch.float32, device=device)  # [G]
+            logits = hypernet(rs, b_t)  # [G, L-1, N, N]
+            nu = logits.softmax(-1)
+            cs = edge.frugality(b_t).tolist()  # the paper's knob c implied by each b
+            tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
+            v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
+            # [G, ...] -> [B, ...] one set per image of the global batch -> this rank's rows
+            v_rows = v.repeat_interleave(s1.batch_size // s1.draws, dim=0)[mine]
+            batch = to_device(next(batches), device)
+            # Only the anchor runs under autocast; hypernet, losses and Omega stay float32.
+            with prec.autocast():
+                out = net(prec.to_input(batch["image"]), v_rows)  # image k ran with v_rows[k]
+            out = prec.fp32(out)
+            l_task = reg = penalty = torch.zeros((), device=device)
+            for g, rows, share in parts:
+                losses = torch.stack(
+                    [t.loss(out[t.name][rows], batch[t.name][rows]) for t in tasks]
+                )
+                l_task = l_task + share * task_loss(losses, rs[g], scales) / s1.draws
+            for g in range(s1.draws):
+                choice = nu[g] if s1.regularise == "alpha" else v[g]
+                term = omega(
+                    choice,
+                    sym_affinity,
+                    rs[g],
+                    p_use(nu[g]).detach(),
+                    cs[g],
+                    lambda_a=s1.lambda_active,
+                    lambda_i=s1.lambda_inactive,
+                )
+                reg = reg + term / s1.draws
+                over = budget_penalty(nu[g], node_flops, head_flops, float(bs[g]), full)
+                penalty = penalty + over / s1.draws
+            # DDP averages over the ranks: world x this rank's share of the task term sums
+            # the ranks' shares; Omega and the penalty are each rank's (equal) own.
+            loss = world * l_task + reg + s1.lambda_budget * penalty
+            opt.zero_grad(set_to_none=True)
+            prec.backward(loss)
+            prec.step(opt)
+            sched.step()
+            images += s1.batch_size
+            seconds += time.perf_counter() - tick
+            if step % 10 == 0 or step + 1 == s1.steps:
+                task = dist.all_reduce_sums({"task": l_task.item()})["task"]  # every rank
+                last = {
+                    "loss": task + reg.item() + s1.lambda_budget * penalty.item(),
+                    "task": task,
+                    "omega": reg.item(),
+                    "budget": penalty.item(),
+                }
+                bar.set_postfix(
+                    loss=f"{last['loss']:.3f}",
+                    tau=f"{tau:.2f}",
+                    img_s=f"{images / max(seconds, 1e-9):.0f}",
+                )
+            if main and (step + 1) % EVERY == 0 and step + 1 < s1.steps:
+                save_checkpoint(
+                    ckpt,
+                    h,
+                    step + 1,
+                    edge,
+                    opt,
+                    sched,
+                    numpy_rng=rng_state(rng),
+                    torch_rng=gen.get_state(),
+                    images=images,
+                    seconds=seconds,
+                    **prec.state_dict(),
+                )
     bar.close()
     prec.release(net)
-    state = {k: v.detach().contiguous().cpu() for k, v in edge.state_dict().items()}
     meta = {"config_hash": h, "tasks": anchor.task_names, "num_layers": num_layers}
-    with atomic_path(Path(run_dir) / EDGE_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
     record = {
         **meta,
         "steps": s1.steps,
@@ -216,6 +260,13 @@ def train_stage1(
         "min_flops_fraction": low,
         "precision": prec.describe(),
     }
-    write_json(Path(run_dir) / EDGE_JSON, record)
-    ckpt.unlink(missing_ok=True)  # the finished weights supersede it
+    if world > 1:
+        record["processes"] = world
+    if main:
+        state = {k: v.detach().contiguous().cpu() for k, v in edge.state_dict().items()}
+        with atomic_path(Path(run_dir) / EDGE_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
+        write_json(Path(run_dir) / EDGE_JSON, record)
+        ckpt.unlink(missing_ok=True)  # the finished weights supersede it
+    dist.barrier()  # the files exist for every rank from here on
     return edge.cpu(), record

@@ -5,6 +5,10 @@ Anchor and edge hypernet are frozen. Each step draws (r, b), derives the hard tr
 on the preference-weighted task loss alone. Writes ``weight_hnet.safetensors`` and
 ``weight_hnet.json``, and every ``checkpoint.EVERY`` steps ``stage2/checkpoint.pt``, from
 which ``resume=True`` continues exactly.
+
+Under ``torchrun`` (:mod:`dymu.dist`) every rank draws the same (r, b), so derives the same
+tree, and trains on its equal part of the global batch; DDP averages the weight hypernet's
+gradients, which is the gradient of the global batch's mean loss. Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from dymu import dist
 from dymu.config import Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, bn_layout
@@ -64,6 +69,9 @@ def train_stage2(
     s2 = cfg.stage2
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
+    dist.per_rank_batch(s2.batch_size, "stage2.batch_size")  # fail before any work
+    dist.setup(device)
+    main, part, world = dist.is_main(), dist.shard(), dist.world_size()
     anchor = anchor.to(device).eval()
     anchor.requires_grad_(False)
     prec.prepare(anchor)  # in place; released after training
@@ -85,9 +93,10 @@ def train_stage2(
         prec.load_state_dict(state)
         set_rng_state(rng, state["numpy_rng"])
         first, seconds = state["step"], state["seconds"]
-        print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
+        if main:
+            print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
     nets: dict[str, TreeNet] = {}
-    batches = endless(train_ds, s2.batch_size, cfg.run.seed + 1, start=first)
+    batches = endless(train_ds, s2.batch_size, cfg.run.seed + 1, start=first, shard=part)
     bar = tqdm(
         range(first, s2.steps),
         initial=first,
@@ -95,56 +104,65 @@ def train_stage2(
         desc="stage 2 (weight hypernet)",
         unit="step",
         leave=False,
+        disable=not main,
     )
     last = 0.0
-    for step in bar:
-        tick = time.perf_counter()
-        r = torch.tensor(rng.dirichlet([s2.dirichlet] * n), dtype=torch.float32, device=device)
-        b = float(rng.uniform(low, 1.0))
-        with torch.no_grad():
-            tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
-        net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
-        batch = to_device(next(batches), device)
-        offsets = weights(r, b)  # the hypernet runs in float32, the tree under autocast
-        with prec.autocast():
-            out = net(prec.to_input(batch["image"]), offsets)
-        out = prec.fp32(out)
-        losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
-        loss = task_loss(losses, r, scales)
-        opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
-        prec.step(opt)
-        sched.step()
-        last = loss.item()
-        seconds += time.perf_counter() - tick
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
-        if (step + 1) % EVERY == 0 and step + 1 < s2.steps:
-            save_checkpoint(
-                ckpt,
-                h,
-                step + 1,
-                weights,
-                opt,
-                sched,
-                numpy_rng=rng_state(rng),
-                seconds=seconds,
-                **prec.state_dict(),
-            )
+    # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
+    with dist.data_parallel(weights, device) as hypernet:
+        for step in bar:
+            tick = time.perf_counter()
+            r = torch.tensor(rng.dirichlet([s2.dirichlet] * n), dtype=torch.float32, device=device)
+            b = float(rng.uniform(low, 1.0))
+            with torch.no_grad():
+                tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+            net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
+            batch = to_device(next(batches), device)
+            offsets = hypernet(r, b)  # the hypernet runs in float32, the tree under autocast
+            with prec.autocast():
+                out = net(prec.to_input(batch["image"]), offsets)
+            out = prec.fp32(out)
+            losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
+            loss = task_loss(losses, r, scales)  # this rank's part of the global batch
+            opt.zero_grad(set_to_none=True)
+            prec.backward(loss)
+            prec.step(opt)
+            sched.step()
+            seconds += time.perf_counter() - tick
+            if step % 10 == 0 or step + 1 == s2.steps:
+                # The global batch's loss: the mean of the ranks' equal parts.
+                last = dist.all_reduce_sums({"loss": loss.item()})["loss"] / world
+                bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
+            if main and (step + 1) % EVERY == 0 and step + 1 < s2.steps:
+                save_checkpoint(
+                    ckpt,
+                    h,
+                    step + 1,
+                    weights,
+                    opt,
+                    sched,
+                    numpy_rng=rng_state(rng),
+                    seconds=seconds,
+                    **prec.state_dict(),
+                )
     bar.close()
     prec.release(anchor)
     meta = {"config_hash": h, "tasks": anchor.task_names}
-    state = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()}
-    with atomic_path(Path(run_dir) / WEIGHT_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
     record = {
         **meta,
         "steps": s2.steps,
         "seconds": round(seconds, 2),
+        "images_per_s": round(s2.steps * s2.batch_size / max(seconds, 1e-9), 1),
         "final_loss": last,
         "distinct_trees": len(nets),
         "precision": prec.describe(),
     }
-    write_json(Path(run_dir) / WEIGHT_JSON, record)
-    ckpt.unlink(missing_ok=True)  # the finished weights supersede it
+    if world > 1:
+        record["processes"] = world
+    if main:
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()}
+        with atomic_path(Path(run_dir) / WEIGHT_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
+        write_json(Path(run_dir) / WEIGHT_JSON, record)
+        ckpt.unlink(missing_ok=True)  # the finished weights supersede it
+    dist.barrier()  # the files exist for every rank from here on
     return weights.cpu(), record
