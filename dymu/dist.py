@@ -238,6 +238,53 @@ def all_reduce_sums(values: Mapping[str, float | Tensor]) -> dict[str, float]:
     return dict(zip(names, flat.tolist(), strict=True))
 
 
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """The mean of ``x`` over all ranks (``x`` itself when not distributed); not
+    differentiable. For values every rank must agree on, such as per-task gradients that a
+    nonlinear weighting combines: combining each rank's own would not give the global step."""
+    if not _initialized() or world_size() == 1:
+        return x
+    y = x.detach().clone(memory_format=torch.contiguous_format)
+    torch_dist.all_reduce(y)
+    return y / world_size()
+
+
+def average_gradients(params) -> None:
+    """Replace every parameter's ``.grad`` by its mean over the ranks, in one collective.
+
+    What DDP does during ``backward``, for trainers whose step is not one ``backward`` of
+    one loss (gradient-combining weightings, hypernets called through ``functional_call``):
+    call it after the gradients are made and before the optimizer step. Every rank must
+    pass the same parameters in the same order; a missing ``.grad`` counts as zeros (and
+    stays missing when it is missing on every rank). No-op when not distributed.
+    """
+    if not _initialized() or world_size() == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    present = torch.tensor(  # [P] 1 where this rank has a gradient
+        [p.grad is not None for p in params], dtype=torch.float64, device=_collective_device()
+    )
+    torch_dist.all_reduce(present)
+    grads = [
+        p.grad if p.grad is not None else torch.zeros_like(p)
+        for p, n in zip(params, present.tolist(), strict=True)
+        if n > 0
+    ]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels], one all-reduce
+    torch_dist.all_reduce(flat)
+    flat /= world_size()
+    i = 0
+    for p, n in zip(params, present.tolist(), strict=True):
+        if n == 0:
+            continue
+        p.grad = flat[i : i + p.numel()].view_as(p).clone()
+        i += p.numel()
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable sum over ranks: y = sum_r x_r on every rank.
 
@@ -369,6 +416,27 @@ def _global_batchnorm(device: torch.device):
 
 
 @contextmanager
+def global_batch(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``module`` with global batch norms and dropouts while the block runs (in place,
+    sharing parameters and buffers; the original modules are put back on exit). Nothing
+    changes when not distributed. :func:`data_parallel` adds DDP on top; use this alone
+    where gradients are averaged by :func:`average_gradients`."""
+    if not is_distributed():
+        yield module
+        return
+    part = shard()
+    swapped = _replace(module, _global_batchnorm(device))
+    swapped += _replace(
+        module, lambda m: GlobalBatchDropout(m.p, part) if type(m) is nn.Dropout else m
+    )
+    try:
+        yield module
+    finally:
+        for parent, name, old in reversed(swapped):
+            setattr(parent, name, old)
+
+
+@contextmanager
 def data_parallel(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """``module`` ready for data-parallel steps while the block runs.
 
@@ -385,17 +453,9 @@ def data_parallel(module: nn.Module, device: torch.device) -> Iterator[nn.Module
     if not is_distributed():
         yield module
         return
-    part = shard()
-    swapped = _replace(module, _global_batchnorm(device))
-    swapped += _replace(
-        module, lambda m: GlobalBatchDropout(m.p, part) if type(m) is nn.Dropout else m
-    )
-    try:
+    with global_batch(module, device):
         ids = [device.index] if device.type == "cuda" else None
         yield nn.parallel.DistributedDataParallel(module, device_ids=ids)
-    finally:
-        for parent, name, old in reversed(swapped):
-            setattr(parent, name, old)
 
 
 def global_count(local: int) -> int:

@@ -15,6 +15,13 @@ Each method is written to ``baselines/<method>.json`` when it finishes and skipp
 later call when that file matches the config, so an interrupted call loses at most one
 method; the stacked sets also keep their last finished epoch (``<method>.ckpt.pt``) and
 go on from it. The comparison (:mod:`dymu.baselines.report`) is rebuilt from those files.
+
+Under ``torchrun`` every method trains data-parallel: each rank holds its part of every
+global batch, batch norms use the global batch, and gradients are averaged over the ranks
+before each step (the gradient-combining weightings combine the global batch's task
+gradients), so the result is the single-process one. The stacked sets then run their models
+in turn (``loop``), PHN's EPO solver is refused, every rank evaluates (the same numbers)
+and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dymu import dist
 from dymu.baselines.shared import train_shared
 from dymu.config import Config, section_hash
 from dymu.errors import UserError
@@ -86,11 +94,13 @@ class _Context:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.run.device)
+        self.part = dist.shard()
         trained = load_run(run_dir)
         self.anchor = trained.anchor
         self.tasks = self.anchor.tasks
         self.anchor_flops = anchor_flops(trained.space)
-        self.specs, self.splits = load_splits(cfg)
+        with dist.main_first():  # rank 0 makes a dataset cache, the others then read it
+            self.specs, self.splits = load_splits(cfg)
         # [T] w_i = 1 / single-task loss: the scales stage 1 used, so objectives match DYMU's.
         edge = json.loads((run_dir / EDGE_JSON).read_text())
         self.scales = torch.tensor(edge["loss_scales"], dtype=torch.float32)
@@ -106,7 +116,9 @@ class _Context:
     def batches(self, seed: int) -> Iterator[dict[str, Tensor]]:
         return (
             to_device(batch, self.device)
-            for batch in endless(self.splits.train, self.cfg.baselines.batch_size, seed)
+            for batch in endless(
+                self.splits.train, self.cfg.baselines.batch_size, seed, shard=self.part
+            )
         )
 
     def val_batches(self) -> Iterator[dict[str, Tensor]]:
@@ -160,8 +172,10 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     b = ctx.cfg.baselines
     prefs = torch.tensor(ctx.preferences, dtype=torch.float32)  # [K, T]
     # One batched computation on a GPU; on a CPU the stacked set runs its models in turn,
-    # which measured faster there (benchmarks/results/transfer_pareto.json).
-    execution = "vmap" if ctx.device.type == "cuda" else "loop"
+    # which measured faster there (benchmarks/results/transfer_pareto.json). Global batch
+    # norms communicate, which vmap cannot batch: data-parallel sets run in turn too.
+    vmap = ctx.device.type == "cuda" and not dist.is_distributed()
+    execution = "vmap" if vmap else "loop"
     pset = ParetoSet(ctx.shared_net(), len(prefs), init="same", execution=execution)
     pset.to(ctx.device)
 
@@ -169,7 +183,7 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     name = "transfer" if transfer else "static"
     # Hours on a CPU: every finished epoch is kept, and a later call goes on from there.
     checkpoint, h = ctx.run_dir / FOLDER / f"{name}{CHECKPOINT_SUFFIX}", method_hash(ctx.cfg, name)
-    if checkpoint.is_file():
+    if checkpoint.is_file() and dist.is_main():
         try:
             kept = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception:  # a damaged file: train from the start
@@ -186,39 +200,51 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
             shuffle=True,
             seed=ctx.cfg.run.seed * 1000 + epoch,
             drop_last=True,
+            shard=ctx.part,
         )
         bar = tqdm(
-            epoch_batches, total=per_epoch, desc=f"{name} epoch {epoch + 1}/{b.epochs}", leave=False
+            epoch_batches,
+            total=per_epoch,
+            desc=f"{name} epoch {epoch + 1}/{b.epochs}",
+            leave=False,
+            disable=not dist.is_main(),
         )
         for batch in bar:
             batch = to_device(batch, ctx.device)
             yield batch["image"], batch
 
+    def show(epoch: dict[str, Any]) -> None:
+        if dist.is_main():
+            tqdm.write(f"{name} epoch {epoch['epoch']}: validation HV {epoch['hv']:.4f}")
+
     def val_losses(model_set) -> np.ndarray:
         val = ((x["image"], x) for x in map(ctx.to_device, ctx.val_batches()))
         return evaluate_losses(model_set, val, ctx.scaled_losses)  # [K, T] ~1 = single-task
 
-    log = train_pareto_set(
-        pset,
-        prefs.to(ctx.device),
-        batches,
-        ctx.scaled_losses,
-        epochs=b.epochs,
-        lr=b.lr,
-        optimizer="adam",
-        weight_decay=1e-4,
-        schedule="cosine",
-        steps_per_epoch=per_epoch,
-        transfer=transfer,
-        neighbours=b.transfer_neighbours,
-        strength=b.transfer_strength,
-        eval_fn=val_losses,
-        reference=[CURVE_REFERENCE] * len(ctx.tasks),
-        log=lambda e: tqdm.write(f"{name} epoch {e['epoch']}: validation HV {e['hv']:.4f}"),
-        checkpoint=checkpoint,
-        checkpoint_hash=h,
-    )
-    checkpoint.unlink()  # the method's json, written next, now holds the result
+    dist.barrier()  # rank 0 has decided whether the checkpoint stays
+    with dist.global_batch(pset.stacked, ctx.device):
+        log = train_pareto_set(
+            pset,
+            prefs.to(ctx.device),
+            batches,
+            ctx.scaled_losses,
+            epochs=b.epochs,
+            lr=b.lr,
+            optimizer="adam",
+            weight_decay=1e-4,
+            schedule="cosine",
+            steps_per_epoch=per_epoch,
+            transfer=transfer,
+            neighbours=b.transfer_neighbours,
+            strength=b.transfer_strength,
+            eval_fn=val_losses,
+            reference=[CURVE_REFERENCE] * len(ctx.tasks),
+            log=show,
+            checkpoint=checkpoint,
+            checkpoint_hash=h,
+        )
+    if dist.is_main():
+        checkpoint.unlink()  # the method's json, written next, now holds the result
     seconds = log["history"][-1]["elapsed_s"]
     points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(ctx.preferences)]
     cost = ctx.cost(pset.model(0))
@@ -242,18 +268,25 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
     model = phn_bn(target, num_tasks=n) if bn_only else ParetoHypernet(target, num_tasks=n)
     model.to(ctx.device)
     tick = time.perf_counter()
-    bar = tqdm(total=ctx.steps(), desc="phn_bn" if bn_only else "phn", unit="step", leave=False)
-    log = train_phn(
-        model,
-        ctx.batches(ctx.cfg.run.seed),
-        ctx.scaled_losses,
-        steps=ctx.steps(),
-        lr=b.lr,
-        solver=b.phn_solver,
-        alpha=b.phn_alpha,
-        seed=ctx.cfg.run.seed,
-        on_step=lambda step, record: bar.update(1),
+    bar = tqdm(
+        total=ctx.steps(),
+        desc="phn_bn" if bn_only else "phn",
+        unit="step",
+        leave=False,
+        disable=not dist.is_main(),
     )
+    with dist.global_batch(target, ctx.device):
+        log = train_phn(
+            model,
+            ctx.batches(ctx.cfg.run.seed),
+            ctx.scaled_losses,
+            steps=ctx.steps(),
+            lr=b.lr,
+            solver=b.phn_solver,
+            alpha=b.phn_alpha,
+            seed=ctx.cfg.run.seed,
+            on_step=lambda step, record: bar.update(1),
+        )
     seconds = time.perf_counter() - tick
     bar.close()
     model.eval()
@@ -335,17 +368,31 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
 
         for name in cfg.baselines.weightings:
             WEIGHTINGS.get(name)  # an unknown strategy fails before anything trains
+    dist.per_rank_batch(cfg.baselines.batch_size, "baselines.batch_size")
+    dist.setup(resolve_device(cfg.run.device))
+    main = dist.is_main()
     folder = ensure_dir(run / FOLDER)
     hashes = {method: method_hash(cfg, method) for method in METHODS}
-    ctx: _Context | None = None
+    todo = []  # decided before anything is written, so that every rank decides alike
     for method in cfg.baselines.methods:
         path = folder / f"{method}.json"
-        h = hashes[method]
-        if path.is_file() and json.loads(path.read_text()).get("config_hash") == h:
-            print(f"baselines: {method} already trained with this config ({path})")
-            continue
+        if path.is_file() and json.loads(path.read_text()).get("config_hash") == hashes[method]:
+            if main:
+                print(f"baselines: {method} already trained with this config ({path})")
+        else:
+            todo.append(method)
+    dist.barrier()
+    ctx: _Context | None = None
+    for method in todo:
         ctx = ctx or _Context(cfg, run)
-        print(f"baselines: training {method}")
+        if main:
+            print(f"baselines: training {method}")
         result = METHODS[method](ctx)
-        write_json(path, {"method": method, "config_hash": h, **result})
-    return build_report(run, hashes)
+        if main:
+            write_json(
+                folder / f"{method}.json",
+                {"method": method, "config_hash": hashes[method], **result},
+            )
+    report = build_report(run, hashes) if main else None
+    dist.barrier()  # every rank returns the report rank 0 wrote
+    return report if main else json.loads((folder / "report.json").read_text())

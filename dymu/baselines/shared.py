@@ -5,6 +5,11 @@ the weighting any entry of :data:`dymu.weighting.WEIGHTINGS`. Task losses are mu
 the scales ``w_i`` (1 / single-task loss, as in stage 1) before the weighting sees them, so
 strategies start from comparable objectives. Optional auxiliary towers (METHOD.md 4) add
 ``gamma * L_t_aux`` to each task's loss and are dropped afterwards.
+
+Under ``torchrun`` every rank trains on its part of each global batch with global batch
+norms; the weighting combines the global batch's task gradients (:mod:`dymu.weighting.base`)
+and the parameters' gradients are averaged over the ranks before each step, so a step is
+the single-process one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dymu import dist
 from dymu.models.shared import SharedNet
 from dymu.models.towers import AuxTowers
 from dymu.train.loop import iterate, num_batches, to_device
@@ -79,41 +85,58 @@ def train_shared(
     log_weights: list[list[float]] = []
     epoch_losses: list[list[float]] = []
     images, seconds = 0, 0.0
-    for epoch in range(epochs):
-        batches = iterate(
-            train_ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True
-        )
-        bar = tqdm(batches, total=per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
-        sums, steps = torch.zeros(len(tasks), dtype=torch.float64), 0
-        for batch in bar:
-            tick = time.perf_counter()
-            batch = to_device(batch, device)
-            image = batch["image"]
-            size = (image.shape[-2], image.shape[-1])
-            feats = net.features(image)
-            out = net.heads_on(feats, size)
-            per_task = [t.loss(out[t.name], batch[t.name]) for t in tasks]
-            if towers is not None:
-                aux = towers.losses({t.name: feats[-1] for t in tasks}, size, batch)
-                per_task = [loss + aux[t.name] for loss, t in zip(per_task, tasks, strict=True)]
-            # A list, not a stacked tensor: each task's backward then visits only its head.
-            losses = [loss * scales[k] for k, loss in enumerate(per_task)]
-            opt.zero_grad(set_to_none=True)
-            # MGDA-UB is the representation ("upper bound") variant by definition; PCGrad
-            # and the tensioner act on the shared parameters, as their papers do.
-            rep = [feats[i] for i in read] if weighting.name == "mgda_ub" else None
-            w = weighting.backward(losses, shared, representation=rep)
-            opt.step()
-            sched.step()
-            seconds += time.perf_counter() - tick
-            images += image.shape[0]
-            log_weights.append([round(float(x), 6) for x in w])
-            sums += torch.stack(losses).detach().double().cpu()
-            steps += 1
-        bar.close()
-        mean = sums / max(steps, 1)
-        weighting.epoch_end(mean.float())
-        epoch_losses.append(mean.tolist())
+    part = dist.shard()
+    trained = [p for m in modules for p in m.parameters()]
+    models = torch.nn.ModuleList(m for m in modules if m is not weighting)  # net, towers
+    with dist.global_batch(models, device):
+        for epoch in range(epochs):
+            batches = iterate(
+                train_ds,
+                batch_size,
+                shuffle=True,
+                seed=seed * 1000 + epoch,
+                drop_last=True,
+                shard=part,
+            )
+            bar = tqdm(
+                batches,
+                total=per_epoch,
+                desc=f"{desc} {epoch + 1}/{epochs}",
+                leave=False,
+                disable=not dist.is_main(),
+            )
+            sums, steps = torch.zeros(len(tasks), dtype=torch.float64), 0
+            for batch in bar:
+                tick = time.perf_counter()
+                batch = to_device(batch, device)
+                image = batch["image"]
+                size = (image.shape[-2], image.shape[-1])
+                feats = net.features(image)
+                out = net.heads_on(feats, size)
+                per_task = [t.loss(out[t.name], batch[t.name]) for t in tasks]
+                if towers is not None:
+                    aux = towers.losses({t.name: feats[-1] for t in tasks}, size, batch)
+                    per_task = [loss + aux[t.name] for loss, t in zip(per_task, tasks, strict=True)]
+                # A list, not a stacked tensor: each task's backward then visits only its head.
+                losses = [loss * scales[k] for k, loss in enumerate(per_task)]
+                opt.zero_grad(set_to_none=True)
+                # MGDA-UB is the representation ("upper bound") variant by definition; PCGrad
+                # and the tensioner act on the shared parameters, as their papers do.
+                rep = [feats[i] for i in read] if weighting.name == "mgda_ub" else None
+                w = weighting.backward(losses, shared, representation=rep)
+                dist.average_gradients(trained)  # DDP's part, after the weighting's
+                opt.step()
+                sched.step()
+                seconds += time.perf_counter() - tick
+                images += dist.global_count(image.shape[0])
+                log_weights.append([round(float(x), 6) for x in w])
+                sums += torch.stack(losses).detach().double().cpu()
+                steps += 1
+            bar.close()
+            sums = dist.all_reduce_mean(sums)  # the global batches' mean losses
+            mean = sums / max(steps, 1)
+            weighting.epoch_end(mean.float())
+            epoch_losses.append(mean.tolist())
     net.eval()
     return {
         "weights": log_weights,

@@ -33,10 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
 
 
 def run_baselines_cmd(args: argparse.Namespace) -> int:
+    from dymu import dist
     from dymu.baselines.run import run_baselines
 
     cfg = config_from_args(args)
     report = run_baselines(cfg, args.run)
+    if not dist.is_main():  # under torchrun rank 0 speaks for all
+        return 0
     for method, row in report["methods"].items():
         print(
             f"{method:>12}: HV {row['hypervolume']:.4f}, delta_m {row['delta_m']:+.2f}%, "

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dymu import dist
 from dymu.errors import UserError
 from dymu.pareto.epo import SOLVERS, EPOSolver, linear_weights, task_gradients
 
@@ -376,6 +377,11 @@ def train_phn(
         raise UserError(f"train_phn: alpha (Dirichlet) must be > 0, got {alpha}")
     if not lr > 0:
         raise UserError(f"train_phn: lr must be > 0, got {lr}")
+    if solver == "epo" and dist.is_distributed():
+        raise UserError(
+            "train_phn: the EPO solver is not data-parallel (its weights would come from each "
+            "process's part of the batch); use solver linear, or run without torchrun"
+        )
     t = model.num_tasks
     device = model.chunk_embed.device
     rng = np.random.default_rng(seed)
@@ -429,6 +435,7 @@ def train_phn(
         else:
             weights = linear_weights(ray)
             (weights * losses).sum().backward()
+        dist.average_gradients(params)  # under torchrun: the global batch's gradient
         optimizer.step()
         record = {
             "ray": ray.tolist(),

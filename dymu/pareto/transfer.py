@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
+from dymu import dist
 from dymu.errors import UserError
 from dymu.evaluate.metrics import hypervolume
 from dymu.registry import Registry
@@ -541,6 +542,7 @@ def pareto_step(
             f"{preferences.shape[1]} tasks"
         )
     (losses * preferences.to(losses.dtype)).sum().backward()  # sum_k F_k
+    dist.average_gradients(pset.parameters())  # under torchrun: the global batch's gradient
     if matrix is not None:
         transfer_(pset, matrix)
     optimizer.step()
@@ -771,7 +773,7 @@ def train_pareto_set(
                 "lr": opt.param_groups[0]["lr"],
             }
         )
-        if ckpt is not None:
+        if ckpt is not None and dist.is_main():
             save_checkpoint(
                 ckpt,
                 checkpoint_hash,

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dymu import dist
 from dymu.errors import RuntimeFailure, UserError
 from dymu.registry import Registry
 from dymu.weighting.min_norm import gram_matrix
@@ -200,16 +201,24 @@ class GradientWeighting(Weighting):
     ) -> Tensor:
         parts, losses = self._split_losses(losses)
         params = _check_shared(self.name, shared)
+        # Under torchrun the coefficients come from the global batch's gradients and losses,
+        # the same on every rank; the trainer then averages the parameters' gradients.
         if representation is None:
             grads, saved = _parameter_grads(parts, params)  # [T, P]
+            grads = dist.all_reduce_mean(grads)  # the global batch's mean loss's gradients
+            gram = gram_matrix(grads)
         else:
             reps = _representations(self.name, representation)
-            grads = _representation_grads(parts, reps)  # [T, Z]
-        gram = gram_matrix(grads).cpu().numpy()
+            grads = _representation_grads(parts, reps)  # [T, Z], this rank's part of the batch
+            # dL_t/dz on rank r is g_t^r / world, and the ranks' z are disjoint: the global
+            # Gram matrix is the ranks' summed Gram matrices over world^2.
+            gram = dist.all_reduce_mean(gram_matrix(grads)) / dist.world_size()
+        losses = dist.all_reduce_mean(losses.detach())
+        gram = gram.cpu().numpy()
         if not np.all(np.isfinite(gram)):
             bad = [t for t in range(self.num_tasks) if not np.isfinite(gram[t, t])]
             raise RuntimeFailure(f"{self.name}: task gradients are not finite (tasks {bad})")
-        coef = self.coefficients(gram, losses.detach().double().cpu().numpy())
+        coef = self.coefficients(gram, losses.double().cpu().numpy())
         weights = torch.as_tensor(coef, dtype=grads.dtype, device=grads.device)
         combined = weights @ grads  # [P] or [Z]
         if representation is None:
