@@ -170,7 +170,8 @@ class Stage0Config:
     val_every: int = 2
     """Validate every this many epochs (and after the last one)."""
     workers: int = 0
-    """DataLoader worker processes for datasets read from files (0 = in the main process)."""
+    """DataLoader worker processes for datasets read from files (0 = in the main process);
+    stages 1 and 2 use the same number."""
     towers: TowersConfig = field(default_factory=TowersConfig)
     """Auxiliary towers on each stream's last layer while it trains (never saved)."""
 

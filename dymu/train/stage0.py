@@ -158,9 +158,9 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             loss_sum = 0.0
             for batch in bar:
                 tick = time.perf_counter()
-                if s0.hflip:
+                batch = to_device(batch, device)  # from pinned memory: asynchronous
+                if s0.hflip:  # on the device; the coins come from the CPU generator
                     batch = random_hflip(batch, tasks, flip_gen, part)
-                batch = to_device(batch, device)
                 loss = sum(objective(batch).values())
                 opt.zero_grad(set_to_none=True)
                 prec.backward(loss)

@@ -164,7 +164,15 @@ def train_stage1(
         leave=False,
         disable=not main,
     )
-    batches = endless(train_ds, s1.batch_size, cfg.run.seed, start=first, shard=part)
+    batches = endless(
+        train_ds,
+        s1.batch_size,
+        cfg.run.seed,
+        start=first,
+        shard=part,
+        workers=cfg.stage0.workers,
+        pin_memory=device.type == "cuda",
+    )
     last: dict[str, float] = {}
     # Under torchrun: DDP averages the edge hypernet's gradients over the ranks.
     with dist.data_parallel(edge, device) as hypernet:

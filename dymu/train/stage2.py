@@ -96,7 +96,15 @@ def train_stage2(
         if main:
             print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
     nets: dict[str, TreeNet] = {}
-    batches = endless(train_ds, s2.batch_size, cfg.run.seed + 1, start=first, shard=part)
+    batches = endless(
+        train_ds,
+        s2.batch_size,
+        cfg.run.seed + 1,
+        start=first,
+        shard=part,
+        workers=cfg.stage0.workers,
+        pin_memory=device.type == "cuda",
+    )
     bar = tqdm(
         range(first, s2.steps),
         initial=first,
