@@ -50,6 +50,7 @@ def add_parsers(subparsers: argparse._SubParsersAction, parent: argparse.Argumen
 
 
 def run_affinity(args: argparse.Namespace) -> int:
+    from dymu import dist
     from dymu.affinity.estimate import estimate_affinity
     from dymu.affinity.plot import affinity_png
     from dymu.data import get_builder
@@ -60,6 +61,8 @@ def run_affinity(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     run = start_run(cfg, args.run)
     anchor, _ = ensure_anchor(cfg, run, resume=args.resume)
+    if not dist.is_main():  # under torchrun stage 0 is shared out; the estimate is rank 0's
+        return 0
     device = resolve_device(cfg.run.device)
     train = get_builder(cfg.data.name).load(cfg.data, "train")
     result = estimate_affinity(anchor.to(device), train, cfg.affinity, device, cfg.run.seed)
