@@ -32,9 +32,9 @@ from dymu.train.loop import iterate, random_hflip
 # noise-sized fraction of the learning rate; SGD passes noise through at its own size.
 TINY = [*_TINY, "stage0.epochs=2", "stage0.optimizer=sgd"]
 
-# Each rank runs this: a fresh stage 0 (joining the process group lazily, as the CLI does),
-# then a resumed one in the same group, with every file write of rank 1 made an error.
-WORKER = textwrap.dedent(
+# What every worker starts with: its output folder and config from the command line, and
+# every file write of a rank other than 0 made an error (dymu writes through atomic_path).
+PREAMBLE = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
@@ -42,9 +42,7 @@ WORKER = textwrap.dedent(
     import torch
 
     import dymu.io, dymu.models.anchor, dymu.train.checkpoint
-    import dymu.train.stage0 as stage0
     from dymu.config import load_config
-    from dymu.run import start_run
     from dymu import dist
 
     torch.set_num_threads(1)
@@ -55,6 +53,16 @@ WORKER = textwrap.dedent(
             raise AssertionError(f"rank {rank} wrote {path}")
         for module in (dymu.io, dymu.models.anchor, dymu.train.checkpoint):
             module.atomic_path = refuse
+    """
+)
+
+# Each rank runs a fresh stage 0 (joining the process group lazily, as the CLI does), then a
+# resumed one in the same group.
+WORKER = PREAMBLE + textwrap.dedent(
+    """
+    import dymu.train.stage0 as stage0
+    from dymu.run import start_run
+
     start_run(cfg, out / "fresh")
     anchor, _ = stage0.train_stage0(cfg, out / "fresh")
     torch.save(anchor.state_dict(), out / f"fresh-rank{rank}.pt")
@@ -135,28 +143,10 @@ def test_two_processes_take_the_single_process_steps(tmp_path, monkeypatch):
 
 # The whole search on each rank: fresh, then resumed from a single-process stage-1
 # checkpoint; rank 1 may write no file.
-SEARCH_WORKER = textwrap.dedent(
+SEARCH_WORKER = PREAMBLE + textwrap.dedent(
     """
-    import json, sys
-    from pathlib import Path
-
-    import torch
-
-    import dymu.io, dymu.models.anchor, dymu.train.checkpoint
-    import dymu.train.stage1, dymu.train.stage2
-    from dymu.config import load_config
     from dymu.search import run_search
-    from dymu import dist
 
-    torch.set_num_threads(1)
-    out, cfg = Path(sys.argv[1]), load_config(None, sys.argv[2:])
-    rank = dist.rank()
-    if rank != 0:
-        def refuse(path):
-            raise AssertionError(f"rank {rank} wrote {path}")
-        for module in (dymu.io, dymu.models.anchor, dymu.train.checkpoint,
-                       dymu.train.stage1, dymu.train.stage2):
-            module.atomic_path = refuse
     for phase in ("fresh", "resumed"):
         report = run_search(cfg, out / phase, resume=phase == "resumed")
         (out / f"{phase}-report-rank{rank}.json").write_text(json.dumps(report))
@@ -221,26 +211,10 @@ def test_two_processes_run_the_single_process_search(tmp_path, monkeypatch, sing
 
 
 # Every baseline on each rank, in a copy of a finished single-process search run.
-BASELINES_WORKER = textwrap.dedent(
+BASELINES_WORKER = PREAMBLE + textwrap.dedent(
     """
-    import json, sys
-    from pathlib import Path
-
-    import torch
-
-    import dymu.io, dymu.train.checkpoint
     from dymu.baselines.run import run_baselines
-    from dymu.config import load_config
-    from dymu import dist
 
-    torch.set_num_threads(1)
-    out, cfg = Path(sys.argv[1]), load_config(None, sys.argv[2:])
-    rank = dist.rank()
-    if rank != 0:
-        def refuse(path):
-            raise AssertionError(f"rank {rank} wrote {path}")
-        for module in (dymu.io, dymu.train.checkpoint):
-            module.atomic_path = refuse
     report = run_baselines(cfg, out / "run")
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))
     dist.teardown()

@@ -7,13 +7,16 @@ the config hash of its stage; a checkpoint from another config is refused with o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from dymu import dist
 from dymu.errors import UserError
-from dymu.io import atomic_path
+from dymu.io import atomic_path, write_json
 
 EVERY = 100
 """Steps between checkpoints of stages 1 and 2 (a few seconds of work at most to redo)."""
@@ -56,6 +59,21 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def write_finished(
+    weights: Path, record_path: Path, module, meta: dict[str, Any], record: dict, ckpt: Path
+) -> None:
+    """A finished stage's files, which supersede its checkpoint: ``module``'s weights as
+    safetensors (``meta`` in the header), the record as JSON, the checkpoint removed. Under
+    torchrun rank 0 writes them and every rank waits until they exist."""
+    if dist.is_main():
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        with atomic_path(weights) as tmp:
+            save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
+        write_json(record_path, record)
+        ckpt.unlink(missing_ok=True)
+    dist.barrier()
 
 
 def rng_state(rng) -> dict[str, Any]:

@@ -28,7 +28,6 @@ rank). Rank 0 alone writes checkpoints and files.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,11 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
-from dymu.io import atomic_path, write_json
 from dymu.losses import budget_penalty, omega, p_use, task_loss
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
@@ -54,6 +51,7 @@ from dymu.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_finished,
 )
 from dymu.train.loop import endless, iterate, to_device
 from dymu.train.precision import Precision
@@ -270,11 +268,6 @@ def train_stage1(
     }
     if world > 1:
         record["processes"] = world
-    if main:
-        state = {k: v.detach().contiguous().cpu() for k, v in edge.state_dict().items()}
-        with atomic_path(Path(run_dir) / EDGE_WEIGHTS) as tmp:
-            save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
-        write_json(Path(run_dir) / EDGE_JSON, record)
-        ckpt.unlink(missing_ok=True)  # the finished weights supersede it
-    dist.barrier()  # the files exist for every rank from here on
+    run_dir = Path(run_dir)
+    write_finished(run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, edge, meta, record, ckpt)
     return edge.cpu(), record

@@ -13,7 +13,6 @@ gradients, which is the gradient of the global batch's mean loss. Rank 0 alone w
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,12 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, bn_layout
-from dymu.io import atomic_path, write_json
 from dymu.losses import task_loss
 from dymu.models.anchor import Anchor
 from dymu.models.treenet import TreeNet
@@ -41,6 +38,7 @@ from dymu.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_finished,
 )
 from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
@@ -166,11 +164,6 @@ def train_stage2(
     }
     if world > 1:
         record["processes"] = world
-    if main:
-        state = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()}
-        with atomic_path(Path(run_dir) / WEIGHT_WEIGHTS) as tmp:
-            save_file(state, str(tmp), metadata={"dymu": json.dumps(meta)})
-        write_json(Path(run_dir) / WEIGHT_JSON, record)
-        ckpt.unlink(missing_ok=True)  # the finished weights supersede it
-    dist.barrier()  # the files exist for every rank from here on
+    run_dir = Path(run_dir)
+    write_finished(run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, weights, meta, record, ckpt)
     return weights.cpu(), record
