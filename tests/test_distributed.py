@@ -82,20 +82,19 @@ def _torchrun(tmp_path, worker: str, overrides: list[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     args = [str(tmp_path / "worker.py"), str(tmp_path / "out"), *overrides]
-    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
-    proc = subprocess.Popen(
-        [*cmd, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+    logs = {name: tmp_path / f"torchrun.{name}" for name in ("stdout", "stderr")}
+    # Output to files, not pipes, and a session of its own: a hang then ends in a kill of
+    # torchrun and its workers after the timeout, whichever of them holds what open.
+    with logs["stdout"].open("w") as out, logs["stderr"].open("w") as err:
+        proc = subprocess.Popen(
+            [*cmd, *args], env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stdout, stderr = (logs[name].read_text() for name in ("stdout", "stderr"))
     assert proc.returncode == 0, stderr[-3000:]
     return stdout
 

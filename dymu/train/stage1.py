@@ -29,6 +29,8 @@ rank). Rank 0 alone writes checkpoints and files.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +40,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.config import Config, section_hash
+from dymu.config import Config, Stage1Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
 from dymu.losses import budget_penalty, omega, p_use, task_loss
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
 from dymu.space.graph import anchor_flops, costs, min_flops
+from dymu.tasks import Task
 from dymu.train.checkpoint import (
     EVERY,
     load_checkpoint,
@@ -88,6 +91,80 @@ def group_parts(batch_size: int, groups: int, part: dist.Shard) -> list[tuple[in
     return out
 
 
+@dataclass(frozen=True)
+class Flops:
+    """The space's FLOPs that the budget penalty needs, on the training device."""
+
+    nodes: torch.Tensor  # [L, N] float64
+    heads: torch.Tensor  # [N] float64
+    full: float  # the anchor's
+    low: float  # the cheapest tree's, as a fraction of the anchor's
+
+    @classmethod
+    def of(cls, space: nx.DiGraph, device: torch.device) -> Flops:
+        node_flops, _, head_flops, _ = costs(space)
+        full = float(anchor_flops(space))
+        return cls(
+            torch.tensor(node_flops, dtype=torch.float64, device=device),
+            torch.tensor(head_flops, dtype=torch.float64, device=device),
+            full,
+            min_flops(space) / full,
+        )
+
+
+def step_terms(
+    out: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    tasks: Sequence[Task],
+    parts: list[tuple[int, slice, float]],
+    s1: Stage1Config,
+    rs: torch.Tensor,
+    bs: np.ndarray,
+    nu: torch.Tensor,
+    v: torch.Tensor,
+    cs: list[float],
+    scales: torch.Tensor,
+    affinity: torch.Tensor,
+    flops: Flops,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three terms of a stage-1 step, each the mean over the G draws.
+
+    Args:
+        out, batch: the network's outputs and the targets for this rank's images.
+        tasks: the anchor's tasks.
+        parts: :func:`group_parts` of the global batch for this rank.
+        s1: the stage-1 config (draws, regulariser, lambdas).
+        rs, bs: [G, N] preferences and [G] budgets of the draws.
+        nu, v: [G, L-1, N, N] parent probabilities and sampled parent weights.
+        cs: [G] the frugality knob c implied by each budget.
+        scales: [N] loss scales w_i; affinity: [N, N] symmetric.
+        flops: the space's FLOPs.
+
+    Returns:
+        ``(L_task, Omega, budget penalty)``; ``L_task`` holds only this rank's shares of
+        the draws' groups (the ranks' values add up to the global one).
+    """
+    l_task = reg = penalty = torch.zeros((), device=rs.device)
+    for g, rows, share in parts:
+        losses = torch.stack([t.loss(out[t.name][rows], batch[t.name][rows]) for t in tasks])
+        l_task = l_task + share * task_loss(losses, rs[g], scales) / s1.draws
+    for g in range(s1.draws):
+        choice = nu[g] if s1.regularise == "alpha" else v[g]
+        term = omega(
+            choice,
+            affinity,
+            rs[g],
+            p_use(nu[g]).detach(),
+            cs[g],
+            lambda_a=s1.lambda_active,
+            lambda_i=s1.lambda_inactive,
+        )
+        reg = reg + term / s1.draws
+        over = budget_penalty(nu[g], flops.nodes, flops.heads, float(bs[g]), flops.full)
+        penalty = penalty + over / s1.draws
+    return l_task, reg, penalty
+
+
 @torch.no_grad()
 def loss_scales(anchor: Anchor, ds, batch_size: int, device: torch.device, batches: int = 4):
     """w_i = 1 / (the anchor's mean loss on task i over a few batches): puts tasks with very
@@ -128,11 +205,8 @@ def train_stage1(
     net.requires_grad_(False)
     prec.prepare(net)  # the anchor's layers, in place; released after training
     n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
-    node_flops, _, head_flops, _ = costs(space)
-    node_flops = torch.tensor(node_flops, dtype=torch.float64, device=device)
-    head_flops = torch.tensor(head_flops, dtype=torch.float64, device=device)
-    full = float(anchor_flops(space))
-    low = min_flops(space) / full
+    flops = Flops.of(space, device)
+    low = flops.low
     torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
     edge = EdgeHypernet(n, num_layers, self_bias=s1.self_bias, min_budget=low).to(device)
     opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
@@ -197,26 +271,9 @@ def train_stage1(
             with prec.autocast():
                 out = net(prec.to_input(batch["image"]), v_rows)  # image k ran with v_rows[k]
             out = prec.fp32(out)
-            l_task = reg = penalty = torch.zeros((), device=device)
-            for g, rows, share in parts:
-                losses = torch.stack(
-                    [t.loss(out[t.name][rows], batch[t.name][rows]) for t in tasks]
-                )
-                l_task = l_task + share * task_loss(losses, rs[g], scales) / s1.draws
-            for g in range(s1.draws):
-                choice = nu[g] if s1.regularise == "alpha" else v[g]
-                term = omega(
-                    choice,
-                    sym_affinity,
-                    rs[g],
-                    p_use(nu[g]).detach(),
-                    cs[g],
-                    lambda_a=s1.lambda_active,
-                    lambda_i=s1.lambda_inactive,
-                )
-                reg = reg + term / s1.draws
-                over = budget_penalty(nu[g], node_flops, head_flops, float(bs[g]), full)
-                penalty = penalty + over / s1.draws
+            l_task, reg, penalty = step_terms(
+                out, batch, tasks, parts, s1, rs, bs, nu, v, cs, scales, sym_affinity, flops
+            )
             # DDP averages over the ranks: world x this rank's share of the task term sums
             # the ranks' shares; Omega and the penalty are each rank's (equal) own.
             loss = world * l_task + reg + s1.lambda_budget * penalty
