@@ -202,7 +202,8 @@ def test_two_processes_run_the_single_process_search(tmp_path, monkeypatch, sing
         _assert_same_weights(got, want, atol=1e-5)
         reports = [json.loads((out / f"{phase}-report-rank{r}.json").read_text()) for r in (0, 1)]
         assert reports[0] == reports[1]  # rank 1 returns what rank 0 wrote
-        assert reports[0]["hypervolume"] == pytest.approx(single["hypervolume"], rel=1e-4)
+        hv = {k: v for k, v in single["hypervolume"].items() if isinstance(v, float)}
+        assert hv and {k: reports[0]["hypervolume"][k] for k in hv} == pytest.approx(hv, rel=1e-4)
         for name in ("edge_hnet.json", "weight_hnet.json"):
             assert json.loads((out / phase / name).read_text())["processes"] == 2
     assert (out / "fresh" / "affinity.json").is_file() and (out / "fresh" / "space.json").is_file()
