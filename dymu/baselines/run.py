@@ -43,7 +43,6 @@ from dymu.baselines.shared import train_shared
 from dymu.config import Config, section_hash
 from dymu.errors import UserError
 from dymu.evaluate.metrics import preference_sweep
-from dymu.evaluate.search import evaluate_model
 from dymu.io import ensure_dir, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.models.shared import SharedNet, build_shared_net
@@ -51,7 +50,7 @@ from dymu.models.towers import build_towers
 from dymu.run import resolve_device
 from dymu.search import load_run
 from dymu.space.graph import anchor_flops
-from dymu.train.loop import endless, iterate, num_batches, to_device
+from dymu.train.loop import endless, evaluate_model, iterate, num_batches, to_device
 from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
 

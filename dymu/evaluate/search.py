@@ -9,13 +9,11 @@ reference point is declared in the report.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from dymu.config import EvaluateConfig
@@ -37,33 +35,12 @@ from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
 from dymu.tasks.delta import delta_m
-from dymu.train.loop import iterate, to_device
+from dymu.train.loop import evaluate_model
 
 
 def evaluate_net(net: TreeNet, offsets, ds, tasks, batch_size: int, device) -> tuple[dict, list]:
     """(metrics per task, mean loss per task) of one tree over a whole split."""
     return evaluate_model(lambda image: net(image, offsets), ds, tasks, batch_size, device)
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: Callable[[Tensor], dict[str, Tensor]], ds, tasks, batch_size: int, device
-) -> tuple[dict, list]:
-    """(metrics per task, mean loss per task) of any multi-task model over a whole split.
-
-    ``model`` maps an image batch to raw outputs keyed by task (already in eval mode).
-    """
-    metrics = {t.name: t.new_metric() for t in tasks}
-    totals, count = torch.zeros(len(tasks), dtype=torch.float64), 0
-    for batch in iterate(ds, batch_size, shuffle=False):
-        batch = to_device(batch, device)
-        out = model(batch["image"])
-        b = batch["image"].shape[0]
-        for k, t in enumerate(tasks):
-            metrics[t.name].update(out[t.name], batch[t.name])
-            totals[k] += float(t.loss(out[t.name], batch[t.name])) * b
-        count += b
-    return {n: m.compute() for n, m in metrics.items()}, (totals / max(count, 1)).tolist()
 
 
 def delta_m_directions(tasks, base_metrics: dict) -> tuple[dict[str, dict[str, bool]], list[str]]:

@@ -181,6 +181,32 @@ def random_hflip(
 
 
 @torch.no_grad()
+def evaluate_model(
+    model: Callable[[Tensor], dict[str, Tensor]],
+    ds: MultiTaskDataset,
+    tasks: Sequence[Task],
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """(metrics per task, mean loss per task) of any multi-task model over a whole split.
+
+    ``model`` maps an image batch to raw outputs keyed by task (already in eval mode);
+    metrics are dataset-level statistics, losses the per-image mean.
+    """
+    metrics = {t.name: t.new_metric() for t in tasks}
+    totals, count = torch.zeros(len(tasks), dtype=torch.float64), 0
+    for batch in iterate(ds, batch_size, shuffle=False, workers=workers):
+        batch = to_device(batch, device)
+        out = model(batch["image"])
+        b = batch["image"].shape[0]
+        for k, t in enumerate(tasks):
+            metrics[t.name].update(out[t.name], batch[t.name])
+            totals[k] += float(t.loss(out[t.name], batch[t.name])) * b
+        count += b
+    return {n: m.compute() for n, m in metrics.items()}, (totals / max(count, 1)).tolist()
+
+
 def evaluate(
     model: nn.Module,
     ds: MultiTaskDataset,
@@ -189,17 +215,12 @@ def evaluate(
     device: torch.device,
     workers: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Every task's metrics over the whole split (dataset-level statistics)."""
+    """Every task's metrics over the whole split, with ``model`` in eval mode meanwhile."""
     was_training = model.training
     model.eval()
-    metrics = {t.name: t.new_metric() for t in tasks}
-    for batch in iterate(ds, batch_size, shuffle=False, workers=workers):
-        batch = to_device(batch, device)
-        out = model(batch["image"])
-        for t in tasks:
-            metrics[t.name].update(out[t.name], batch[t.name])
+    metrics, _ = evaluate_model(model, ds, tasks, batch_size, device, workers)
     model.train(was_training)
-    return {name: m.compute() for name, m in metrics.items()}
+    return metrics
 
 
 def lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
