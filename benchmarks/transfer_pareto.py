@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from dymu.config import DataConfig
 from dymu.data import get_builder
 from dymu.io import write_json
+from dymu.pareto.stacked import ParetoSet
 from dymu.pareto.transfer import (
-    ParetoSet,
     evaluate_losses,
     pareto_step,
     time_to_fraction,

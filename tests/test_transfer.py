@@ -12,8 +12,8 @@ from torch import nn
 
 from dymu.errors import UserError
 from dymu.evaluate.metrics import hypervolume
+from dymu.pareto.stacked import ParetoSet
 from dymu.pareto.transfer import (
-    ParetoSet,
     evaluate_losses,
     pareto_step,
     time_to_fraction,

@@ -4,7 +4,7 @@ Reads a finished search run (its anchor, loss scales and ``report.json``) and tr
 ``RUN/baselines/``, each method named in ``baselines.methods``:
 
 - ``static``: one shared-backbone model per preference of the evaluation sweep, trained on
-  ``sum_i r_i w_i L_i`` (the K models stacked, :class:`dymu.pareto.transfer.ParetoSet`);
+  ``sum_i r_i w_i L_i`` (the K models stacked, :class:`dymu.pareto.stacked.ParetoSet`);
 - ``transfer``: the same K models trained jointly with parameter transfer (METHOD.md 3);
 - ``phn`` / ``phn_bn``: a Pareto hypernetwork generating all, or only the normalisation,
   parameters of the shared model from the preference (METHOD.md 2);
@@ -166,7 +166,8 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     Both modes see the same batches and steps, so their per-epoch validation hypervolumes
     (kept in ``log``) compare transfer against independent training.
     """
-    from dymu.pareto.transfer import ParetoSet, evaluate_losses, train_pareto_set
+    from dymu.pareto.stacked import ParetoSet
+    from dymu.pareto.transfer import evaluate_losses, train_pareto_set
 
     b = ctx.cfg.baselines
     prefs = torch.tensor(ctx.preferences, dtype=torch.float32)  # [K, T]
