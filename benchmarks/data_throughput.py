@@ -46,7 +46,7 @@ from dymu.models.towers import build_towers
 from dymu.tasks import build_task
 from dymu.train.loop import can_pin, iterate, num_batches, random_hflip, to_device
 from dymu.train.precision import Precision
-from dymu.train.stage0 import _Objective, load_splits
+from dymu.train.stage0 import Stage0Objective, load_splits
 
 NYU_SIZE = (288, 384)
 
@@ -135,7 +135,7 @@ def time_step(
         opt = torch.optim.AdamW(trained.parameters(), lr=s0.lr, weight_decay=s0.weight_decay)
     else:
         opt = torch.optim.SGD(trained.parameters(), lr=s0.lr, momentum=0.9)
-    objective = _Objective(stacked, towers, prec)
+    objective = Stage0Objective(stacked, towers, prec)
     batch = to_device(batch, device)
 
     def step() -> None:

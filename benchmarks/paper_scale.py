@@ -51,7 +51,7 @@ from dymu.config import ModelConfig, Stage0Config, Stage1Config, Stage2Config
 from dymu.data.nyuv2 import NYUV2_INFO
 from dymu.dist import WHOLE
 from dymu.errors import UserError
-from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
+from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, bn_layout
 from dymu.io import write_json
 from dymu.losses import task_loss
@@ -59,13 +59,13 @@ from dymu.models.anchor import Anchor, StackedAnchor, build_anchor
 from dymu.models.mixture import MixtureNet, path_weights
 from dymu.models.treenet import TreeNet
 from dymu.space.anchor_space import anchor_space
-from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, load_space, min_flops, save_space
 from dymu.space.tree import TreeSpec
 from dymu.tasks.base import IGNORE_INDEX
 from dymu.train.precision import Precision
-from dymu.train.stage0 import _Objective
-from dymu.train.stage1 import Flops, group_parts, step_terms
+from dymu.train.stage0 import Stage0Objective
+from dymu.train.stage1 import Flops, draw_parents, group_parts, step_terms
+from dymu.train.stage2 import draw_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = (0, 1, 2)
@@ -210,7 +210,7 @@ def stage0_step(
     if impl == "dymu":
         stacked = StackedAnchor(anchor).to(batch["image"].device).train()
         prec.prepare(stacked)
-        objective = _Objective(stacked, None, prec)  # train_stage0's own step objective
+        objective = Stage0Objective(stacked, None, prec)  # train_stage0's own step objective
         opt = torch.optim.AdamW(stacked.parameters(), lr=s0.lr, weight_decay=s0.weight_decay)
 
         def losses() -> dict[str, Tensor]:
@@ -276,41 +276,18 @@ class _Stage1:
         self.index = 0
 
     def __call__(self, forward: Callable[[Tensor, Tensor], dict[str, Tensor]]) -> Tensor:
-        s1, n, device, prec = self.cfg, len(self.tasks), self.batch["image"].device, self.prec
-        rs = torch.tensor(
-            self.rng.dirichlet([s1.dirichlet] * n, size=self.draws),
-            dtype=torch.float32,
-            device=device,
-        )  # [G, N]
-        bs = self.rng.uniform(self.low, 1.0, size=self.draws)
-        b_t = torch.tensor(bs, dtype=torch.float32, device=device)  # [G]
-        logits = self.edge(rs, b_t)  # [G, L-1, N, N]
-        nu = logits.softmax(-1)
-        cs = self.edge.frugality(b_t).tolist()
-        tau = temperature(self.index, s1.temperature, s1.temperature_decay, s1.temperature_every)
-        v = sample_parents(logits, tau, hard=s1.hard, generator=self.gen)  # [G, L-1, N, N]
+        s1, device = self.cfg, self.batch["image"].device
+        d = draw_parents(self.edge, self.edge, s1, self.index, self.low, self.rng, self.gen, device)
         # [G, ...] -> [B, ...]: one set of parent weights per image, as train_stage1 does
-        v_rows = v.repeat_interleave(self.batch["image"].shape[0] // self.draws, dim=0)
+        v_rows = d.v.repeat_interleave(self.batch["image"].shape[0] // self.draws, dim=0)
         out = forward(self.batch["image"], v_rows)
         l_task, reg, penalty = step_terms(  # train_stage1's own loss terms
-            out,
-            self.batch,
-            self.tasks,
-            self.parts,
-            s1,
-            rs,
-            bs,
-            nu,
-            v,
-            cs,
-            self.scales,
-            self.affinity,
-            self.flops,
+            out, self.batch, self.tasks, self.parts, s1, d, self.scales, self.affinity, self.flops
         )
         loss = l_task + reg + s1.lambda_budget * penalty
         self.opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
-        prec.step(self.opt)
+        self.prec.backward(loss)
+        self.prec.step(self.opt)
         self.index += 1
         return loss.detach()
 
@@ -366,13 +343,10 @@ class _Stage2:
         self.fractions: list[float] = []  # FLOPs of each step's tree, fraction of the anchor
 
     def __call__(self, forward: Callable[[TreeSpec, Tensor, dict], dict[str, Tensor]]) -> Tensor:
-        n, device = len(self.tasks), self.batch["image"].device
-        r = torch.tensor(
-            self.rng.dirichlet([self.cfg.dirichlet] * n), dtype=torch.float32, device=device
+        image = self.batch["image"]
+        r, b, tree = draw_tree(
+            self.edge, self.space, self.cfg.dirichlet, self.low, self.rng, image.device
         )
-        b = float(self.rng.uniform(self.low, 1.0))
-        with torch.no_grad():
-            tree = derive_tree(self.edge.alpha(r, b).cpu(), self.space, b)
         self.fractions.append(tree.flops(self.space) / anchor_flops(self.space))
         offsets = self.weights(r, b)
         out = forward(tree, self.batch["image"], offsets)

@@ -58,8 +58,9 @@ def load_splits(cfg: Config) -> tuple[list, Splits]:
     return specs, splits
 
 
-class _Objective(nn.Module):
-    """Every task's loss (plus its tower's, if any) on one batch.
+class Stage0Objective(nn.Module):
+    """Every task's loss (plus its tower's, if any) on one batch: stage 0's training step,
+    public so that benchmarks time exactly the step ``train_stage0`` takes.
 
     All of a step's differentiable work happens in ``forward``, because that is the only
     work whose gradients DistributedDataParallel synchronises. The streams and heads run
@@ -131,7 +132,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     images, seconds = 0, 0.0
     tasks = anchor.tasks
     # Under torchrun: global batch norms and dropouts, in place, until the block ends.
-    with dist.data_parallel(_Objective(stacked, towers, prec), device) as objective:
+    with dist.data_parallel(Stage0Objective(stacked, towers, prec), device) as objective:
         for epoch in range(start, s0.epochs):
             trained.train()
             # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted

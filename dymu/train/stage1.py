@@ -112,17 +112,54 @@ class Flops:
         )
 
 
+@dataclass(frozen=True)
+class Draws:
+    """One step's G draws of (r, b) and the parent weights sampled for them."""
+
+    rs: torch.Tensor  # [G, N] preferences
+    bs: np.ndarray  # [G] budgets
+    nu: torch.Tensor  # [G, L-1, N, N] parent probabilities alpha(r, b)
+    v: torch.Tensor  # [G, L-1, N, N] Gumbel-softmax samples of nu
+    cs: list[float]  # [G] the paper's frugality knob c implied by each b
+    tau: float  # the Gumbel-softmax temperature of this step
+
+
+def draw_parents(
+    hypernet,
+    edge: EdgeHypernet,
+    s1: Stage1Config,
+    step: int,
+    low: float,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    device: torch.device,
+) -> Draws:
+    """Stage 1's draws for one step: G pairs (r ~ Dirichlet, b ~ U(low, 1)), alpha(r, b)
+    from ``hypernet`` (``edge`` itself, or its DDP wrapper), and Gumbel-softmax samples.
+
+    Consumes ``rng`` and ``gen`` in a fixed order, so equal seeds give equal draws on every
+    rank and a resumed run continues the same sequence.
+    """
+    rs = torch.tensor(
+        rng.dirichlet([s1.dirichlet] * edge.num_tasks, size=s1.draws),
+        dtype=torch.float32,
+        device=device,
+    )  # [G, N]
+    bs = rng.uniform(low, 1.0, size=s1.draws)  # [G]
+    b_t = torch.tensor(bs, dtype=torch.float32, device=device)
+    logits = hypernet(rs, b_t)  # [G, L-1, N, N]
+    tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
+    v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
+    return Draws(rs, bs, logits.softmax(-1), v, edge.frugality(b_t).tolist(), tau)
+
+
 def step_terms(
     out: dict[str, torch.Tensor],
     batch: dict[str, torch.Tensor],
     tasks: Sequence[Task],
     parts: list[tuple[int, slice, float]],
     s1: Stage1Config,
-    rs: torch.Tensor,
-    bs: np.ndarray,
-    nu: torch.Tensor,
-    v: torch.Tensor,
-    cs: list[float],
+    draws: Draws,
     scales: torch.Tensor,
     affinity: torch.Tensor,
     flops: Flops,
@@ -134,9 +171,7 @@ def step_terms(
         tasks: the anchor's tasks.
         parts: :func:`group_parts` of the global batch for this rank.
         s1: the stage-1 config (draws, regulariser, lambdas).
-        rs, bs: [G, N] preferences and [G] budgets of the draws.
-        nu, v: [G, L-1, N, N] parent probabilities and sampled parent weights.
-        cs: [G] the frugality knob c implied by each budget.
+        draws: the step's :func:`draw_parents`.
         scales: [N] loss scales w_i; affinity: [N, N] symmetric.
         flops: the space's FLOPs.
 
@@ -144,23 +179,24 @@ def step_terms(
         ``(L_task, Omega, budget penalty)``; ``L_task`` holds only this rank's shares of
         the draws' groups (the ranks' values add up to the global one).
     """
+    rs, nu = draws.rs, draws.nu
     l_task = reg = penalty = torch.zeros((), device=rs.device)
     for g, rows, share in parts:
         losses = torch.stack([t.loss(out[t.name][rows], batch[t.name][rows]) for t in tasks])
         l_task = l_task + share * task_loss(losses, rs[g], scales) / s1.draws
     for g in range(s1.draws):
-        choice = nu[g] if s1.regularise == "alpha" else v[g]
+        choice = nu[g] if s1.regularise == "alpha" else draws.v[g]
         term = omega(
             choice,
             affinity,
             rs[g],
             p_use(nu[g]).detach(),
-            cs[g],
+            draws.cs[g],
             lambda_a=s1.lambda_active,
             lambda_i=s1.lambda_inactive,
         )
         reg = reg + term / s1.draws
-        over = budget_penalty(nu[g], flops.nodes, flops.heads, float(bs[g]), flops.full)
+        over = budget_penalty(nu[g], flops.nodes, flops.heads, float(draws.bs[g]), flops.full)
         penalty = penalty + over / s1.draws
     return l_task, reg, penalty
 
@@ -250,29 +286,18 @@ def train_stage1(
     with dist.data_parallel(edge, device) as hypernet:
         for step in bar:
             tick = time.perf_counter()
-            # G draws of (r, b), one per group of batch_size / G images: [G, N] and [G];
-            # the same on every rank (the generators are seeded alike).
-            rs = torch.tensor(
-                rng.dirichlet([s1.dirichlet] * n, size=s1.draws),
-                dtype=torch.float32,
-                device=device,
-            )
-            bs = rng.uniform(low, 1.0, size=s1.draws)
-            b_t = torch.tensor(bs, dtype=torch.float32, device=device)  # [G]
-            logits = hypernet(rs, b_t)  # [G, L-1, N, N]
-            nu = logits.softmax(-1)
-            cs = edge.frugality(b_t).tolist()  # the paper's knob c implied by each b
-            tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
-            v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
+            # G draws of (r, b), one per group of batch_size / G images; the same on every
+            # rank (the generators are seeded alike).
+            d = draw_parents(hypernet, edge, s1, step, low, rng, gen, device)
             # [G, ...] -> [B, ...] one set per image of the global batch -> this rank's rows
-            v_rows = v.repeat_interleave(s1.batch_size // s1.draws, dim=0)[mine]
+            v_rows = d.v.repeat_interleave(s1.batch_size // s1.draws, dim=0)[mine]
             batch = to_device(next(batches), device)
             # Only the anchor runs under autocast; hypernet, losses and Omega stay float32.
             with prec.autocast():
                 out = net(prec.to_input(batch["image"]), v_rows)  # image k ran with v_rows[k]
             out = prec.fp32(out)
             l_task, reg, penalty = step_terms(
-                out, batch, tasks, parts, s1, rs, bs, nu, v, cs, scales, sym_affinity, flops
+                out, batch, tasks, parts, s1, d, scales, sym_affinity, flops
             )
             # DDP averages over the ranks: world x this rank's share of the task term sums
             # the ranks' shares; Omega and the penalty are each rank's (equal) own.
@@ -293,7 +318,7 @@ def train_stage1(
                 }
                 bar.set_postfix(
                     loss=f"{last['loss']:.3f}",
-                    tau=f"{tau:.2f}",
+                    tau=f"{d.tau:.2f}",
                     img_s=f"{images / max(seconds, 1e-9):.0f}",
                 )
             if main and (step + 1) % EVERY == 0 and step + 1 < s1.steps:

@@ -32,6 +32,7 @@ from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
+from dymu.space.tree import TreeSpec
 from dymu.train.checkpoint import (
     EVERY,
     load_checkpoint,
@@ -51,6 +52,29 @@ CHECKPOINT = "stage2/checkpoint.pt"
 
 def stage2_hash(cfg: Config) -> str:
     return section_hash(cfg, "stage2") + "-" + stage1_hash(cfg)
+
+
+def draw_tree(
+    edge: EdgeHypernet,
+    space: nx.DiGraph,
+    dirichlet: float,
+    low: float,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, float, TreeSpec]:
+    """Stage 2's draw for one step: r ~ Dirichlet, b ~ U(low, 1) and the tree the frozen
+    edge hypernet derives for them (argmax parents, repaired to fit b).
+
+    Returns:
+        ``(r [N], b, tree)``.
+    """
+    r = torch.tensor(
+        rng.dirichlet([dirichlet] * edge.num_tasks), dtype=torch.float32, device=device
+    )
+    b = float(rng.uniform(low, 1.0))
+    with torch.no_grad():
+        tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+    return r, b, tree
 
 
 def train_stage2(
@@ -117,10 +141,7 @@ def train_stage2(
     with dist.data_parallel(weights, device) as hypernet:
         for step in bar:
             tick = time.perf_counter()
-            r = torch.tensor(rng.dirichlet([s2.dirichlet] * n), dtype=torch.float32, device=device)
-            b = float(rng.uniform(low, 1.0))
-            with torch.no_grad():
-                tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+            r, b, tree = draw_tree(edge, space, s2.dirichlet, low, rng, device)
             net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
             batch = to_device(next(batches), device)
             offsets = hypernet(r, b)  # the hypernet runs in float32, the tree under autocast
