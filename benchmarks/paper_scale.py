@@ -242,11 +242,11 @@ def stage0_step(
 
 
 class _Stage1:
-    """Stage 1's step around a forward ``(image, v) -> outputs``; mirrors ``train_stage1``
-    in one process.
+    """Stage 1's step around a forward ``(image, v) -> outputs``, in one process.
 
-    Everything but the image network (draws, Gumbel sampling, task loss, Omega, budget
-    penalty, the edge hypernet's Adam step) is the same code for both implementations.
+    The draws and Gumbel sampling (``draw_parents``) and the loss terms (``step_terms``) are
+    ``train_stage1``'s own functions; everything but the image network is the same code for
+    both implementations.
     The loss scales w_i are 1 (they change no compute) and the affinity is a fixed
     symmetric matrix.
     """
@@ -319,9 +319,9 @@ def stage1_step(
 
 
 class _Stage2:
-    """Stage 2's step around a forward ``(tree, image, offsets) -> outputs``; mirrors
-    ``train_stage2`` (frozen random edge hypernet, derived and repaired tree, BN offsets
-    from the weight hypernet, preference-weighted task loss, Adam)."""
+    """Stage 2's step around a forward ``(tree, image, offsets) -> outputs``: a frozen random
+    edge hypernet, ``train_stage2``'s own draw (``draw_tree``: derived and repaired tree),
+    BN offsets from the weight hypernet, the preference-weighted task loss, Adam."""
 
     def __init__(self, anchor: Anchor, space: nx.DiGraph, batch: Batch, prec: Precision):
         s1, s2 = Stage1Config(), Stage2Config()
@@ -750,8 +750,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "what": (
                     "stage 0 StackedAnchor (grouped convolutions) with train_stage0's "
                     "objective and AdamW; stage 1 MixtureNet (one contraction per layer), "
-                    "losses and step mirroring train_stage1; stage 2 TreeNet with weight-hnet "
-                    "BN offsets, mirroring train_stage2"
+                    "train_stage1's draws and loss terms; stage 2 TreeNet with weight-hnet "
+                    "BN offsets and train_stage2's draws"
                 ),
                 "precision": args.precision,
                 "channels_last": args.channels_last,
