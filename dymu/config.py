@@ -318,6 +318,11 @@ class BaselinesConfig:
     transfer_neighbours: int = 2
     transfer_strength: float = 0.1
     """Weight moved to the neighbours per step at the base learning rate (METHOD.md 3)."""
+    stacked_models: int = 0
+    """How many of the sweep's preferences ``static`` and ``transfer`` train: the first K
+    (0 = all). The sweep is a uniform random draw, so its first K are a uniform sample; the
+    hypervolume of K models is a lower bound of all of them (a point added never lowers a
+    hypervolume), and where the models run in turn (CPUs) training time grows with K."""
     towers: TowersConfig = field(default_factory=TowersConfig)
     """Auxiliary towers on the shared backbone of ``static`` and ``weighting`` models."""
 
@@ -331,6 +336,8 @@ class BaselinesConfig:
                 )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserError(f"config: {prefix}.epochs, batch_size and lr must be > 0")
+        if self.stacked_models < 0:
+            raise UserError(f"config: {prefix}.stacked_models must be >= 0 (0 = the whole sweep)")
         if self.phn_alpha <= 0 or self.transfer_neighbours < 0:
             raise UserError(f"config: {prefix}.phn_alpha must be > 0, transfer_neighbours >= 0")
         if not 0 <= self.transfer_strength <= 1:

@@ -64,8 +64,8 @@ losses (1 = the single-task loss on the training split); generous so early epoch
 
 
 SETTINGS = {
-    "static": (),
-    "transfer": ("transfer_neighbours", "transfer_strength"),
+    "static": ("stacked_models",),
+    "transfer": ("transfer_neighbours", "transfer_strength", "stacked_models"),
     "phn": ("phn_solver", "phn_alpha"),
     "phn_bn": ("phn_solver", "phn_alpha"),
     "weighting": ("weightings", "towers"),
@@ -170,7 +170,9 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     from dymu.pareto.transfer import evaluate_losses, train_pareto_set
 
     b = ctx.cfg.baselines
-    prefs = torch.tensor(ctx.preferences, dtype=torch.float32)  # [K, T]
+    sweep = len(ctx.preferences)
+    chosen = ctx.preferences[: b.stacked_models or sweep]  # the first K of the sweep
+    prefs = torch.tensor(chosen, dtype=torch.float32)  # [K, T]
     # One batched computation on a GPU; on a CPU the stacked set runs its models in turn,
     # which measured faster there (benchmarks/results/transfer_pareto.json). Global batch
     # norms communicate, which vmap cannot batch: data-parallel sets run in turn too.
@@ -246,13 +248,17 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     if dist.is_main():
         checkpoint.unlink()  # the method's json, written next, now holds the result
     seconds = log["history"][-1]["elapsed_s"]
-    points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(ctx.preferences)]
+    points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(chosen)]
     cost = ctx.cost(pset.model(0))
     return {
         "points": points,
         "train_seconds": seconds,
         **cost,
         "params_stored": cost["params"] * len(prefs),
+        "models": len(prefs),
+        "sweep": sweep,
+        # Models that ran in turn cost the same time each: the whole sweep's time follows.
+        "train_seconds_sweep": seconds * sweep / len(prefs) if execution == "loop" else None,
         "log": {"history": log["history"], "execution": execution},
     }
 
@@ -368,6 +374,12 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
 
         for name in cfg.baselines.weightings:
             WEIGHTINGS.get(name)  # an unknown strategy fails before anything trains
+    stacked = {"static", "transfer"} & set(cfg.baselines.methods)
+    if stacked and cfg.baselines.stacked_models > cfg.evaluate.preferences:
+        raise UserError(
+            f"baselines.stacked_models={cfg.baselines.stacked_models} is more than the sweep's "
+            f"{cfg.evaluate.preferences} preferences (evaluate.preferences)"
+        )
     dist.per_rank_batch(cfg.baselines.batch_size, "baselines.batch_size")
     dist.setup(resolve_device(cfg.run.device))
     main = dist.is_main()
