@@ -347,8 +347,11 @@ def _plot(entries: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
             ax.scatter(n[:, i], n[:, j], s=14, marker=markers[k % len(markers)], label=e["label"])
         ax.set_xlabel(f"{tasks[i]} loss / anchor's", fontsize=8)
         ax.set_ylabel(f"{tasks[j]} loss / anchor's", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="upper right")
+    # One legend below the panels, where it hides no point.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 4)
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
     fig.suptitle("every method's points on the test split (lower is better)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
