@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,8 +119,6 @@ def test_a_run_without_a_search_is_refused(tmp_path, capsys):
 def test_part_of_the_sweep_trains_the_same_first_models(run, tmp_path, capsys):
     """``baselines.stacked_models=K``: the static set's first K models, as in the whole set
     (independent models, same batches); the report bounds the ratios."""
-    import shutil
-
     run_dir, common = run
     full = json.loads((run_dir / "baselines" / "static.json").read_text())
     part_dir = tmp_path / "run"

@@ -88,9 +88,12 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
         result = json.loads(path.read_text())
         if result.get("config_hash") != hashes[method]:
             continue
-        label = LABELS[method]
+        subset = None  # a stacked set trained on part of the sweep (baselines.stacked_models)
         if result.get("models", 0) < result.get("sweep", 0):
-            label += f" ({result['models']} of the sweep's {result['sweep']})"
+            subset = {k: result[k] for k in ("models", "sweep", "train_seconds_sweep")}
+        label = LABELS[method]
+        if subset:
+            label += f" ({subset['models']} of the sweep's {subset['sweep']})"
         entries.append(
             {
                 "method": method,
@@ -100,15 +103,7 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
                 "params": result["params"],
                 "params_stored": result.get("params_stored"),
                 "train_seconds": result["train_seconds"],
-                "subset": (
-                    {
-                        "models": result["models"],
-                        "sweep": result["sweep"],
-                        "train_seconds_sweep": result["train_seconds_sweep"],
-                    }
-                    if result.get("models", 0) < result.get("sweep", 0)
-                    else None
-                ),
+                "subset": subset,
                 "controllable": method != "weighting",
                 "log": result["log"],
             }

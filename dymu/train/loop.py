@@ -195,14 +195,15 @@ def evaluate_model(
     metrics are dataset-level statistics, losses the per-image mean.
     """
     metrics = {t.name: t.new_metric() for t in tasks}
-    totals, count = torch.zeros(len(tasks), dtype=torch.float64), 0
+    # Loss sums stay on the device: no host sync per batch (the metrics need none either).
+    totals, count = torch.zeros(len(tasks), dtype=torch.float64, device=device), 0
     for batch in iterate(ds, batch_size, shuffle=False, workers=workers):
         batch = to_device(batch, device)
         out = model(batch["image"])
         b = batch["image"].shape[0]
         for k, t in enumerate(tasks):
             metrics[t.name].update(out[t.name], batch[t.name])
-            totals[k] += float(t.loss(out[t.name], batch[t.name])) * b
+            totals[k] += t.loss(out[t.name], batch[t.name]).double() * b
         count += b
     return {n: m.compute() for n, m in metrics.items()}, (totals / max(count, 1)).tolist()
 
