@@ -207,9 +207,40 @@ class AffinityConfig:
 
 
 @dataclass
+class JointConfig:
+    """The joint stage (METHOD.md 1.9): every stream fine-tuned on trees of the space, so
+    that a cross-task edge feeds its child features it can use; 0 steps skips it."""
+
+    steps: int = 600
+    """Steps of the sandwich (each runs 2 + random_trees trees on one batch)."""
+    batch_size: int = 32
+    lr: float = 3e-4
+    """AdamW learning rate, decayed to 0 by a cosine over the steps."""
+    weight_decay: float = 1e-4
+    random_trees: int = 2
+    """Random trees per step beside the anchor tree and a cheapest tree (the sandwich rule)."""
+    distill: float = 1.0
+    """Weight of the in-place distillation towards the stage-0 anchor's outputs."""
+    hflip: bool = True
+
+    def check(self, prefix: str) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.random_trees < 0:
+            raise UserError(
+                f"config: {prefix}.steps and random_trees must be >= 0, batch_size >= 1"
+            )
+        if self.lr <= 0 or self.distill < 0 or self.weight_decay < 0:
+            raise UserError(f"config: {prefix}.lr must be > 0, distill and weight_decay >= 0")
+
+
+@dataclass
 class Stage1Config:
     """Stage 1: the edge hypernet with the branching-regularised loss (METHOD.md 1.4-1.5)."""
 
+    objective: Literal["budget", "paper"] = "budget"
+    """``budget`` (METHOD.md 1.9): Omega averaged over layers and pairs and scaled by the
+    budget's tightness, FLOPs pulled towards the budget from both sides, and draws that
+    include budget 1 and uniform preferences. ``paper`` (METHOD.md 1.5): summed Omega with
+    the paper's c on L_active only, a FLOPs ceiling, Dirichlet draws only."""
     steps: int = 3000
     """Training steps (the paper: 30k on GPUs; one (r, b) per mini-batch)."""
     batch_size: int = 32
@@ -219,6 +250,14 @@ class Stage1Config:
     """Multiply the learning rate by ``lr_decay`` every this many steps (paper: 14k of 30k)."""
     dirichlet: float = 0.2
     """Preferences r ~ Dirichlet(dirichlet) per draw."""
+    uniform_share: float = 0.3
+    """``objective: budget`` only: the share of draws whose preference is uniform on the
+    simplex (Dirichlet(1), what the evaluation sweep asks) instead of Dirichlet(dirichlet)."""
+    full_budget_share: float = 0.2
+    """``objective: budget`` only: the share of draws at budget 1 exactly."""
+    lambda_under: float = 1.0
+    """``objective: budget`` only: weight of the unspent-budget side of the FLOPs target
+    (relative to ``lambda_budget``'s over-budget side)."""
     draws: int = 4
     """(preference, budget) draws per step, each on batch_size / draws images (the paper: 1;
     more draws average the hypernet's gradient over more of the (r, b) it must serve)."""
@@ -249,6 +288,11 @@ class Stage1Config:
             )
         if self.lr <= 0 or self.dirichlet <= 0 or self.temperature <= 0:
             raise UserError(f"config: {prefix}.lr, dirichlet and temperature must be > 0")
+        for key in ("uniform_share", "full_budget_share"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"config: {prefix}.{key} must be in [0, 1]")
+        if self.lambda_under < 0:
+            raise UserError(f"config: {prefix}.lambda_under must be >= 0")
 
 
 @dataclass
@@ -261,6 +305,13 @@ class Stage2Config:
     lr_decay: float = 0.3
     lr_every: int = 700
     dirichlet: float = 0.2
+    uniform_share: float = 0.3
+    """The share of draws whose preference is uniform on the simplex (as stage 1's)."""
+    full_budget_share: float = 0.2
+    """The share of draws at budget 1 exactly (as stage 1's)."""
+    task_floor: float = 0.2
+    """Loss weights (1 - floor) * r + floor / N instead of r: every task keeps a gradient,
+    so the trees serve tasks the preference weighs little (0 = the paper's r alone)."""
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "lr_every"):
@@ -268,6 +319,9 @@ class Stage2Config:
                 raise UserError(f"config: {prefix}.{key} must be >= 1")
         if self.lr <= 0 or self.dirichlet <= 0:
             raise UserError(f"config: {prefix}.lr and dirichlet must be > 0")
+        for key in ("uniform_share", "full_budget_share", "task_floor"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"config: {prefix}.{key} must be in [0, 1]")
 
 
 @dataclass
@@ -279,6 +333,8 @@ class EvaluateConfig:
     """FLOPs budgets (fractions of the anchor); those below the cheapest tree are skipped."""
     flops_samples: int = 1000
     """Preferences whose derived trees give the FLOPs and params statistics."""
+    cheapest: bool = True
+    """Also evaluate at the cheapest tree's budget (the paper's c = 1), beside ``budgets``."""
     batch_size: int = 64
     seed: int = 0
 
@@ -353,6 +409,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage0: Stage0Config = field(default_factory=Stage0Config)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -31,6 +31,7 @@ from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
 from dymu.run import resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import load_space, save_space
+from dymu.train.joint import JOINT_WEIGHTS, ensure_joint, load_joint
 from dymu.train.stage0 import ANCHOR_WEIGHTS, ensure_anchor, stage0_hash
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
@@ -63,6 +64,7 @@ class TrainedRun:
 
     cfg: Config
     anchor: Anchor
+    """The streams every tree runs on: the joint stage's when it ran, else stage 0's."""
     space: nx.DiGraph
     edge: EdgeHypernet
     weights: WeightHypernet
@@ -71,7 +73,9 @@ class TrainedRun:
 def load_run(run_dir: str | Path) -> TrainedRun:
     """Load a finished ``dymu search`` run; one clear line when an artifact is missing."""
     run = Path(run_dir)
-    needed = ("config.yaml", ANCHOR_WEIGHTS, "space.json", EDGE_WEIGHTS, WEIGHT_WEIGHTS)
+    needed = ["config.yaml", ANCHOR_WEIGHTS, "space.json", EDGE_WEIGHTS, WEIGHT_WEIGHTS]
+    if (run / "config.yaml").is_file() and load_config(run / "config.yaml").joint.steps > 0:
+        needed.insert(2, JOINT_WEIGHTS)
     for name in needed:
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
@@ -79,6 +83,8 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
+    if cfg.joint.steps > 0:
+        anchor = load_joint(anchor, run / JOINT_WEIGHTS)
     space = load_space(run / "space.json")
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
     return TrainedRun(cfg, anchor.eval(), space, edge, load_weights(run, anchor).eval())
@@ -117,6 +123,9 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         result = result if main else AffinityResult.load(path)
     affinity = torch.tensor(result.mean, dtype=torch.float32)
 
+    # The streams the trees run on; `anchor` stays the single-task baseline of delta_m.
+    streams = ensure_joint(cfg, run, anchor, train, val, resume=resume)
+
     info = builder.info_for(cfg.data)
     size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
     space = anchor_space(anchor.cpu(), size)
@@ -128,14 +137,16 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
         edge = load_edge(run, n, num_layers, cfg)
     else:
-        edge, _ = train_stage1(cfg, run, anchor, space, affinity, train, val, resume=resume)
+        edge, _ = train_stage1(cfg, run, streams, space, affinity, train, val, resume=resume)
     if _matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
-        weights = load_weights(run, anchor)
+        weights = load_weights(run, streams)
     else:
-        weights, _ = train_stage2(cfg, run, anchor, space, edge, train, val, resume=resume)
+        weights, _ = train_stage2(cfg, run, streams, space, edge, train, val, resume=resume)
     if main:
-        report = evaluate_search(cfg.evaluate, anchor, space, edge, weights, test, device)
+        report = evaluate_search(
+            cfg.evaluate, streams, space, edge, weights, test, device, baseline=anchor
+        )
         write_report(run, report, space)
     dist.barrier()
     return report if main else json.loads((run / "report.json").read_text())

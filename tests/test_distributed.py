@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,7 +147,7 @@ SEARCH_WORKER = PREAMBLE + textwrap.dedent(
     """
     from dymu.search import run_search
 
-    for phase in ("fresh", "resumed"):
+    for phase in ("fresh", "resumed", "stage2"):
         report = run_search(cfg, out / phase, resume=phase == "resumed")
         (out / f"{phase}-report-rank{rank}.json").write_text(json.dumps(report))
     dist.teardown()
@@ -158,14 +159,18 @@ SEARCH_WORKER = PREAMBLE + textwrap.dedent(
 SEARCH = [*TINY, "stage1.batch_size=6", "stage1.draws=3"]
 
 
-def _hypernets(run) -> dict[str, torch.Tensor]:
+def _weights(run, *names: str) -> dict[str, torch.Tensor]:
+    """The tensors of the named safetensors files of a run, keys prefixed by the file."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(run / "edge_hnet.safetensors"))
-    weights.update(
-        {f"w.{k}": v for k, v in load_file(str(run / "weight_hnet.safetensors")).items()}
-    )
-    return weights
+    return {f"{n}.{k}": v for n in names for k, v in load_file(str(run / n)).items()}
+
+
+# Trained without a discrete choice: the joint stage's trees come from a seeded generator,
+# stage 1 mixes parents softly. Stage 2 trains on argmax trees of the edge hypernet, which
+# float noise of the two-process stage 1 can flip on some CPU, so it is compared only
+# where both ran on the same edge hypernet file (the "stage2" phase).
+CONTINUOUS = ("joint.safetensors", "edge_hnet.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -190,22 +195,31 @@ def test_two_processes_run_the_single_process_search(tmp_path, monkeypatch, sing
         monkeypatch, stage1, lambda: run_search(cfg, tmp_path / "out" / "resumed")
     )
     assert (tmp_path / "out" / "resumed" / stage1.CHECKPOINT).is_file()
+    # The single-process run without its stage 2: the 2 ranks train it on the same edge
+    # hypernet file, so on the same derived trees.
+    shutil.copytree(run, tmp_path / "out" / "stage2")
+    for name in ("weight_hnet.safetensors", "weight_hnet.json", "report.json"):
+        (tmp_path / "out" / "stage2" / name).unlink()
     stdout = _torchrun(tmp_path, SEARCH_WORKER, overrides)
 
     out = tmp_path / "out"
-    want = _hypernets(run)
+    # Float reassociation only (two half-batch gradients summed): measured at most 1.7e-7
+    # after 6 + 4 steps; a group's loss weighted by the wrong share (all of it on each rank)
+    # moves the edge hypernet by 1.3e-4.
     for phase in ("fresh", "resumed"):
-        got = _hypernets(out / phase)
-        # Float reassociation only (two half-batch gradients summed): measured at most
-        # 1.7e-7 after 6 + 4 steps; a group's loss weighted by the wrong share (all of it
-        # on each rank) moves them by 1.3e-4.
-        _assert_same_weights(got, want, atol=1e-5)
+        _assert_same_weights(_weights(out / phase, *CONTINUOUS), _weights(run, *CONTINUOUS), 1e-5)
+        for name in ("joint.json", "edge_hnet.json", "weight_hnet.json"):
+            if phase == "fresh" or name != "joint.json":  # resumed: joint came from 1 process
+                assert json.loads((out / phase / name).read_text())["processes"] == 2
+    name = "weight_hnet.safetensors"
+    _assert_same_weights(_weights(out / "stage2", name), _weights(run, name), atol=1e-4)
+    for phase in ("fresh", "resumed", "stage2"):
         reports = [json.loads((out / f"{phase}-report-rank{r}.json").read_text()) for r in (0, 1)]
         assert reports[0] == reports[1]  # rank 1 returns what rank 0 wrote
-        hv = {k: v for k, v in single["hypervolume"].items() if isinstance(v, float)}
-        assert hv and {k: reports[0]["hypervolume"][k] for k in hv} == pytest.approx(hv, rel=1e-4)
-        for name in ("edge_hnet.json", "weight_hnet.json"):
-            assert json.loads((out / phase / name).read_text())["processes"] == 2
+    # Evaluated on the same trees, the hypervolumes agree (the baseline is stage 0's).
+    hv = {k: v for k, v in single["hypervolume"].items() if isinstance(v, float)}
+    got = json.loads((out / "stage2-report-rank0.json").read_text())["hypervolume"]
+    assert hv and {k: got[k] for k in hv} == pytest.approx(hv, rel=1e-3)
     assert (out / "fresh" / "affinity.json").is_file() and (out / "fresh" / "space.json").is_file()
     assert "stage 1: resuming after step 2/6" in stdout
 
@@ -231,8 +245,6 @@ BASELINES = [
 
 
 def test_two_processes_train_the_single_process_baselines(tmp_path, single_search):
-    import shutil
-
     from dymu.baselines.run import run_baselines
 
     search, overrides, _ = single_search
@@ -258,9 +270,11 @@ def test_two_processes_train_the_single_process_baselines(tmp_path, single_searc
             )
     single = json.loads((tmp_path / "single" / "baselines" / "weighting.json").read_text())
     two = json.loads((out / "run" / "baselines" / "weighting.json").read_text())
-    for name in ("mgda_ub", "tensioner"):  # the coefficients of every step (measured 1.8e-4)
+    # The coefficients of every step: measured 1.8e-4 on one CPU and 2.3e-3 on another
+    # (the min-norm solve magnifies the gradients' reassociation noise).
+    for name in ("mgda_ub", "tensioner"):
         np.testing.assert_allclose(
-            two["log"][name]["weights"], single["log"][name]["weights"], atol=1e-3
+            two["log"][name]["weights"], single["log"][name]["weights"], atol=1e-2
         )
     # PCGrad's coefficients are ill-conditioned where gradients nearly cancel (its combined
     # gradient is not): after the first step, 1e-7 differences grow to 3e-2 in them.

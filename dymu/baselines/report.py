@@ -21,6 +21,7 @@ from dymu.config import BASELINE_METHODS
 from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point, uniformity
 from dymu.io import save_figure, write_json, write_text
 from dymu.tasks.delta import delta_m
+from dymu.train.joint import JOINT_JSON
 from dymu.train.stage0 import ANCHOR_JSON
 from dymu.train.stage1 import EDGE_JSON
 from dymu.train.stage2 import WEIGHT_JSON
@@ -50,6 +51,8 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
         json.loads((run / EDGE_JSON).read_text())["seconds"],
         json.loads((run / WEIGHT_JSON).read_text())["seconds"],
     ]
+    if (run / JOINT_JSON).is_file():  # the joint stage, where it ran
+        stage_seconds.insert(1, json.loads((run / JOINT_JSON).read_text())["seconds"])
     anchor_params = _stored_params(run, "anchor.safetensors")
     stored = anchor_params + _stored_params(run, "edge_hnet.safetensors", "weight_hnet.safetensors")
     entries = []
@@ -149,7 +152,7 @@ def build_report(run: Path, hashes: dict[str, str]) -> dict[str, Any]:
             "points": len(e["points"]),
             "hypervolume": hypervolume(e["normalised"], ref),
             "uniformity": (
-                uniformity(np.array([p["losses"] for p in e["points"]]), np.array(prefs))
+                uniformity(e["normalised"], np.array(prefs))
                 if e["controllable"] and None not in prefs
                 else None
             ),

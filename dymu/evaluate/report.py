@@ -21,9 +21,13 @@ EXPLAIN = """\
   the declared reference point (1.1 x the worst normalised loss over all budgets). Larger
   is better; comparable only under the same reference point.
 - **uniformity**: mean over the sweep of 1 - KL(Lhat || uniform), Lhat_j = r_j L_j /
-  sum_i r_i L_i (natural log); 1 = losses exactly in proportion to the preference.
+  sum_i r_i L_i with L_j the loss divided by the anchor's own (natural log); 1 = normalised
+  losses exactly in proportion to the preference.
 - **delta_m**: mean relative change (%) of every task's metrics against the single-task
-  anchor, averaged per task first; positive = better than single-task.
+  anchor (the independent stage-0 streams), averaged per task first; positive = better
+  than single-task. **weighted**: the per-task changes weighted by the preference, i.e.
+  what the user who asked for that preference gets. The budget equal to the cheapest
+  tree's FLOPs (the paper's c = 1) is evaluated beside the configured ones.
 - **controllability**: per task, Spearman correlation between the weight the task is given
   and its (normalised) primary metric over the sweep; positive = more weight, better task.
 - **flops**: statistics of the derived trees' FLOPs fraction over many preferences;
@@ -107,14 +111,16 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
             "",
         ]
     lines += [
-        "| budget | hypervolume | uniformity | delta_m % | FLOPs mean | adherence | trees |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| budget | hypervolume | uniformity | delta_m % | weighted % | FLOPs mean | adherence "
+        "| trees |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b in report["budgets"]:
         k = f"{b:g}"
         lines.append(
             f"| {k} | {report['hypervolume'][k]:.4f} | {report['uniformity'][k]:.3f} | "
-            f"{report['delta_m'][k]:+.2f} | {report['flops'][k]['mean']:.3f} | "
+            f"{report['delta_m'][k]:+.2f} | {report['delta_m_weighted'][k]:+.2f} | "
+            f"{report['flops'][k]['mean']:.3f} | "
             f"{report['budget_adherence'][k]:.3f} | {report['distinct_trees'][k]} |"
         )
     lines += [
@@ -126,7 +132,8 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
     ]
     for b in report["budgets"]:
         k = f"{b:g}"
-        vals = " | ".join(f"{report['controllability'][k][t]:+.2f}" for t in report["tasks"])
+        scores = report["controllability"][k]
+        vals = " | ".join(f"{scores[t]:+.2f}" if t in scores else "-" for t in report["tasks"])
         lines.append(f"| {k} | {vals} |")
     lines += [
         "",

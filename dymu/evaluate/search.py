@@ -34,7 +34,7 @@ from dymu.models.treenet import TreeNet
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
-from dymu.tasks.delta import delta_m
+from dymu.tasks.delta import delta_m, delta_m_per_task
 from dymu.train.loop import evaluate_model
 
 
@@ -63,6 +63,19 @@ def delta_m_directions(tasks, base_metrics: dict) -> tuple[dict[str, dict[str, b
     return directions, excluded
 
 
+def weighted_delta_m(
+    metrics: dict, base_metrics: dict, directions: dict, r, task_names: list[str]
+) -> float:
+    """Preference-weighted delta_m: sum_t r_t delta_t over the tasks in ``directions``, with
+    r (ordered as ``task_names``) renormalised over them; what a user who asked for r gains
+    or loses."""
+    per_task = delta_m_per_task(metrics, base_metrics, directions)
+    names = list(directions)
+    weights = np.array([r[task_names.index(t)] for t in names], dtype=np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(names), 1 / len(names))
+    return float(sum(w * per_task[t] for w, t in zip(weights, names, strict=True)))
+
+
 @torch.no_grad()
 def evaluate_search(
     cfg: EvaluateConfig,
@@ -72,14 +85,23 @@ def evaluate_search(
     weights: WeightHypernet,
     test_ds,
     device: torch.device,
+    baseline: Anchor | None = None,
 ) -> dict[str, Any]:
-    """The report's numbers (see ``report.md`` for what each key means)."""
+    """The report's numbers (see ``report.md`` for what each key means).
+
+    ``anchor`` holds the streams the trees run on; ``baseline`` the independent stage-0
+    streams whose anchor tree is the single-task yardstick of delta_m and of the normalised
+    losses (``anchor`` itself when None: no joint stage ran).
+    """
     anchor, edge, weights = anchor.to(device).eval(), edge.to(device).eval(), weights.to(device)
+    baseline = anchor if baseline is None else baseline.to(device).eval()
     tasks, n = anchor.tasks, len(anchor.tasks)
     full, low = anchor_flops(space), min_flops(space) / anchor_flops(space)
     budgets = [b for b in cfg.budgets if b * full >= min_flops(space)]
+    if cfg.cheapest and low not in budgets:  # the paper's c = 1: the cheapest tree's budget
+        budgets = sorted([low, *budgets])
     prefs = preference_sweep(n, cfg.preferences, cfg.seed)
-    base_net = TreeNet(anchor, TreeSpec.no_sharing(n, anchor.num_layers))
+    base_net = TreeNet(baseline, TreeSpec.no_sharing(n, anchor.num_layers))
     base_metrics, base_losses = evaluate_net(base_net, None, test_ds, tasks, cfg.batch_size, device)
     directions, excluded = delta_m_directions(tasks, base_metrics)
     primary = [t.primary_metric for t in tasks]
@@ -103,6 +125,9 @@ def evaluate_search(
                     "losses": losses,
                     "metrics": metrics,
                     "delta_m": delta_m(metrics, base_metrics, directions),
+                    "delta_m_weighted": weighted_delta_m(
+                        metrics, base_metrics, directions, r, anchor.task_names
+                    ),
                 }
             )
             bar.update(1)
@@ -121,8 +146,11 @@ def evaluate_search(
         "hypervolume": {"reference_point": ref.tolist(), "objectives": "test loss / anchor's"},
         "uniformity": {},
         "delta_m": {},
+        "delta_m_weighted": {},
         "delta_m_excluded": excluded,
         "controllability": {},
+        "controllability_excluded": [t for t, m in zip(anchor.task_names, primary, strict=True)
+                                     if m not in directions.get(t, {})],
         "flops": {},
         "budget_adherence": {},
         "distinct_trees": {},
@@ -138,14 +166,23 @@ def evaluate_search(
                 for i in idx
             ]
         )
-        hib = [directions[t.name][m] for t, m in zip(tasks, primary, strict=True)]
+        # A task whose primary metric has no relative change (a zero baseline) has no
+        # direction to rank by: it is listed in controllability_excluded, not scored.
+        keep = [k for k, m in enumerate(primary) if m in directions.get(tasks[k].name, {})]
+        hib = [directions[tasks[k].name][primary[k]] for k in keep]
         key = f"{b:g}"
         report["hypervolume"][key] = hypervolume(norm[idx], ref)
-        report["uniformity"][key] = uniformity(losses, prefs)
+        # On losses normalised by the single-task ones (metrics.uniformity's contract), so
+        # that no task's loss scale dominates.
+        report["uniformity"][key] = uniformity(norm[idx], prefs)
         report["delta_m"][key] = float(np.mean([rows[i]["delta_m"] for i in idx]))
-        report["controllability"][key] = dict(
-            zip(anchor.task_names, controllability(perf, prefs, hib).tolist(), strict=True)
+        report["delta_m_weighted"][key] = float(
+            np.mean([rows[i]["delta_m_weighted"] for i in idx])
         )
+        scores = controllability(perf[:, keep], prefs[:, keep], hib) if keep else []
+        report["controllability"][key] = {
+            anchor.task_names[k]: float(v) for k, v in zip(keep, scores, strict=True)
+        }
         report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
         # FLOPs over many preferences: trees only, no evaluation needed.
         many = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dymu.losses.branching import (
     active_mask,
     budget_penalty,
+    budget_target,
     expected_flops,
     l_active,
     l_inactive,
     omega,
+    omega_budget,
     p_use,
     task_loss,
 )
@@ -16,10 +18,12 @@ from dymu.losses.branching import (
 __all__ = [
     "active_mask",
     "budget_penalty",
+    "budget_target",
     "expected_flops",
     "l_active",
     "l_inactive",
     "omega",
+    "omega_budget",
     "p_use",
     "task_loss",
 ]

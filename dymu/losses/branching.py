@@ -98,7 +98,13 @@ def _sq_dists(v: Tensor) -> Tensor:
 
 
 def l_active(
-    v: Tensor, A: Tensor, r: Tensor, p_use_detached: Tensor, tau: float | None = None
+    v: Tensor,
+    A: Tensor,
+    r: Tensor,
+    p_use_detached: Tensor,
+    tau: float | None = None,
+    *,
+    mean: bool = False,
 ) -> Tensor:
     """Sharing pressure between similar active tasks, ``L_active`` (METHOD 1.5).
 
@@ -115,6 +121,8 @@ def l_active(
         r: [N] preference (defines the active set).
         p_use_detached: [L, N] ``p_use(nu)``, normally detached (METHOD's choice).
         tau: activity threshold (default ``0.6 / N``).
+        mean: divide by the number of layers and of ordered active pairs (METHOD 1.9), so
+            the term stays on the scale of one pair at one layer whatever N and L are.
 
     Returns:
         Scalar (0 with fewer than two active tasks).
@@ -131,10 +139,13 @@ def l_active(
     pu = p_use_detached[1:]  # [L-1, N]: P_use of the nodes that choose parents
     both = pu[:, :, None] * pu[:, None, :]  # [L-1, N, N]: P(l, i, j)
     w = depth_w[:, None, None] * (A * pair)[None] * both  # [L-1, N, N]
-    return (w * _sq_dists(v)).sum()
+    total = (w * _sq_dists(v)).sum()
+    if not mean:
+        return total
+    return total / ((num_layers - 1) * pair.sum().clamp_min(1.0))
 
 
-def l_inactive(v: Tensor, r: Tensor, tau: float | None = None) -> Tensor:
+def l_inactive(v: Tensor, r: Tensor, tau: float | None = None, *, mean: bool = False) -> Tensor:
     """Inactive tasks copy their nearest active task's branching, ``L_inactive`` (METHOD 1.5).
 
         L_inactive = sum_{l=1}^{L-1} sum_{j inactive} min_{i active} ||v[l, i] - v[l, j]||^2
@@ -143,6 +154,7 @@ def l_inactive(v: Tensor, r: Tensor, tau: float | None = None) -> Tensor:
         v: [L-1, N, N] parent weights used.
         r: [N] preference.
         tau: activity threshold (default ``0.6 / N``).
+        mean: divide by the number of layers and of inactive tasks (METHOD 1.9).
 
     Returns:
         Scalar (0 when no task is inactive or none is active).
@@ -152,7 +164,8 @@ def l_inactive(v: Tensor, r: Tensor, tau: float | None = None) -> Tensor:
     if bool(act.all()) or not bool(act.any()):
         return v.sum() * 0.0  # keeps the graph and the dtype
     d = _sq_dists(v)[:, act][:, :, ~act]  # [L-1, N_active, N_inactive]
-    return d.min(dim=1).values.sum()
+    total = d.min(dim=1).values.sum()
+    return total / (d.shape[0] * d.shape[2]) if mean else total
 
 
 def omega(
@@ -183,6 +196,62 @@ def omega(
         Scalar.
     """
     return c * lambda_a * l_active(v, A, r, p_use_detached, tau) + lambda_i * l_inactive(v, r, tau)
+
+
+def omega_budget(
+    v: Tensor,
+    A: Tensor,
+    r: Tensor,
+    p_use_detached: Tensor,
+    pressure: float,
+    lambda_a: float = 1.0,
+    lambda_i: float = 0.1,
+    tau: float | None = None,
+) -> Tensor:
+    """dymu's branching regulariser for an absolute budget (METHOD 1.9, ``objective: budget``).
+
+        Omega_b = pressure * (lambda_A * mean L_active + lambda_I * mean L_inactive)
+
+    Means over layers and pairs (or inactive tasks) instead of sums keep Omega on the scale
+    of the normalised task term (~1 at the anchor) whatever N and L are; ``pressure`` is the
+    budget's tightness ``(1 - b) / (1 - b_min)`` in [0, 1], so sharing is pushed hard at the
+    cheapest tree's budget and not at all at b = 1, where the anchor tree is feasible.
+
+    Args:
+        v, A, r, p_use_detached, tau: as in :func:`omega`.
+        pressure: the budget's tightness in [0, 1].
+        lambda_a: weight of the mean ``L_active``.
+        lambda_i: weight of the mean ``L_inactive``.
+
+    Returns:
+        Scalar.
+    """
+    active = l_active(v, A, r, p_use_detached, tau, mean=True)
+    inactive = l_inactive(v, r, tau, mean=True)
+    return pressure * (lambda_a * active + lambda_i * inactive)
+
+
+def budget_target(
+    nu: Tensor,
+    node_flops: Tensor,
+    head_flops: Tensor,
+    budget: float,
+    anchor_flops: float,
+    under: float,
+) -> Tensor:
+    """Two-sided pull of the expected FLOPs fraction towards the budget (METHOD 1.9).
+
+        relu(f - b) ** 2 + under * relu(b - f) ** 2,   f = E[FLOPs] / anchor_flops
+
+    The first part is :func:`budget_penalty` (over the budget); ``under`` > 0 also charges
+    for compute left unspent, so the budget is a target rather than a ceiling alone. The
+    derived tree is repaired to fit after the argmax, so ``under`` may be small.
+
+    Returns:
+        Scalar.
+    """
+    frac = expected_flops(nu, node_flops, head_flops) / anchor_flops
+    return torch.relu(frac - budget) ** 2 + under * torch.relu(budget - frac) ** 2
 
 
 def expected_flops(nu: Tensor, node_flops: Tensor, head_flops: Tensor) -> Tensor:

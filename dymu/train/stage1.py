@@ -1,18 +1,19 @@
 """Stage 1: train the edge hypernet on the frozen anchor (METHOD.md 1.4-1.5, DESIGN "Budget").
 
-Each step draws ``stage1.draws`` pairs of a preference r ~ Dirichlet(0.2) and a budget
-b ~ U(min, 1) (the cheapest tree's share of the anchor's FLOPs up to the anchor), one per
-equal group of the batch. For each pair it samples parent weights with Gumbel-softmax from
-the hypernet's alpha(r, b), runs its group through the anchor with those parent mixtures
-(:class:`~dymu.models.mixture.MixtureNet`) and takes
+Each step draws ``stage1.draws`` pairs of a preference r and a budget b, one per equal
+group of the batch (:func:`draw_preferences_budgets`). For each pair it samples parent
+weights with Gumbel-softmax from the hypernet's alpha(r, b), runs its group through the
+anchor with those parent mixtures (:class:`~dymu.models.mixture.MixtureNet`) and takes
 
-    sum_i r_i w_i L_i  +  Omega(c)  +  lambda_b * relu(E[FLOPs] / FLOPs(anchor) - b)^2,
+    sum_i r_i w_i L_i  +  Omega  +  lambda_b * FLOPs term,
 
-with w_i = 1 / (anchor's own loss on task i), Omega the branching regulariser with the
-affinity matrix (on alpha, or on the samples with ``regularise: samples``), and
-c = (1 - b) / (1 - min) the paper's frugality knob implied by b; the step minimises the
-mean over the pairs. The paper draws one pair per step; several lower the variance of the
-hypernet's gradient at the same cost in images.
+with w_i = 1 / (anchor's own loss on task i) and c = (1 - b) / (1 - min) the paper's
+frugality knob implied by b. ``objective: budget`` (the default, METHOD.md 1.9): Omega is
+the mean-normalised regulariser times c (no sharing pressure at b = 1) and the FLOPs term
+pulls E[FLOPs] towards b from both sides. ``objective: paper`` (METHOD.md 1.5): Omega with
+c on L_active only, and a one-sided FLOPs ceiling. Omega compares alpha, or the samples
+with ``regularise: samples``; the step minimises the mean over the pairs. The paper draws
+one pair per step; several lower the variance of the hypernet's gradient.
 
 Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory, and every
 ``checkpoint.EVERY`` steps ``stage1/checkpoint.pt``, from which ``resume=True`` continues
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from dymu import dist
 from dymu.config import Config, Stage1Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
-from dymu.losses import budget_penalty, omega, p_use, task_loss
+from dymu.losses import budget_penalty, budget_target, omega, omega_budget, p_use, task_loss
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
@@ -58,7 +59,8 @@ from dymu.train.checkpoint import (
 )
 from dymu.train.loop import endless, iterate, to_device
 from dymu.train.precision import Precision
-from dymu.train.stage0 import stage0_hash
+from dymu.train.scales import loss_scales
+from dymu.train.joint import trees_hash
 
 EDGE_WEIGHTS = "edge_hnet.safetensors"
 EDGE_JSON = "edge_hnet.json"
@@ -66,8 +68,9 @@ CHECKPOINT = "stage1/checkpoint.pt"
 
 
 def stage1_hash(cfg: Config) -> str:
-    """What the edge hypernet depends on: the anchor, the affinity settings and stage 1."""
-    return section_hash(cfg, "affinity", "stage1") + "-" + stage0_hash(cfg)
+    """What the edge hypernet depends on: the streams it runs on (stage 0's, tuned by the
+    joint stage when it runs), the affinity settings and stage 1."""
+    return section_hash(cfg, "affinity", "stage1") + "-" + trees_hash(cfg)
 
 
 def group_parts(batch_size: int, groups: int, part: dist.Shard) -> list[tuple[int, slice, float]]:
@@ -124,6 +127,29 @@ class Draws:
     tau: float  # the Gumbel-softmax temperature of this step
 
 
+def draw_preferences_budgets(
+    s1: Stage1Config, num_tasks: int, low: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """G pairs (r [G, N], b [G]) for one step.
+
+    ``objective: paper``: r ~ Dirichlet(dirichlet), b ~ U(low, 1). ``objective: budget``
+    mixes in what the evaluation asks for (METHOD.md 1.9): a share ``uniform_share`` of the
+    preferences is uniform on the simplex, and a share ``full_budget_share`` of the budgets
+    is exactly 1. Both kinds are drawn every time (and then picked), so the generator's
+    sequence does not depend on the mixture.
+    """
+    g = s1.draws
+    rs = rng.dirichlet([s1.dirichlet] * num_tasks, size=g)  # [G, N]
+    bs = rng.uniform(low, 1.0, size=g)  # [G]
+    if s1.objective == "paper":
+        return rs, bs
+    flat = rng.dirichlet([1.0] * num_tasks, size=g)  # [G, N] uniform on the simplex
+    coins = rng.uniform(size=(2, g))  # [2, G]
+    rs = np.where((coins[0] < s1.uniform_share)[:, None], flat, rs)
+    bs = np.where(coins[1] < s1.full_budget_share, 1.0, bs)
+    return rs, bs
+
+
 def draw_parents(
     hypernet,
     edge: EdgeHypernet,
@@ -140,12 +166,8 @@ def draw_parents(
     Consumes ``rng`` and ``gen`` in a fixed order, so equal seeds give equal draws on every
     rank and a resumed run continues the same sequence.
     """
-    rs = torch.tensor(
-        rng.dirichlet([s1.dirichlet] * edge.num_tasks, size=s1.draws),
-        dtype=torch.float32,
-        device=device,
-    )  # [G, N]
-    bs = rng.uniform(low, 1.0, size=s1.draws)  # [G]
+    rs, bs = draw_preferences_budgets(s1, edge.num_tasks, low, rng)
+    rs = torch.tensor(rs, dtype=torch.float32, device=device)  # [G, N]
     b_t = torch.tensor(bs, dtype=torch.float32, device=device)
     logits = hypernet(rs, b_t)  # [G, L-1, N, N]
     tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
@@ -186,34 +208,24 @@ def step_terms(
         l_task = l_task + share * task_loss(losses, rs[g], scales) / s1.draws
     for g in range(s1.draws):
         choice = nu[g] if s1.regularise == "alpha" else draws.v[g]
-        term = omega(
+        regulariser = omega if s1.objective == "paper" else omega_budget
+        term = regulariser(
             choice,
             affinity,
             rs[g],
             p_use(nu[g]).detach(),
-            draws.cs[g],
+            draws.cs[g],  # paper: c on L_active; budget: the tightness on all of Omega
             lambda_a=s1.lambda_active,
             lambda_i=s1.lambda_inactive,
         )
         reg = reg + term / s1.draws
-        over = budget_penalty(nu[g], flops.nodes, flops.heads, float(draws.bs[g]), flops.full)
+        b = float(draws.bs[g])
+        if s1.objective == "paper":
+            over = budget_penalty(nu[g], flops.nodes, flops.heads, b, flops.full)
+        else:
+            over = budget_target(nu[g], flops.nodes, flops.heads, b, flops.full, s1.lambda_under)
         penalty = penalty + over / s1.draws
     return l_task, reg, penalty
-
-
-@torch.no_grad()
-def loss_scales(anchor: Anchor, ds, batch_size: int, device: torch.device, batches: int = 4):
-    """w_i = 1 / (the anchor's mean loss on task i over a few batches): puts tasks with very
-    different loss scales on one footing (METHOD.md 1.5 [choice])."""
-    anchor.eval()
-    totals = torch.zeros(len(anchor.tasks))
-    count = 0
-    for _, batch in zip(range(batches), iterate(ds, batch_size, shuffle=False), strict=False):
-        batch = to_device(batch, device)
-        out = anchor(batch["image"])
-        totals += torch.stack([t.loss(out[t.name], batch[t.name]).cpu() for t in anchor.tasks])
-        count += 1
-    return 1.0 / (totals / max(count, 1)).clamp_min(1e-6)
 
 
 def train_stage1(

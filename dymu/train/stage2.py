@@ -2,7 +2,8 @@
 
 Anchor and edge hypernet are frozen. Each step draws (r, b), derives the hard tree for it
 (argmax parents, repaired to fit b), and trains the BatchNorm offsets of that tree's nodes
-on the preference-weighted task loss alone. Writes ``weight_hnet.safetensors`` and
+on the task loss weighted by r mixed with a uniform floor (``stage2.task_floor``, so no
+task is left without a gradient). Writes ``weight_hnet.safetensors`` and
 ``weight_hnet.json``, and every ``checkpoint.EVERY`` steps ``stage2/checkpoint.pt``, from
 which ``resume=True`` continues exactly.
 
@@ -43,7 +44,8 @@ from dymu.train.checkpoint import (
 )
 from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
-from dymu.train.stage1 import loss_scales, stage1_hash
+from dymu.train.scales import loss_scales
+from dymu.train.stage1 import stage1_hash
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
 WEIGHT_JSON = "weight_hnet.json"
@@ -61,17 +63,25 @@ def draw_tree(
     low: float,
     rng: np.random.Generator,
     device: torch.device,
+    uniform_share: float = 0.0,
+    full_budget_share: float = 0.0,
 ) -> tuple[torch.Tensor, float, TreeSpec]:
-    """Stage 2's draw for one step: r ~ Dirichlet, b ~ U(low, 1) and the tree the frozen
-    edge hypernet derives for them (argmax parents, repaired to fit b).
+    """Stage 2's draw for one step: r ~ Dirichlet (uniform on the simplex for a share
+    ``uniform_share`` of the draws), b ~ U(low, 1) (exactly 1 for a share
+    ``full_budget_share``) and the tree the frozen edge hypernet derives for them (argmax
+    parents, repaired to fit b).
 
     Returns:
         ``(r [N], b, tree)``.
     """
-    r = torch.tensor(
-        rng.dirichlet([dirichlet] * edge.num_tasks), dtype=torch.float32, device=device
-    )
+    r_np = rng.dirichlet([dirichlet] * edge.num_tasks)
     b = float(rng.uniform(low, 1.0))
+    if uniform_share > 0 or full_budget_share > 0:
+        flat = rng.dirichlet([1.0] * edge.num_tasks)
+        coins = rng.uniform(size=2)
+        r_np = flat if coins[0] < uniform_share else r_np
+        b = 1.0 if coins[1] < full_budget_share else b
+    r = torch.tensor(r_np, dtype=torch.float32, device=device)
     with torch.no_grad():
         tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
     return r, b, tree
@@ -141,7 +151,9 @@ def train_stage2(
     with dist.data_parallel(weights, device) as hypernet:
         for step in bar:
             tick = time.perf_counter()
-            r, b, tree = draw_tree(edge, space, s2.dirichlet, low, rng, device)
+            r, b, tree = draw_tree(
+                edge, space, s2.dirichlet, low, rng, device, s2.uniform_share, s2.full_budget_share
+            )
             net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
             batch = to_device(next(batches), device)
             offsets = hypernet(r, b)  # the hypernet runs in float32, the tree under autocast
@@ -149,7 +161,10 @@ def train_stage2(
                 out = net(prec.to_input(batch["image"]), offsets)
             out = prec.fp32(out)
             losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
-            loss = task_loss(losses, r, scales)  # this rank's part of the global batch
+            # Every task keeps a share of the loss (task_floor), so the adaptation also
+            # serves the tasks r weighs little; this rank's part of the global batch.
+            weights_r = (1.0 - s2.task_floor) * r + s2.task_floor / n
+            loss = task_loss(losses, weights_r, scales)
             opt.zero_grad(set_to_none=True)
             prec.backward(loss)
             prec.step(opt)

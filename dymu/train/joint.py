@@ -1,0 +1,256 @@
+"""The joint stage (METHOD.md 1.9): the independent streams fine-tuned together on trees.
+
+Stage 0 trains every stream alone, so a cross-task edge feeds a node features it has never
+seen. This stage, between the affinity estimate and stage 1, fine-tunes all streams (and
+heads) at once on trees drawn from the space, with the sandwich rule of one-shot NAS: every
+step runs
+
+- the anchor tree (every task on its own stream),
+- a cheapest tree (every task on one random stream's trunk),
+- ``joint.random_trees`` trees with uniformly random parents,
+
+on the same batch, and sums their losses. Each tree's loss is its label loss plus in-place
+distillation towards the frozen stage-0 anchor's outputs (the teacher every tree should
+approximate, and the reason the anchor tree does not drift away from single-task quality):
+
+    sum_trees sum_i w_i [ L_i(y_T, labels) + distill * ||y_T,i - y_0,i||^2 / Var(y_0,i) ]
+
+with w_i = 1 / (the stage-0 anchor's own loss on task i). BatchNorm keeps stage 0's
+running statistics (eval mode): one set of statistics serves every tree, and folding stays
+exact. Only weights move, so every tree's FLOPs are unchanged.
+
+``anchor.safetensors`` and ``anchor.json`` stay the independent single-task baseline of
+``delta_m``; this stage writes ``joint.safetensors`` (same layout, loadable with
+:func:`~dymu.models.anchor.load_anchor_weights`) and ``joint.json``, and every
+``checkpoint.EVERY`` steps ``joint/checkpoint.pt`` for ``--resume``. Under ``torchrun``
+every rank draws the same trees, holds its part of each global batch, and averages the
+gradients before each step (:func:`dymu.dist.average_gradients`); rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dymu import dist
+from dymu.config import Config, section_hash
+from dymu.models.anchor import Anchor, load_anchor_weights
+from dymu.models.treenet import TreeNet
+from dymu.run import resolve_device
+from dymu.space.tree import TreeSpec
+from dymu.train.checkpoint import (
+    EVERY,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_finished,
+)
+from dymu.train.loop import endless, evaluate_model, random_hflip, to_device
+from dymu.train.scales import loss_scales
+from dymu.train.stage0 import stage0_hash
+
+JOINT_WEIGHTS = "joint.safetensors"
+JOINT_JSON = "joint.json"
+CHECKPOINT = "joint/checkpoint.pt"
+
+
+def joint_hash(cfg: Config) -> str:
+    """What the tree-aware streams depend on: the joint settings and the anchor."""
+    return section_hash(cfg, "joint") + "-" + stage0_hash(cfg)
+
+
+def trees_hash(cfg: Config) -> str:
+    """The hash of the streams that every tree runs on: the joint stage's when it runs,
+    otherwise stage 0's (what stages 1 and 2 build on)."""
+    return joint_hash(cfg) if cfg.joint.steps > 0 else stage0_hash(cfg)
+
+
+def sandwich(
+    n: int, num_layers: int, random_trees: int, rng: np.random.Generator
+) -> list[TreeSpec]:
+    """One step's trees: the anchor tree, a cheapest tree on a random trunk, and
+    ``random_trees`` uniformly random trees (drawn from ``rng`` in this fixed order)."""
+    trunk = int(rng.integers(n))
+    trees = [TreeSpec.no_sharing(n, num_layers), TreeSpec.all_sharing(n, num_layers, trunk)]
+    trees += [TreeSpec.random(n, num_layers, rng).canonical() for _ in range(random_trees)]
+    return trees
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per image, mean (student - teacher)^2 over its elements divided by the variance of the
+    teacher's, then the mean over images: a scale-free output distance (1 = as far off as
+    the teacher's own mean), and a mean of per-image terms, so that ranks holding equal
+    parts of a batch average to the whole batch's value."""
+    teacher = teacher.detach()
+    err = (student - teacher).flatten(1).pow(2).mean(1)  # [B]
+    return (err / teacher.flatten(1).var(1).clamp_min(1e-8)).mean()
+
+
+def train_joint(
+    cfg: Config, run_dir: Path, anchor: Anchor, train_ds, val_ds, resume: bool = False
+) -> tuple[Anchor, dict[str, Any]]:
+    """Fine-tune a copy of ``anchor`` on trees; write ``joint.safetensors`` and its record.
+
+    Returns the tree-aware anchor (``anchor`` itself, the stage-0 streams, is not changed).
+    """
+    js = cfg.joint
+    device = resolve_device(cfg.run.device)
+    dist.per_rank_batch(js.batch_size, "joint.batch_size")  # fail before any work
+    dist.setup(device)
+    main, part = dist.is_main(), dist.shard()
+    teacher = anchor.to(device).eval()
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    student.requires_grad_(True)
+    student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
+    n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
+    scales = loss_scales(teacher, val_ds, js.batch_size, device).to(device)  # [N] w_i
+    opt = torch.optim.AdamW(student.parameters(), lr=js.lr, weight_decay=js.weight_decay)
+    # Cosine decay to 0 over the stage.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, js.steps) / js.steps))
+    )
+    rng = np.random.default_rng(cfg.run.seed + 7)
+    flip_gen = torch.Generator().manual_seed(cfg.run.seed + 7)
+    h = joint_hash(cfg)
+    ckpt = Path(run_dir) / CHECKPOINT
+    first, seconds = 0, 0.0
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, h, "joint", student, opt, sched)
+        set_rng_state(rng, state["numpy_rng"])
+        flip_gen.set_state(state["flip_rng"])
+        first, seconds = state["step"], state["seconds"]
+        if main:
+            print(f"joint stage: resuming after step {first}/{js.steps} from {ckpt}")
+    batches = endless(
+        train_ds,
+        js.batch_size,
+        cfg.run.seed + 7,
+        start=first,
+        shard=part,
+        workers=cfg.stage0.workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(
+        range(first, js.steps),
+        initial=first,
+        total=js.steps,
+        desc="joint stage (streams on trees)",
+        unit="step",
+        leave=False,
+        disable=not main,
+    )
+    last: dict[str, float] = {}
+    for step in bar:
+        tick = time.perf_counter()
+        trees = sandwich(n, num_layers, js.random_trees, rng)
+        batch = to_device(next(batches), device)
+        if js.hflip:
+            batch = random_hflip(batch, tasks, flip_gen, part)
+        with torch.no_grad():
+            target = teacher(batch["image"])
+        labels = distilled = torch.zeros((), device=device)
+        for tree in trees:
+            out = TreeNet(student, tree)(batch["image"])
+            for k, t in enumerate(tasks):
+                labels = labels + scales[k] * t.loss(out[t.name], batch[t.name])
+                distilled = distilled + scales[k] * distillation(out[t.name], target[t.name])
+        loss = (labels + js.distill * distilled) / len(trees)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(student.parameters())  # the global batch's mean gradient
+        opt.step()
+        sched.step()
+        seconds += time.perf_counter() - tick
+        if step % 10 == 0 or step + 1 == js.steps:
+            sums = dist.all_reduce_sums(
+                {"labels": labels.item(), "distill": distilled.item()}
+            )  # every rank takes part
+            world = dist.world_size()
+            last = {k: v / world / len(trees) for k, v in sums.items()}
+            bar.set_postfix(labels=f"{last['labels']:.3f}", distill=f"{last['distill']:.3f}")
+        if main and (step + 1) % EVERY == 0 and step + 1 < js.steps:
+            save_checkpoint(
+                ckpt,
+                h,
+                step + 1,
+                student,
+                opt,
+                sched,
+                numpy_rng=rng_state(rng),
+                flip_rng=flip_gen.get_state(),
+                seconds=seconds,
+            )
+    bar.close()
+    student.requires_grad_(False)
+    meta = {"config_hash": h, "tasks": anchor.task_names}
+    record: dict[str, Any] = {
+        **meta,
+        "steps": js.steps,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(js.steps * js.batch_size / max(seconds, 1e-9), 1),
+        "final": last,
+    }
+    if main:
+        record["val_losses"] = _val_losses(teacher, student, val_ds, cfg.joint.batch_size, device)
+    if dist.world_size() > 1:
+        record["processes"] = dist.world_size()
+    run_dir = Path(run_dir)
+    write_finished(run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON, student, meta, record, ckpt)
+    return student.cpu(), record
+
+
+@torch.no_grad()
+def _val_losses(teacher: Anchor, student: Anchor, val_ds, batch_size: int, device) -> dict:
+    """Validation losses of the anchor tree and the first trunk's cheapest tree, before
+    (stage 0's streams) and after this stage: what the stage bought, in the record."""
+    n, num_layers = len(teacher.tasks), teacher.num_layers
+    out = {}
+    for name, tree in (
+        ("anchor_tree", TreeSpec.no_sharing(n, num_layers)),
+        ("cheapest_tree", TreeSpec.all_sharing(n, num_layers, 0)),
+    ):
+        for when, streams in (("stage0", teacher), ("joint", student)):
+            _, losses = evaluate_model(
+                TreeNet(streams, tree), val_ds, teacher.tasks, batch_size, device
+            )
+            out[f"{name}/{when}"] = dict(zip(teacher.task_names, losses, strict=True))
+    return out
+
+
+def ensure_joint(
+    cfg: Config, run_dir: Path, anchor: Anchor, train_ds, val_ds, resume: bool = False
+) -> Anchor:
+    """The streams every tree runs on: the stage-0 anchor itself when ``joint.steps`` is 0,
+    else the tree-aware copy, loaded when its files match the config and trained otherwise."""
+    if cfg.joint.steps == 0:
+        return anchor
+    run_dir = Path(run_dir)
+    weights, record = run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON
+    if weights.is_file() and record.is_file():
+        try:
+            same = json.loads(record.read_text()).get("config_hash") == joint_hash(cfg)
+        except (OSError, ValueError):
+            same = False
+        if same:
+            if dist.is_main():
+                print(f"joint stage: using {weights} (config unchanged)")
+            return load_joint(anchor, weights)
+    tuned, _ = train_joint(cfg, run_dir, anchor, train_ds, val_ds, resume=resume)
+    return tuned
+
+
+def load_joint(anchor: Anchor, path: Path) -> Anchor:
+    """A copy of ``anchor`` holding the tree-aware weights saved at ``path``."""
+    tuned = copy.deepcopy(anchor).cpu()
+    load_anchor_weights(tuned, path)
+    return tuned.eval()
