@@ -8,10 +8,12 @@ import torch
 from dymu.losses import (
     active_mask,
     budget_penalty,
+    budget_target,
     expected_flops,
     l_active,
     l_inactive,
     omega,
+    omega_budget,
     p_use,
     task_loss,
 )
@@ -272,3 +274,36 @@ def test_pairs_are_ordered():
     r = torch.tensor([0.5, 0.5, 0.0], dtype=F64)
     ones = torch.ones(3, 3, dtype=F64)
     assert l_active(v, A, r, ones).item() == pytest.approx(1 / 3 * 2 * 0.5 * 2)
+
+
+# -- the budget objective (METHOD.md 1.9) ----------------------------------------------------
+
+
+def test_mean_terms_divide_by_layers_and_pairs():
+    # 2 choosing layers; R_ALL has 6 ordered active pairs, R_ONE_OFF 2 (and 1 inactive task)
+    assert l_active(V, A, R_ALL, P_HAND, mean=True).item() == pytest.approx(34 / 15 / 12)
+    assert l_active(V, A, R_ONE_OFF, P_HAND, mean=True).item() == pytest.approx(2 / 3 / 4)
+    assert l_inactive(V, R_ONE_OFF, mean=True).item() == pytest.approx(2.0 / 2)
+    assert l_inactive(V, R_TWO_OFF, mean=True).item() == pytest.approx(4.0 / 4)
+
+
+def test_omega_budget_scales_all_of_omega_by_the_pressure():
+    # 0.5 * (1 * 1/6 + 0.1 * 1): the inactive term is scaled too (the paper's is not)
+    got = omega_budget(V, A, R_ONE_OFF, P_HAND, 0.5).item()
+    assert got == pytest.approx(0.5 * (1 / 6 + 0.1))
+    assert omega_budget(V, A, R_ONE_OFF, P_HAND, 0.0).item() == 0.0  # budget 1: no pressure
+    assert omega(V, A, R_ONE_OFF, P_HAND, c=0.0).item() > 0  # the paper's shares at any c
+
+
+def test_budget_target_charges_both_sides():
+    anchor = 669.0
+    frac = 646.125 / anchor
+    over = budget_target(NU, FLOPS, HEADS, 0.9, anchor, under=2.0).item()
+    assert over == pytest.approx((frac - 0.9) ** 2)
+    under = budget_target(NU, FLOPS, HEADS, 1.0, anchor, under=2.0).item()
+    assert under == pytest.approx(2.0 * (1.0 - frac) ** 2)
+    nu = NU.clamp_min(1e-3).log().requires_grad_()
+    budget_target(nu.softmax(-1), FLOPS, HEADS, 1.0, anchor, under=2.0).backward()
+    with torch.no_grad():  # below the budget, a gradient step raises the expected FLOPs
+        higher = expected_flops((nu - 10.0 * nu.grad).softmax(-1), FLOPS, HEADS)
+        assert higher > expected_flops(nu.softmax(-1), FLOPS, HEADS)

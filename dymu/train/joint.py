@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,9 @@ def train_joint(
     n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
     scales = loss_scales(teacher, val_ds, js.batch_size, device).to(device)  # [N] w_i
     opt = torch.optim.AdamW(student.parameters(), lr=js.lr, weight_decay=js.weight_decay)
-    # Cosine decay to 0 over the stage.
+    # Cosine decay to 0 over the stage (Python floats: the checkpoint loads weights-only).
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, js.steps) / js.steps))
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, js.steps) / js.steps))
     )
     rng = np.random.default_rng(cfg.run.seed + 7)
     flip_gen = torch.Generator().manual_seed(cfg.run.seed + 7)
