@@ -1,0 +1,127 @@
+"""Search quality against the baselines it must beat, on one shared reference point.
+
+Reads a finished search's ``report.json`` and a saved baselines report (``dymu baselines``'
+``report.json``, e.g. ``benchmarks/results/baselines_default_cpu.json``) trained on the
+same stage-0 anchor, and prints and saves, per evaluated budget: mean FLOPs (of the
+anchor), ``delta_m`` (plain and preference-weighted), the hypervolume of the 20 sweep trees
+and its ratio to the static shared models and to PHN-BN, all hypervolumes on one reference
+point (1.1 x the worst normalised loss over every set compared, the rule of
+``dymu.evaluate.metrics.reference_point``), and the issue's targets met or missed.
+
+    python benchmarks/search_quality.py --report runs/default/report.json \
+        --baselines benchmarks/results/baselines_default_cpu.json \
+        --out benchmarks/results/search_quality_default_cpu.json
+
+The two files must share the single-task baseline (the same stage-0 anchor): the script
+refuses them otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
+
+# The search-quality targets on the default config: budget -> (min mean FLOPs, max mean
+# FLOPs, min delta_m %, (baseline, min HV ratio)).
+TARGETS = {
+    "1": (0.90, 1.0, -3.0, ("static", 1.0)),
+    "0.75": (0.65, 0.75, -6.0, ("static", 0.95)),
+    "0.5": (0.0, 0.5, -10.0, ("phn_bn", 1.2)),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", required=True, help="a search's report.json")
+    ap.add_argument("--baselines", required=True, help="a baselines report.json (same anchor)")
+    ap.add_argument("--label", default="dymu", help="name of the search in the output")
+    ap.add_argument("--out", help="write the figures here as JSON")
+    args = ap.parse_args(argv)
+    try:
+        search = json.loads(Path(args.report).read_text())
+        base = json.loads(Path(args.baselines).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"search_quality: cannot read the inputs: {exc}", file=sys.stderr)
+        return 2
+    single = np.array(base["points"]["single_task"][0]["losses"])
+    if not np.allclose(single, search["baseline"]["losses"], rtol=1e-6):
+        print(
+            "search_quality: the two files have different single-task baselines "
+            f"({single.tolist()} vs {search['baseline']['losses']}); use one stage-0 anchor",
+            file=sys.stderr,
+        )
+        return 2
+    sets = {
+        f"{args.label}@{b:g}": [
+            {"preference": r["preference"], "losses": r["losses"]}
+            for r in search["rows"]
+            if r["budget"] == b
+        ]
+        for b in search["budgets"]
+    }
+    for name in ("static", "phn_bn", "phn"):
+        if name in base["points"]:
+            sets[name] = base["points"][name]
+    for name, points in base["points"].items():  # the earlier search, for the record
+        if name.startswith("dymu@"):
+            sets[f"before:{name}"] = points
+    norm = {k: normalised_losses(np.array([p["losses"] for p in v]), single) for k, v in sets.items()}
+    ref = reference_point(np.concatenate(list(norm.values())))
+    hv = {k: hypervolume(v, ref) for k, v in norm.items()}
+    rows = {}
+    for b in search["budgets"]:
+        key = f"{b:g}"
+        name = f"{args.label}@{key}"
+        row = {
+            "flops_mean": search["flops"][key]["mean"],
+            "delta_m": search["delta_m"][key],
+            "delta_m_weighted": search.get("delta_m_weighted", {}).get(key),
+            "hypervolume": hv[name],
+            "hv_ratio_static": hv[name] / hv["static"] if "static" in hv else None,
+            "hv_ratio_phn_bn": hv[name] / hv["phn_bn"] if "phn_bn" in hv else None,
+            "budget_adherence": search["budget_adherence"][key],
+            "distinct_trees": search["distinct_trees"][key],
+            "controllability": search["controllability"][key],
+        }
+        if key in TARGETS:
+            lo, hi, dm, (other, ratio) = TARGETS[key]
+            got = row[f"hv_ratio_{other}"]
+            row["targets"] = {
+                "flops": {"want": [lo, hi], "met": lo <= row["flops_mean"] <= hi},
+                "delta_m": {"want": dm, "met": row["delta_m"] >= dm},
+                f"hv_vs_{other}": {"want": ratio, "met": got is not None and got >= ratio},
+            }
+        rows[key] = row
+    out = {
+        "command": "python benchmarks/search_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "reference_point": ref.tolist(),
+        "objectives": "test loss / single-task (stage-0) test loss, per task",
+        "hypervolume": hv,
+        "static_label": base["methods"].get("static", {}).get("label"),
+        "budgets": rows,
+    }
+    print(f"{'budget':>8} {'FLOPs':>6} {'delta_m':>8} {'weighted':>8} {'HV':>8} {'/static':>8} {'/PHN-BN':>8}")
+    for key, row in rows.items():
+        w = row["delta_m_weighted"]
+        print(
+            f"{key:>8} {row['flops_mean']:6.3f} {row['delta_m']:+8.2f} "
+            f"{'-' if w is None else f'{w:+.2f}':>8} {row['hypervolume']:8.2f} "
+            f"{row['hv_ratio_static'] or float('nan'):8.3f} {row['hv_ratio_phn_bn'] or float('nan'):8.3f}"
+        )
+    for k in ("static", "phn_bn", "phn"):
+        if k in hv:
+            print(f"{k}: HV {hv[k]:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
