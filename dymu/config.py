@@ -214,8 +214,10 @@ class JointConfig:
     steps: int = 600
     """Steps of the sandwich (each runs 2 + random_trees trees on one batch)."""
     batch_size: int = 32
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """adam (AdamW) | sgd (momentum 0.9)."""
     lr: float = 3e-4
-    """AdamW learning rate, decayed to 0 by a cosine over the steps."""
+    """Learning rate, decayed to 0 by a cosine over the steps."""
     weight_decay: float = 1e-4
     random_trees: int = 2
     """Random trees per step beside the anchor tree and a cheapest tree (the sandwich rule)."""

@@ -28,10 +28,11 @@ from dymu.run import resolve_device
 from dymu.tasks import build_task
 from dymu.train.loop import iterate, random_hflip
 
-# SGD: Adam divides each update by the root of the squared gradients, so a weight whose
-# gradient is float noise (a dilated ASPP tap that only ever sees padding) moves by a
-# noise-sized fraction of the learning rate; SGD passes noise through at its own size.
-TINY = [*_TINY, "stage0.epochs=2", "stage0.optimizer=sgd"]
+# SGD for stage 0 and the joint stage: Adam divides each update by the root of the squared
+# gradients, so a weight whose gradient is float noise (a dilated ASPP tap that only ever
+# sees padding) moves by a noise-sized fraction of the learning rate; SGD passes noise
+# through at its own size.
+TINY = [*_TINY, "stage0.epochs=2", "stage0.optimizer=sgd", "joint.optimizer=sgd"]
 
 # What every worker starts with: its output folder and config from the command line, and
 # every file write of a rank other than 0 made an error (dymu writes through atomic_path).
@@ -91,7 +92,7 @@ def _torchrun(tmp_path, worker: str, overrides: list[str]) -> str:
             [*cmd, *args], env=env, stdout=out, stderr=err, text=True, start_new_session=True
         )
         try:
-            proc.wait(timeout=240)
+            proc.wait(timeout=420)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -115,7 +115,11 @@ def train_joint(
     student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
     n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
     scales = loss_scales(teacher, val_ds, js.batch_size, device).to(device)  # [N] w_i
-    opt = torch.optim.AdamW(student.parameters(), lr=js.lr, weight_decay=js.weight_decay)
+    params = student.parameters()
+    if js.optimizer == "adam":
+        opt = torch.optim.AdamW(params, lr=js.lr, weight_decay=js.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=js.lr, momentum=0.9, weight_decay=js.weight_decay)
     # Cosine decay to 0 over the stage (Python floats: the checkpoint loads weights-only).
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, js.steps) / js.steps))
