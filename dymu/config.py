@@ -314,6 +314,10 @@ class Stage2Config:
     task_floor: float = 0.2
     """Loss weights (1 - floor) * r + floor / N instead of r: every task keeps a gradient,
     so the trees serve tasks the preference weighs little (0 = the paper's r alone)."""
+    adapter_rank: int = 4
+    """Rank of the per-edge low-rank adapter on the first convolution of every node fed by
+    another stream (folded into that convolution at export; 0 = BatchNorm offsets only,
+    the paper's weight hypernet)."""
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "lr_every"):
@@ -324,6 +328,8 @@ class Stage2Config:
         for key in ("uniform_share", "full_budget_share", "task_floor"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise UserError(f"config: {prefix}.{key} must be in [0, 1]")
+        if self.adapter_rank < 0:
+            raise UserError(f"config: {prefix}.adapter_rank must be >= 0")
 
 
 @dataclass

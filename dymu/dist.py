@@ -437,7 +437,9 @@ def global_batch(module: nn.Module, device: torch.device) -> Iterator[nn.Module]
 
 
 @contextmanager
-def data_parallel(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def data_parallel(
+    module: nn.Module, device: torch.device, find_unused: bool = False
+) -> Iterator[nn.Module]:
     """``module`` ready for data-parallel steps while the block runs.
 
     Not distributed: yields ``module`` itself and changes nothing. Under torchrun: swaps its
@@ -448,14 +450,17 @@ def data_parallel(module: nn.Module, device: torch.device) -> Iterator[nn.Module
     (writing stacked streams back, folding) finds them.
 
     Call the yielded module's ``forward`` for each step: DDP synchronises gradients only of
-    work done there.
+    work done there. ``find_unused``: some parameters may take no part in a step (the weight
+    hypernet's adapters of edges that step's tree lacks).
     """
     if not is_distributed():
         yield module
         return
     with global_batch(module, device):
         ids = [device.index] if device.type == "cuda" else None
-        yield nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        yield nn.parallel.DistributedDataParallel(
+            module, device_ids=ids, find_unused_parameters=find_unused
+        )
 
 
 def global_count(local: int) -> int:

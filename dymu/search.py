@@ -26,7 +26,7 @@ from dymu.errors import UserError
 from dymu.evaluate.report import write_report
 from dymu.evaluate.search import evaluate_search
 from dymu.hypernet.edge import EdgeHypernet
-from dymu.hypernet.weight import WeightHypernet, bn_layout
+from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
 from dymu.run import resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
@@ -52,8 +52,8 @@ def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHy
     return edge
 
 
-def load_weights(run: Path, anchor: Anchor) -> WeightHypernet:
-    weights = WeightHypernet(len(anchor.tasks), bn_layout(anchor.streams))
+def load_weights(run: Path, anchor: Anchor, cfg: Config) -> WeightHypernet:
+    weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, cfg.stage2.adapter_rank)
     weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
     return weights
 
@@ -87,7 +87,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         anchor = load_joint(anchor, run / JOINT_WEIGHTS)
     space = load_space(run / "space.json")
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
-    return TrainedRun(cfg, anchor.eval(), space, edge, load_weights(run, anchor).eval())
+    return TrainedRun(cfg, anchor.eval(), space, edge, load_weights(run, anchor, cfg).eval())
 
 
 def affinity_hash(cfg: Config) -> str:
@@ -140,7 +140,7 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         edge, _ = train_stage1(cfg, run, streams, space, affinity, train, val, resume=resume)
     if _matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
-        weights = load_weights(run, streams)
+        weights = load_weights(run, streams, cfg)
     else:
         weights, _ = train_stage2(cfg, run, streams, space, edge, train, val, resume=resume)
     if main:

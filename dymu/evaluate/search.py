@@ -113,7 +113,7 @@ def evaluate_search(
             rt = torch.tensor(r, dtype=torch.float32, device=device)
             tree = derive_tree(edge.alpha(rt, b).cpu(), space, b)
             metrics, losses = evaluate_net(
-                TreeNet(anchor, tree), weights(rt, b), test_ds, tasks, cfg.batch_size, device
+                TreeNet(anchor, tree), weights(rt, b, tree), test_ds, tasks, cfg.batch_size, device
             )
             rows.append(
                 {

@@ -1,13 +1,23 @@
-"""Weight hypernet (METHOD.md 1.6): BatchNorm affine offsets for every node of the anchor.
+"""Weight hypernet (METHOD.md 1.6): BatchNorm affine offsets for every node of the anchor,
+and (dymu, METHOD.md 1.9) low-rank adapters on every cross-task edge.
 
 Same input embedding as the edge hypernet (``sum_i r_i e_i + b e_b``), an MLP with three
 hidden layers of 100 (ReLU), and one linear output of every node's (delta gamma, delta
 beta). The output layer starts at zero, so training starts exactly at the anchor; the
 anchor's running statistics stay frozen.
+
+BatchNorm offsets scale and shift channels but cannot remap them, which is what a node fed
+another stream's features needs. With ``rank > 0`` every cross-task edge (node (l, j) fed by
+parent (l - 1, i), i != j) also owns a low-rank delta ``U V^T`` to the first convolution of
+node (l, j), the one that reads the parent's output: a learned per-edge weight change,
+used only by trees that hold that edge. It is a change of that convolution's weights, so it
+folds into the materialized convolution exactly and costs no FLOPs (the identity shortcut
+of a residual block is left as it is). ``U`` starts at zero: training starts at the anchor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +25,7 @@ from torch import Tensor, nn
 
 Node = tuple[int, int]
 BNLayout = list[tuple[Node, list[tuple[str, int]]]]
+EdgeLayout = list[tuple[Node, str, tuple[int, ...]]]
 
 
 def bn_layout(streams: Sequence[nn.Module]) -> BNLayout:
@@ -33,14 +44,52 @@ def bn_layout(streams: Sequence[nn.Module]) -> BNLayout:
     return layout
 
 
+def edge_layout(streams: Sequence[nn.Module]) -> EdgeLayout:
+    """For every node (l, j) with l >= 1: the name and weight shape of its first
+    convolution (the one that reads the parent's output)."""
+    layout: EdgeLayout = []
+    for layer in range(1, len(streams[0].layers)):
+        for j, stream in enumerate(streams):
+            name, conv = next(
+                (n, m) for n, m in stream.layers[layer].named_modules() if isinstance(m, nn.Conv2d)
+            )
+            layout.append(((layer, j), f"{name}.weight", tuple(conv.weight.shape)))
+    return layout
+
+
+def build_weight_hypernet(num_tasks: int, streams: Sequence[nn.Module], rank: int) -> WeightHypernet:
+    """The weight hypernet of an anchor's streams, with rank-``rank`` edge adapters."""
+    return WeightHypernet(
+        num_tasks, bn_layout(streams), edges=edge_layout(streams) if rank else None, rank=rank
+    )
+
+
 class WeightHypernet(nn.Module):
     """(r [N], b) -> per-node BatchNorm offsets ``{(l, j): {"bn.weight": dg, "bn.bias": db}}``."""
 
     def __init__(
-        self, num_tasks: int, layout: BNLayout, *, embed_dim: int = 32, hidden: int = 100
+        self,
+        num_tasks: int,
+        layout: BNLayout,
+        *,
+        embed_dim: int = 32,
+        hidden: int = 100,
+        edges: EdgeLayout | None = None,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self.layout = layout
+        self.rank = rank
+        self.edges = {node: (name, shape) for node, name, shape in (edges or [])} if rank else {}
+        self.adapters = nn.ParameterDict()
+        gen = torch.Generator().manual_seed(0)
+        for (layer, j), (_, shape) in self.edges.items():
+            fan_in = math.prod(shape[1:])  # C_in * k * k
+            for i in range(num_tasks):
+                if i != j:  # [C_out, rank] zeros, [rank, C_in * k * k] small random
+                    self.adapters[f"{layer}_{j}_{i}_u"] = nn.Parameter(torch.zeros(shape[0], rank))
+                    v = torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)
+                    self.adapters[f"{layer}_{j}_{i}_v"] = nn.Parameter(v)
         self.total = sum(2 * c for _, bns in layout for _, c in bns)
         self.task_embed = nn.Parameter(torch.randn(num_tasks, embed_dim) * 0.1)
         self.budget_embed = nn.Parameter(torch.randn(embed_dim) * 0.1)
@@ -62,7 +111,23 @@ class WeightHypernet(nn.Module):
         p = r.to(self.task_embed) @ self.task_embed + b * self.budget_embed  # [E]
         return self.out(self.mlp(p))
 
-    def forward(self, r: Tensor, b: Tensor | float) -> dict[Node, dict[str, Tensor]]:
+    def edge_deltas(self, tree) -> dict[Node, dict[str, Tensor]]:
+        """The adapters of ``tree``'s cross-task edges as weight deltas ``{node: {conv weight
+        name: U V^T}}`` (empty without adapters)."""
+        out: dict[Node, dict[str, Tensor]] = {}
+        if not self.rank:
+            return out
+        parents = tree.canonical().parents
+        for (layer, j), (name, shape) in self.edges.items():
+            i = parents[layer - 1][j]
+            if i != j:
+                u, v = self.adapters[f"{layer}_{j}_{i}_u"], self.adapters[f"{layer}_{j}_{i}_v"]
+                out[(layer, j)] = {name: (u @ v).view(shape)}  # [C_out, C_in, k, k]
+        return out
+
+    def forward(self, r: Tensor, b: Tensor | float, tree=None) -> dict[Node, dict[str, Tensor]]:
+        """Per node, ``{parameter name: delta}``: BatchNorm offsets for (r, b), and with a
+        ``tree`` the adapters of its cross-task edges."""
         flat = self.flat(r, b)
         out: dict[Node, dict[str, Tensor]] = {}
         offset = 0
@@ -74,4 +139,7 @@ class WeightHypernet(nn.Module):
                 deltas[prefix + "bias"] = flat[offset + c : offset + 2 * c]
                 offset += 2 * c
             out[node] = deltas
+        if tree is not None:
+            for node, deltas in self.edge_deltas(tree).items():
+                out[node] = {**out.get(node, {}), **deltas}
         return out

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dymu import dist
 from dymu.config import Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet
-from dymu.hypernet.weight import WeightHypernet, bn_layout
+from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
 from dymu.models.anchor import Anchor
 from dymu.models.treenet import TreeNet
@@ -111,7 +111,7 @@ def train_stage2(
     edge.requires_grad_(False)
     n = len(anchor.tasks)
     torch.manual_seed(cfg.run.seed + 1)  # the hypernet's initial weights
-    weights = WeightHypernet(n, bn_layout(anchor.streams)).to(device)
+    weights = build_weight_hypernet(n, anchor.streams, s2.adapter_rank).to(device)
     opt = torch.optim.Adam(weights.parameters(), lr=s2.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s2.lr_every, gamma=s2.lr_decay)
     scales = loss_scales(anchor, val_ds, s2.batch_size, device).to(device)
@@ -148,7 +148,8 @@ def train_stage2(
     )
     last = 0.0
     # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
-    with dist.data_parallel(weights, device) as hypernet:
+    # Adapters of edges the step's tree lacks get no gradient: DDP must expect that.
+    with dist.data_parallel(weights, device, find_unused=s2.adapter_rank > 0) as hypernet:
         for step in bar:
             tick = time.perf_counter()
             r, b, tree = draw_tree(
@@ -156,7 +157,7 @@ def train_stage2(
             )
             net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
             batch = to_device(next(batches), device)
-            offsets = hypernet(r, b)  # the hypernet runs in float32, the tree under autocast
+            offsets = hypernet(r, b, tree)  # the hypernet runs in float32, the tree under autocast
             with prec.autocast():
                 out = net(prec.to_input(batch["image"]), offsets)
             out = prec.fp32(out)
