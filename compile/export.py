@@ -230,7 +230,7 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
     full = anchor_flops(space)
     mean_r = torch.tensor(np.mean(job.preferences, axis=0), dtype=torch.float32)
     with torch.no_grad():
-        net = materialize(anchor, job.tree, run.weights(mean_r, job.budget, job.tree))
+        net = materialize(anchor, job.tree, run.weights(mean_r, job.budget, job.tree), run.private)
     counted = count_flops(net, torch.zeros(1, 3, *job.size))
     if counted > job.budget * full:
         raise RuntimeFailure(

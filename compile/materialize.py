@@ -173,7 +173,10 @@ class MaterializedTree(nn.Module):
 
 
 def materialize(
-    anchor: Anchor, tree: TreeSpec, bn_offsets: BNOffsets | None = None
+    anchor: Anchor,
+    tree: TreeSpec,
+    bn_offsets: BNOffsets | None = None,
+    private: Anchor | None = None,
 ) -> MaterializedTree:
     """The inference module of ``tree`` on ``anchor``, offsets baked in and BN folded.
 
@@ -185,6 +188,8 @@ def materialize(
         tree: the tree to build; only its used nodes are copied.
         bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
             inside the layer: delta}}``; offsets of unused nodes are ignored.
+        private: the stage-0 streams, run by the tree's private nodes and the heads above
+            them, as in :class:`~dymu.models.treenet.TreeNet`.
 
     Returns:
         A :class:`MaterializedTree` in eval mode with frozen parameters.
@@ -195,10 +200,15 @@ def materialize(
             f"anchor of {len(anchor.tasks)} x {anchor.num_layers}"
         )
     tree = tree.canonical()
+    mine = tree.private() if private is not None else None
+
+    def source(layer: int, stream: int) -> Anchor:
+        return private if mine is not None and mine[layer][stream] else anchor
+
     nodes: dict[str, nn.Module] = {}
     steps: list[tuple[str, str]] = []
     for layer, stream in tree.used_nodes():  # layer-major: parents come before children
-        module = _frozen_copy(anchor.streams[stream].layers[layer])
+        module = _frozen_copy(source(layer, stream).streams[stream].layers[layer])
         deltas = bn_offsets.get((layer, stream)) if bn_offsets is not None else None
         if deltas:
             _bake_offsets(module, deltas, (layer, stream))
@@ -210,7 +220,7 @@ def materialize(
     heads: dict[str, nn.Module] = {}
     head_inputs: list[tuple[str, str, str | None]] = []
     for j, task in enumerate(anchor.tasks):
-        head = _frozen_copy(anchor.heads[task.name])
+        head = _frozen_copy(source(tree.num_layers - 1, j).heads[task.name])
         path = tree.path(j)  # stream of task j's node at each layer
         low = head.low_layer
         heads[task.name] = head

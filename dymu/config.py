@@ -314,6 +314,11 @@ class Stage2Config:
     task_floor: float = 0.2
     """Loss weights (1 - floor) * r + floor / N instead of r: every task keeps a gradient,
     so the trees serve tasks the preference weighs little (0 = the paper's r alone)."""
+    private_nodes: bool = True
+    """Where the joint stage ran: a tree's private nodes (on their own stream's path, for
+    their own task alone) and the heads above them keep the stage-0 weights, the others run
+    the joint stage's (in stage 2, the evaluation, sample and export); so a task that
+    shares nothing keeps its single-task quality. Stage 1 runs the joint weights."""
     adapter_rank: int = 4
     """Rank of the per-edge low-rank adapter on the first convolution of every node fed by
     another stream (folded into that convolution at export; 0 = BatchNorm offsets only,
@@ -424,6 +429,10 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
+_ADDED_LATER = {("joint", "optimizer"): "adam"}
+"""(section, key) -> the value that behaves as the config did before the key existed."""
+
+
 def section_hash(cfg: Config, *sections: str) -> str:
     """A stable 12-hex hash of the named config sections: an artifact records it, so a
     later run can tell whether the artifact still matches its config."""
@@ -435,6 +444,10 @@ def section_hash(cfg: Config, *sections: str) -> str:
         # Towers that are off change nothing: artifacts made before towers existed stay valid.
         if values.get("towers", {}).get("gamma") == 0:
             del values["towers"]
+    for (section, key), before in _ADDED_LATER.items():
+        # A setting added after artifacts existed, at the value that reproduces them.
+        if section in blob and blob[section].get(key) == before:
+            del blob[section][key]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -68,6 +68,8 @@ class TrainedRun:
     space: nx.DiGraph
     edge: EdgeHypernet
     weights: WeightHypernet
+    private: Anchor | None = None
+    """The stage-0 streams that the trees' private nodes run (``stage2.private_nodes``)."""
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -83,11 +85,14 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
+    private = None
     if cfg.joint.steps > 0:
+        private = anchor.eval() if cfg.stage2.private_nodes else None
         anchor = load_joint(anchor, run / JOINT_WEIGHTS)
     space = load_space(run / "space.json")
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
-    return TrainedRun(cfg, anchor.eval(), space, edge, load_weights(run, anchor, cfg).eval())
+    weights = load_weights(run, anchor, cfg).eval()
+    return TrainedRun(cfg, anchor.eval(), space, edge, weights, private)
 
 
 def affinity_hash(cfg: Config) -> str:
@@ -125,6 +130,7 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
 
     # The streams the trees run on; `anchor` stays the single-task baseline of delta_m.
     streams = ensure_joint(cfg, run, anchor, train, val, resume=resume)
+    private = anchor if streams is not anchor and cfg.stage2.private_nodes else None
 
     info = builder.info_for(cfg.data)
     size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
@@ -142,10 +148,20 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
         weights = load_weights(run, streams, cfg)
     else:
-        weights, _ = train_stage2(cfg, run, streams, space, edge, train, val, resume=resume)
+        weights, _ = train_stage2(
+            cfg, run, streams, space, edge, train, val, resume=resume, private=private
+        )
     if main:
         report = evaluate_search(
-            cfg.evaluate, streams, space, edge, weights, test, device, baseline=anchor
+            cfg.evaluate,
+            streams,
+            space,
+            edge,
+            weights,
+            test,
+            device,
+            baseline=anchor,
+            private=private,
         )
         write_report(run, report, space)
     dist.barrier()

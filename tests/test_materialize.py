@@ -261,3 +261,24 @@ def test_edge_adapters_fold_exactly_into_the_convolutions(anchor, space, index):
         assert count_flops(net, image) == count_flops(plain, image)
     finally:
         anchor.float()
+
+
+def test_private_nodes_run_the_private_weights_in_treenet_and_materialized(anchor, offsets):
+    """With ``private`` streams (stage 0's beside the joint stage's), the anchor tree is the
+    private anchor exactly, and every tree materializes to what TreeNet computes."""
+    other = build_anchor(ModelConfig(width=4), SPECS, seed=5)
+    randomise_batchnorms(other, seed=5)
+    other = other.eval()
+    x = torch.rand(2, 3, *SIZE)
+    no_sharing = TreeSpec.no_sharing(len(SPECS), anchor.num_layers)
+    with torch.no_grad():
+        got = TreeNet(anchor, no_sharing, private=other)(x)
+        want = TreeNet(other, no_sharing)(x)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+        for tree in _trees(len(SPECS), anchor.num_layers)[1:]:
+            net = materialize(anchor, tree, offsets, private=other)
+            ref = TreeNet(anchor, tree, private=other).eval()(x, offsets)
+            mixed = net(x)
+            for k in ref:
+                torch.testing.assert_close(mixed[k], ref[k], atol=1e-5, rtol=0)

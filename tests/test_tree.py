@@ -182,3 +182,25 @@ def test_import_stays_light():
     code = "import sys, dymu.space; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_private_nodes_are_own_stream_paths_for_one_task():
+    n, num_layers = 3, 4
+    assert all(all(row) for row in TreeSpec.no_sharing(n, num_layers).private())
+    shared = TreeSpec.all_sharing(n, num_layers, trunk=1).private()
+    # trunk nodes (layers 0..2 of stream 1) serve every task; the last layer's nodes are fed
+    # by the trunk: nothing is private
+    assert not any(any(row) for row in shared)
+    # every task on stream 0's trunk for layers 0-1, then on its own stream: tasks 1 and 2
+    # run their own nodes from layer 2, but fed by the shared trunk: not private either
+    tree = TreeSpec(((0, 0, 0), (0, 0, 0), (0, 1, 2)))
+    assert tree.path(0) == [0, 0, 0, 0] and tree.path(1) == [0, 0, 1, 1]
+    assert tree.private() == [
+        [False, False, False],
+        [False, False, False],
+        [False, False, False],
+        [False, False, False],
+    ]
+    tree = TreeSpec(((0, 1, 1), (0, 1, 1), (0, 1, 2)))  # task 0 alone on stream 0
+    assert [row[0] for row in tree.private()] == [True] * 4
+    assert not any(row[1] or row[2] for row in tree.private())

@@ -86,15 +86,18 @@ def evaluate_search(
     test_ds,
     device: torch.device,
     baseline: Anchor | None = None,
+    private: Anchor | None = None,
 ) -> dict[str, Any]:
     """The report's numbers (see ``report.md`` for what each key means).
 
     ``anchor`` holds the streams the trees run on; ``baseline`` the independent stage-0
     streams whose anchor tree is the single-task yardstick of delta_m and of the normalised
-    losses (``anchor`` itself when None: no joint stage ran).
+    losses (``anchor`` itself when None: no joint stage ran); ``private`` the streams the
+    trees' private nodes run (:class:`~dymu.models.treenet.TreeNet`), if any.
     """
     anchor, edge, weights = anchor.to(device).eval(), edge.to(device).eval(), weights.to(device)
     baseline = anchor if baseline is None else baseline.to(device).eval()
+    private = None if private is None else private.to(device).eval()
     tasks, n = anchor.tasks, len(anchor.tasks)
     full, low = anchor_flops(space), min_flops(space) / anchor_flops(space)
     budgets = [b for b in cfg.budgets if b * full >= min_flops(space)]
@@ -113,7 +116,12 @@ def evaluate_search(
             rt = torch.tensor(r, dtype=torch.float32, device=device)
             tree = derive_tree(edge.alpha(rt, b).cpu(), space, b)
             metrics, losses = evaluate_net(
-                TreeNet(anchor, tree), weights(rt, b, tree), test_ds, tasks, cfg.batch_size, device
+                TreeNet(anchor, tree, private),
+                weights(rt, b, tree),
+                test_ds,
+                tasks,
+                cfg.batch_size,
+                device,
             )
             rows.append(
                 {

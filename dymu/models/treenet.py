@@ -18,9 +18,14 @@ class TreeNet(nn.Module):
 
     Only used nodes run (unused ones are pruned), each once per forward, so the compute is
     exactly the tree's FLOPs. The no-sharing tree reproduces :meth:`Anchor.forward`.
+
+    With ``private`` (the stage-0 streams, METHOD.md 1.9) the tree's private nodes
+    (:meth:`TreeSpec.private`: on their own stream's path, for their own task alone) and
+    the heads above them run ``private``'s weights, the other nodes ``anchor``'s (the joint
+    stage's tree-aware ones): a task that shares nothing keeps its single-task network.
     """
 
-    def __init__(self, anchor: Anchor, tree: TreeSpec) -> None:
+    def __init__(self, anchor: Anchor, tree: TreeSpec, private: Anchor | None = None) -> None:
         super().__init__()
         if (tree.num_tasks, tree.num_layers) != (len(anchor.tasks), anchor.num_layers):
             raise ValueError(
@@ -28,8 +33,17 @@ class TreeNet(nn.Module):
                 f"anchor of {len(anchor.tasks)} x {anchor.num_layers}"
             )
         self.anchor = anchor
+        self.private = private
         self.tree = tree.canonical()
         self._used = self.tree.used()
+        self._private = self.tree.private() if private is not None else None
+
+    def source(self, layer: int, stream: int) -> Anchor:
+        """The streams node (layer, stream) runs: ``private`` for private nodes, else the
+        anchor (``layer = L - 1`` also says whose head task ``stream`` reads)."""
+        if self._private is not None and self._private[layer][stream]:
+            return self.private
+        return self.anchor
 
     def forward(
         self,
@@ -39,14 +53,13 @@ class TreeNet(nn.Module):
         """Every task's head output; ``bn_offsets`` (from the weight hypernet) are added to
         the BatchNorm affine parameters of the nodes they name."""
         size = (image.shape[-2], image.shape[-1])
-        streams = self.anchor.streams
         nodes: dict[tuple[int, int], Tensor] = {}
         for layer, used in enumerate(self._used):
             for j, is_used in enumerate(used):
                 if not is_used:
                     continue
                 x = image if layer == 0 else nodes[(layer - 1, self.tree.parents[layer - 1][j])]
-                module = streams[j].layers[layer]
+                module = self.source(layer, j).streams[j].layers[layer]
                 deltas = bn_offsets.get((layer, j)) if bn_offsets is not None else None
                 if deltas:
                     own = dict(module.named_parameters())
@@ -57,5 +70,5 @@ class TreeNet(nn.Module):
         out = {}
         for j, task in enumerate(self.anchor.tasks):
             path = [nodes[(layer, s)] for layer, s in enumerate(self.tree.path(j))]
-            out[task.name] = self.anchor.run_head(j, path, size)
+            out[task.name] = self.source(len(self._used) - 1, j).run_head(j, path, size)
         return out

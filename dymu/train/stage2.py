@@ -96,8 +96,13 @@ def train_stage2(
     train_ds,
     val_ds,
     resume: bool = False,
+    private: Anchor | None = None,
 ) -> tuple[WeightHypernet, dict[str, Any]]:
-    """Train the weight hypernet; write its weights and a summary into ``run_dir``."""
+    """Train the weight hypernet; write its weights and a summary into ``run_dir``.
+
+    ``private``: the stage-0 streams that the trees' private nodes run (see
+    :class:`~dymu.models.treenet.TreeNet`), frozen like ``anchor``.
+    """
     s2 = cfg.stage2
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
@@ -107,6 +112,9 @@ def train_stage2(
     anchor = anchor.to(device).eval()
     anchor.requires_grad_(False)
     prec.prepare(anchor)  # in place; released after training
+    if private is not None:
+        private = private.to(device).eval().requires_grad_(False)
+        prec.prepare(private)
     edge = edge.to(device).eval()
     edge.requires_grad_(False)
     n = len(anchor.tasks)
@@ -155,7 +163,7 @@ def train_stage2(
             r, b, tree = draw_tree(
                 edge, space, s2.dirichlet, low, rng, device, s2.uniform_share, s2.full_budget_share
             )
-            net = nets.setdefault(tree.hash(), TreeNet(anchor, tree))
+            net = nets.setdefault(tree.hash(), TreeNet(anchor, tree, private))
             batch = to_device(next(batches), device)
             offsets = hypernet(r, b, tree)  # the hypernet runs in float32, the tree under autocast
             with prec.autocast():
@@ -189,6 +197,8 @@ def train_stage2(
                 )
     bar.close()
     prec.release(anchor)
+    if private is not None:
+        prec.release(private)
     meta = {"config_hash": h, "tasks": anchor.task_names}
     record = {
         **meta,
