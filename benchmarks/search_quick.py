@@ -33,6 +33,26 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def one_hot_trees(run: Path, budgets: list[float]) -> dict[str, int]:
+    """Per budget, how many distinct trees the N one-hot preferences derive (goal: the
+    trees follow the preference, so more than one)."""
+    from dymu.search import load_run
+    from dymu.space.derive import derive_tree
+
+    trained = load_run(run)
+    n = len(trained.anchor.tasks)
+    out = {}
+    for b in budgets:
+        trees = set()
+        for j in range(n):
+            r = torch.zeros(n)
+            r[j] = 1.0
+            with torch.no_grad():
+                trees.add(derive_tree(trained.edge.alpha(r, b), trained.space, b).hash())
+        out[f"{b:g}"] = len(trees)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quick.yaml")
@@ -56,9 +76,11 @@ def main() -> int:
         report = _read(run / "report.json")
         stages = {
             "stage0_s": _read(run / "anchor.json").get("train", {}).get("seconds"),
+            "joint_s": _read(run / "joint.json").get("seconds"),
             "stage1_s": _read(run / "edge_hnet.json").get("seconds"),
             "stage2_s": _read(run / "weight_hnet.json").get("seconds"),
         }
+        onehot = one_hot_trees(run, report.get("budgets", []))
         if args.keep is not None:
             shutil.copytree(run, args.keep)
     result = {
@@ -73,6 +95,7 @@ def main() -> int:
             for key in ("budgets", "budget_adherence", "hypervolume", "delta_m", "controllability")
         },
         "flops_mean": {b: s["mean"] for b, s in report.get("flops", {}).items()},
+        "one_hot_distinct_trees": onehot,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],

@@ -19,6 +19,11 @@ with w_i = 1 / (the stage-0 anchor's own loss on task i). BatchNorm keeps stage 
 running statistics (eval mode): one set of statistics serves every tree, and folding stays
 exact. Only weights move, so every tree's FLOPs are unchanged.
 
+The fine-tuned weights serve shared and post-branch nodes: with ``stage2.private_nodes``
+(the default) a tree's private nodes, those on their own stream's path for their own task
+alone, keep stage 0's weights (:class:`~dymu.models.treenet.TreeNet`), so the anchor tree
+stays the single-task anchor whatever this stage does to it.
+
 ``anchor.safetensors`` and ``anchor.json`` stay the independent single-task baseline of
 ``delta_m``; this stage writes ``joint.safetensors`` (same layout, loadable with
 :func:`~dymu.models.anchor.load_anchor_weights`) and ``joint.json``, and every
