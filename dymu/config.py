@@ -223,6 +223,10 @@ class JointConfig:
     """Random trees per step beside the anchor tree and a cheapest tree (the sandwich rule)."""
     distill: float = 1.0
     """Weight of the in-place distillation towards the stage-0 anchor's outputs."""
+    private: bool = False
+    """Train as the trees run with ``stage2.private_nodes``: private nodes on stage 0's
+    weights, and the anchor tree (all private, nothing to train) left out of the sandwich.
+    Needs ``stage2.private_nodes``."""
     hflip: bool = True
 
     def check(self, prefix: str) -> None:
@@ -429,7 +433,7 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
-_ADDED_LATER = {("joint", "optimizer"): "adam"}
+_ADDED_LATER = {("joint", "optimizer"): "adam", ("joint", "private"): False}
 """(section, key) -> the value that behaves as the config did before the key existed."""
 
 

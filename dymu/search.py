@@ -128,6 +128,8 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         result = result if main else AffinityResult.load(path)
     affinity = torch.tensor(result.mean, dtype=torch.float32)
 
+    if cfg.joint.private and not cfg.stage2.private_nodes:
+        raise UserError("config: joint.private=true needs stage2.private_nodes=true")
     # The streams the trees run on; `anchor` stays the single-task baseline of delta_m.
     streams = ensure_joint(cfg, run, anchor, train, val, resume=resume)
     private = anchor if streams is not anchor and cfg.stage2.private_nodes else None

@@ -96,3 +96,17 @@ def test_no_joint_steps_leaves_the_stage0_streams(tiny, tmp_path):
     assert joint.ensure_joint(cfg, tmp_path, anchor, train, val) is anchor
     assert joint.trees_hash(cfg) == stage0.stage0_hash(cfg)
     assert not (tmp_path / joint.JOINT_WEIGHTS).exists()
+
+
+def test_private_training_leaves_the_anchor_tree_and_trains_the_rest(tiny, tmp_path):
+    _, anchor, train, val = tiny
+    cfg = load_config(None, [*STEPS, "joint.private=true"])
+    rng = np.random.default_rng(0)
+    trees = joint.sandwich(3, anchor.num_layers, 2, rng, anchor_tree=False)
+    assert len(trees) == 3 and TreeSpec.no_sharing(3, anchor.num_layers) not in trees
+    _, record = joint.train_joint(cfg, tmp_path, anchor, train, val)
+    losses = record["val_losses"]
+    assert losses["anchor_tree/joint"] == losses["anchor_tree/stage0"]  # all private
+    after, before = losses["cheapest_tree/joint"], losses["cheapest_tree/stage0"]
+    assert np.mean([after[t] / before[t] for t in after]) < 0.98
+    assert joint.joint_hash(cfg) != joint.joint_hash(load_config(None, STEPS))

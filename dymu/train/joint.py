@@ -81,12 +81,14 @@ def trees_hash(cfg: Config) -> str:
 
 
 def sandwich(
-    n: int, num_layers: int, random_trees: int, rng: np.random.Generator
+    n: int, num_layers: int, random_trees: int, rng: np.random.Generator, anchor_tree: bool = True
 ) -> list[TreeSpec]:
-    """One step's trees: the anchor tree, a cheapest tree on a random trunk, and
-    ``random_trees`` uniformly random trees (drawn from ``rng`` in this fixed order)."""
+    """One step's trees: the anchor tree (unless ``anchor_tree`` is False), a cheapest tree
+    on a random trunk, and ``random_trees`` uniformly random trees (drawn from ``rng`` in
+    this fixed order)."""
     trunk = int(rng.integers(n))
-    trees = [TreeSpec.no_sharing(n, num_layers), TreeSpec.all_sharing(n, num_layers, trunk)]
+    trees = [TreeSpec.no_sharing(n, num_layers)] if anchor_tree else []
+    trees.append(TreeSpec.all_sharing(n, num_layers, trunk))
     trees += [TreeSpec.random(n, num_layers, rng).canonical() for _ in range(random_trees)]
     return trees
 
@@ -115,6 +117,9 @@ def train_joint(
     main, part = dist.is_main(), dist.shard()
     teacher = anchor.to(device).eval()
     teacher.requires_grad_(False)
+    # joint.private: private nodes run stage 0's weights, as the trees will at inference;
+    # the anchor tree (all private) then trains nothing and leaves the sandwich.
+    private = teacher if js.private else None
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
     student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
@@ -162,7 +167,7 @@ def train_joint(
     last: dict[str, float] = {}
     for step in bar:
         tick = time.perf_counter()
-        trees = sandwich(n, num_layers, js.random_trees, rng)
+        trees = sandwich(n, num_layers, js.random_trees, rng, anchor_tree=private is None)
         batch = to_device(next(batches), device)
         if js.hflip:
             batch = random_hflip(batch, tasks, flip_gen, part)
@@ -170,7 +175,7 @@ def train_joint(
             target = teacher(batch["image"])
         labels = distilled = torch.zeros((), device=device)
         for tree in trees:
-            out = TreeNet(student, tree)(batch["image"])
+            out = TreeNet(student, tree, private)(batch["image"])
             for k, t in enumerate(tasks):
                 labels = labels + scales[k] * t.loss(out[t.name], batch[t.name])
                 distilled = distilled + scales[k] * distillation(out[t.name], target[t.name])
@@ -211,7 +216,9 @@ def train_joint(
         "final": last,
     }
     if main:
-        record["val_losses"] = _val_losses(teacher, student, val_ds, cfg.joint.batch_size, device)
+        record["val_losses"] = _val_losses(
+            teacher, student, val_ds, cfg.joint.batch_size, device, private
+        )
     if dist.world_size() > 1:
         record["processes"] = dist.world_size()
     run_dir = Path(run_dir)
@@ -220,7 +227,9 @@ def train_joint(
 
 
 @torch.no_grad()
-def _val_losses(teacher: Anchor, student: Anchor, val_ds, batch_size: int, device) -> dict:
+def _val_losses(
+    teacher: Anchor, student: Anchor, val_ds, batch_size: int, device, private: Anchor | None
+) -> dict:
     """Validation losses of the anchor tree and the first trunk's cheapest tree, before
     (stage 0's streams) and after this stage: what the stage bought, in the record."""
     n, num_layers = len(teacher.tasks), teacher.num_layers
@@ -229,10 +238,11 @@ def _val_losses(teacher: Anchor, student: Anchor, val_ds, batch_size: int, devic
         ("anchor_tree", TreeSpec.no_sharing(n, num_layers)),
         ("cheapest_tree", TreeSpec.all_sharing(n, num_layers, 0)),
     ):
-        for when, streams in (("stage0", teacher), ("joint", student)):
-            _, losses = evaluate_model(
-                TreeNet(streams, tree), val_ds, teacher.tasks, batch_size, device
-            )
+        for when, net in (
+            ("stage0", TreeNet(teacher, tree)),
+            ("joint", TreeNet(student, tree, private)),
+        ):
+            _, losses = evaluate_model(net, val_ds, teacher.tasks, batch_size, device)
             out[f"{name}/{when}"] = dict(zip(teacher.task_names, losses, strict=True))
     return out
 
