@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, points in base["points"].items():  # the earlier search, for the record
         if name.startswith("dymu@"):
             sets[f"before:{name}"] = points
-    norm = {k: normalised_losses(np.array([p["losses"] for p in v]), single) for k, v in sets.items()}
+    norm = {
+        k: normalised_losses(np.array([p["losses"] for p in v]), single) for k, v in sets.items()
+    }
     ref = reference_point(np.concatenate(list(norm.values())))
     hv = {k: hypervolume(v, ref) for k, v in norm.items()}
     rows = {}
@@ -99,20 +101,23 @@ def main(argv: list[str] | None = None) -> int:
             }
         rows[key] = row
     out = {
-        "command": "python benchmarks/search_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/search_quality.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "reference_point": ref.tolist(),
         "objectives": "test loss / single-task (stage-0) test loss, per task",
         "hypervolume": hv,
         "static_label": base["methods"].get("static", {}).get("label"),
         "budgets": rows,
     }
-    print(f"{'budget':>8} {'FLOPs':>6} {'delta_m':>8} {'weighted':>8} {'HV':>8} {'/static':>8} {'/PHN-BN':>8}")
+    heads = ("budget", "FLOPs", "delta_m", "weighted", "HV", "/static", "/PHN-BN")
+    print(" ".join(f"{h:>8}" for h in heads))
     for key, row in rows.items():
         w = row["delta_m_weighted"]
         print(
-            f"{key:>8} {row['flops_mean']:6.3f} {row['delta_m']:+8.2f} "
+            f"{key:>8} {row['flops_mean']:8.3f} {row['delta_m']:+8.2f} "
             f"{'-' if w is None else f'{w:+.2f}':>8} {row['hypervolume']:8.2f} "
-            f"{row['hv_ratio_static'] or float('nan'):8.3f} {row['hv_ratio_phn_bn'] or float('nan'):8.3f}"
+            f"{row['hv_ratio_static'] or float('nan'):8.3f} "
+            f"{row['hv_ratio_phn_bn'] or float('nan'):8.3f}"
         )
     for k in ("static", "phn_bn", "phn"):
         if k in hv:

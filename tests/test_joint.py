@@ -55,7 +55,7 @@ def test_distillation_is_a_mean_of_per_image_terms():
 def test_only_weights_move_and_the_stage0_anchor_stays(tiny, tmp_path):
     cfg, anchor, train, val = tiny
     before = {k: v.clone() for k, v in anchor.state_dict().items()}
-    tuned, record = joint.train_joint(cfg, tmp_path, anchor, train, val)
+    _, record = joint.train_joint(cfg, tmp_path, anchor, train, val)
     for k, v in anchor.state_dict().items():  # the teacher, and delta_m's baseline
         assert torch.equal(v, before[k]), k
     saved = load_file(str(tmp_path / joint.JOINT_WEIGHTS))

@@ -172,8 +172,13 @@ def test_a_task_without_a_primary_baseline_is_listed_not_a_crash(tmp_path, monke
     cfg = trained.cfg
     _, splits = load_splits(cfg)
     report = search_eval.evaluate_search(
-        cfg.evaluate, trained.anchor, trained.space, trained.edge, trained.weights,
-        splits.test, torch.device("cpu"),
+        cfg.evaluate,
+        trained.anchor,
+        trained.space,
+        trained.edge,
+        trained.weights,
+        splits.test,
+        torch.device("cpu"),
     )
     assert report["controllability_excluded"] == ["depth"]
     for scores in report["controllability"].values():

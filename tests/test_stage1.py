@@ -36,9 +36,7 @@ def _expected_fraction(edge, space, r, b) -> float:
 
 
 def test_stage1_and_stage2_train_and_the_budget_pulls_flops_down(tmp_path):
-    cfg = load_config(
-        None, [*TINY, f"data.cache_dir={tmp_path / 'c'}", "stage1.objective=paper"]
-    )
+    cfg = load_config(None, [*TINY, f"data.cache_dir={tmp_path / 'c'}", "stage1.objective=paper"])
     anchor, _ = stage0.train_stage0(cfg, tmp_path)
     space = anchor_space(anchor, (32, 32))
     builder = get_builder("synthscenes")
@@ -86,7 +84,9 @@ def test_budget_objective_spends_the_budget(tmp_path):
 
     def fractions(*extra):
         c = load_config(None, [*base, *extra])
-        edge, _ = train_stage1(c, tmp_path / "-".join(extra), anchor, space, torch.eye(3), train, val)
+        edge, _ = train_stage1(
+            c, tmp_path / "-".join(extra), anchor, space, torch.eye(3), train, val
+        )
         return _expected_fraction(edge, space, r, 1.0), _expected_fraction(edge, space, r, low)
 
     off = ["stage1.lambda_active=0", "stage1.lambda_inactive=0", "stage1.full_budget_share=1"]

@@ -157,8 +157,11 @@ def evaluate_search(
         "delta_m_weighted": {},
         "delta_m_excluded": excluded,
         "controllability": {},
-        "controllability_excluded": [t for t, m in zip(anchor.task_names, primary, strict=True)
-                                     if m not in directions.get(t, {})],
+        "controllability_excluded": [
+            t
+            for t, m in zip(anchor.task_names, primary, strict=True)
+            if m not in directions.get(t, {})
+        ],
         "flops": {},
         "budget_adherence": {},
         "distinct_trees": {},
@@ -167,7 +170,6 @@ def evaluate_search(
     }
     for b in budgets:
         idx = [i for i, row in enumerate(rows) if row["budget"] == b]
-        losses = np.array([rows[i]["losses"] for i in idx])
         perf = np.array(
             [
                 [rows[i]["metrics"][t.name][m] for t, m in zip(tasks, primary, strict=True)]
@@ -184,9 +186,7 @@ def evaluate_search(
         # that no task's loss scale dominates.
         report["uniformity"][key] = uniformity(norm[idx], prefs)
         report["delta_m"][key] = float(np.mean([rows[i]["delta_m"] for i in idx]))
-        report["delta_m_weighted"][key] = float(
-            np.mean([rows[i]["delta_m_weighted"] for i in idx])
-        )
+        report["delta_m_weighted"][key] = float(np.mean([rows[i]["delta_m_weighted"] for i in idx]))
         scores = controllability(perf[:, keep], prefs[:, keep], hib) if keep else []
         report["controllability"][key] = {
             anchor.task_names[k]: float(v) for k, v in zip(keep, scores, strict=True)

@@ -57,7 +57,9 @@ def edge_layout(streams: Sequence[nn.Module]) -> EdgeLayout:
     return layout
 
 
-def build_weight_hypernet(num_tasks: int, streams: Sequence[nn.Module], rank: int) -> WeightHypernet:
+def build_weight_hypernet(
+    num_tasks: int, streams: Sequence[nn.Module], rank: int
+) -> WeightHypernet:
     """The weight hypernet of an anchor's streams, with rank-``rank`` edge adapters."""
     return WeightHypernet(
         num_tasks, bn_layout(streams), edges=edge_layout(streams) if rank else None, rank=rank

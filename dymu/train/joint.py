@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
 from tqdm.auto import tqdm

@@ -57,10 +57,10 @@ from dymu.train.checkpoint import (
     set_rng_state,
     write_finished,
 )
-from dymu.train.loop import endless, iterate, to_device
+from dymu.train.joint import trees_hash
+from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
-from dymu.train.joint import trees_hash
 
 EDGE_WEIGHTS = "edge_hnet.safetensors"
 EDGE_JSON = "edge_hnet.json"
