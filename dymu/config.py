@@ -216,17 +216,18 @@ class JointConfig:
     batch_size: int = 32
     optimizer: Literal["adam", "sgd"] = "adam"
     """adam (AdamW) | sgd (momentum 0.9)."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Learning rate, decayed to 0 by a cosine over the steps."""
     weight_decay: float = 1e-4
     random_trees: int = 2
     """Random trees per step beside the anchor tree and a cheapest tree (the sandwich rule)."""
     distill: float = 1.0
     """Weight of the in-place distillation towards the stage-0 anchor's outputs."""
-    private: bool = False
+    private: bool = True
     """Train as the trees run with ``stage2.private_nodes``: private nodes on stage 0's
     weights, and the anchor tree (all private, nothing to train) left out of the sandwich.
-    Needs ``stage2.private_nodes``."""
+    Needs ``stage2.private_nodes`` (false: the anchor tree trains too, as the first
+    version of this stage did)."""
     hflip: bool = True
 
     def check(self, prefix: str) -> None:

@@ -52,8 +52,10 @@ def test_distillation_is_a_mean_of_per_image_terms():
     )  # two ranks holding one image each average to the batch's value
 
 
-def test_only_weights_move_and_the_stage0_anchor_stays(tiny, tmp_path):
-    cfg, anchor, train, val = tiny
+@pytest.mark.parametrize("private", [True, False])
+def test_only_weights_move_and_the_stage0_anchor_stays(tiny, tmp_path, private):
+    _, anchor, train, val = tiny
+    cfg = load_config(None, [*STEPS, f"joint.private={str(private).lower()}"])
     before = {k: v.clone() for k, v in anchor.state_dict().items()}
     _, record = joint.train_joint(cfg, tmp_path, anchor, train, val)
     for k, v in anchor.state_dict().items():  # the teacher, and delta_m's baseline
@@ -109,4 +111,5 @@ def test_private_training_leaves_the_anchor_tree_and_trains_the_rest(tiny, tmp_p
     assert losses["anchor_tree/joint"] == losses["anchor_tree/stage0"]  # all private
     after, before = losses["cheapest_tree/joint"], losses["cheapest_tree/stage0"]
     assert np.mean([after[t] / before[t] for t in after]) < 0.98
-    assert joint.joint_hash(cfg) != joint.joint_hash(load_config(None, STEPS))
+    old = load_config(None, [*STEPS, "joint.private=false"])
+    assert joint.joint_hash(cfg) != joint.joint_hash(old)

@@ -5,7 +5,8 @@ seen. This stage, between the affinity estimate and stage 1, fine-tunes all stre
 heads) at once on trees drawn from the space, with the sandwich rule of one-shot NAS: every
 step runs
 
-- the anchor tree (every task on its own stream),
+- the anchor tree (every task on its own stream; left out with ``joint.private``, the
+  default, where the anchor tree runs stage 0's weights and has nothing to train),
 - a cheapest tree (every task on one random stream's trunk),
 - ``joint.random_trees`` trees with uniformly random parents,
 
