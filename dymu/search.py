@@ -107,6 +107,8 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     affinity estimate and the evaluation, short and written once, run on rank 0 while the
     others wait, then read its files, so every rank returns the same report.
     """
+    if cfg.joint.steps > 0 and cfg.joint.private and not cfg.stage2.private_nodes:
+        raise UserError("config: joint.private=true needs stage2.private_nodes=true")
     run = start_run(cfg, run_dir)
     device = resolve_device(cfg.run.device)
     dist.setup(device)
@@ -128,8 +130,6 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         result = result if main else AffinityResult.load(path)
     affinity = torch.tensor(result.mean, dtype=torch.float32)
 
-    if cfg.joint.private and not cfg.stage2.private_nodes:
-        raise UserError("config: joint.private=true needs stage2.private_nodes=true")
     # The streams the trees run on; `anchor` stays the single-task baseline of delta_m.
     streams = ensure_joint(cfg, run, anchor, train, val, resume=resume)
     private = anchor if streams is not anchor and cfg.stage2.private_nodes else None
