@@ -212,7 +212,8 @@ class JointConfig:
     that a cross-task edge feeds its child features it can use; 0 steps skips it."""
 
     steps: int = 600
-    """Steps of the sandwich (each runs 2 + random_trees trees on one batch)."""
+    """Steps of the sandwich (each runs a cheapest tree, random_trees random trees and,
+    without ``private``, the anchor tree on one batch)."""
     batch_size: int = 32
     optimizer: Literal["adam", "sgd"] = "adam"
     """adam (AdamW) | sgd (momentum 0.9)."""
@@ -220,7 +221,8 @@ class JointConfig:
     """Learning rate, decayed to 0 by a cosine over the steps."""
     weight_decay: float = 1e-4
     random_trees: int = 2
-    """Random trees per step beside the anchor tree and a cheapest tree (the sandwich rule)."""
+    """Random trees per step beside a cheapest tree (and the anchor tree without
+    ``private``): the sandwich rule."""
     distill: float = 1.0
     """Weight of the in-place distillation towards the stage-0 anchor's outputs."""
     private: bool = True

@@ -31,19 +31,11 @@ from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
 from dymu.run import resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import load_space, save_space
+from dymu.train.checkpoint import record_matches
 from dymu.train.joint import JOINT_WEIGHTS, ensure_joint, load_joint
 from dymu.train.stage0 import ANCHOR_WEIGHTS, ensure_anchor, stage0_hash
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
-
-
-def _matches(json_path: Path, h: str) -> bool:
-    if not json_path.is_file():
-        return False
-    try:
-        return json.loads(json_path.read_text()).get("config_hash") == h
-    except (OSError, ValueError):
-        return False
 
 
 def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHypernet:
@@ -75,13 +67,15 @@ class TrainedRun:
 def load_run(run_dir: str | Path) -> TrainedRun:
     """Load a finished ``dymu search`` run; one clear line when an artifact is missing."""
     run = Path(run_dir)
-    needed = ["config.yaml", ANCHOR_WEIGHTS, "space.json", EDGE_WEIGHTS, WEIGHT_WEIGHTS]
-    if (run / "config.yaml").is_file() and load_config(run / "config.yaml").joint.steps > 0:
-        needed.insert(2, JOINT_WEIGHTS)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a finished search run: config.yaml is missing")
+    cfg = load_config(run / "config.yaml")
+    needed = [ANCHOR_WEIGHTS, "space.json", EDGE_WEIGHTS, WEIGHT_WEIGHTS]
+    if cfg.joint.steps > 0:
+        needed.insert(1, JOINT_WEIGHTS)
     for name in needed:
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
-    cfg = load_config(run / "config.yaml")
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
@@ -141,12 +135,12 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
         save_space(space, run / "space.json")
     n, num_layers = len(anchor.tasks), anchor.num_layers
 
-    if _matches(run / EDGE_JSON, stage1_hash(cfg)):
+    if record_matches(run / EDGE_JSON, stage1_hash(cfg)):
         print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
         edge = load_edge(run, n, num_layers, cfg)
     else:
         edge, _ = train_stage1(cfg, run, streams, space, affinity, train, val, resume=resume)
-    if _matches(run / WEIGHT_JSON, stage2_hash(cfg)):
+    if record_matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
         weights = load_weights(run, streams, cfg)
     else:

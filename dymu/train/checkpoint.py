@@ -76,6 +76,17 @@ def write_finished(
     dist.barrier()
 
 
+def record_matches(record_path: Path, config_hash: str) -> bool:
+    """Whether a finished stage's JSON record exists and carries ``config_hash`` (an
+    unreadable record counts as no match: the stage runs again)."""
+    if not record_path.is_file():
+        return False
+    try:
+        return json.loads(record_path.read_text()).get("config_hash") == config_hash
+    except (OSError, ValueError):
+        return False
+
+
 def rng_state(rng) -> dict[str, Any]:
     """A numpy Generator's state as plain Python values (loadable with weights_only)."""
     return rng.bit_generator.state

@@ -135,18 +135,32 @@ def draw_preferences_budgets(
     ``objective: paper``: r ~ Dirichlet(dirichlet), b ~ U(low, 1). ``objective: budget``
     mixes in what the evaluation asks for (METHOD.md 1.9): a share ``uniform_share`` of the
     preferences is uniform on the simplex, and a share ``full_budget_share`` of the budgets
-    is exactly 1. Both kinds are drawn every time (and then picked), so the generator's
-    sequence does not depend on the mixture.
+    is exactly 1 (:func:`mix_evaluation_draws`).
     """
     g = s1.draws
     rs = rng.dirichlet([s1.dirichlet] * num_tasks, size=g)  # [G, N]
     bs = rng.uniform(low, 1.0, size=g)  # [G]
     if s1.objective == "paper":
         return rs, bs
+    return mix_evaluation_draws(rs, bs, s1.uniform_share, s1.full_budget_share, rng)
+
+
+def mix_evaluation_draws(
+    rs: np.ndarray,
+    bs: np.ndarray,
+    uniform_share: float,
+    full_budget_share: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replace a share of the draws (r [G, N], b [G]) by what the evaluation asks for: a
+    preference uniform on the simplex (``uniform_share``), a budget of exactly 1
+    (``full_budget_share``). Both replacements are drawn every time, then picked, so the
+    generator's sequence does not depend on the shares (stages 1 and 2)."""
+    g, num_tasks = rs.shape
     flat = rng.dirichlet([1.0] * num_tasks, size=g)  # [G, N] uniform on the simplex
     coins = rng.uniform(size=(2, g))  # [2, G]
-    rs = np.where((coins[0] < s1.uniform_share)[:, None], flat, rs)
-    bs = np.where(coins[1] < s1.full_budget_share, 1.0, bs)
+    rs = np.where((coins[0] < uniform_share)[:, None], flat, rs)
+    bs = np.where(coins[1] < full_budget_share, 1.0, bs)
     return rs, bs
 
 

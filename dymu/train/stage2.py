@@ -45,7 +45,7 @@ from dymu.train.checkpoint import (
 from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
-from dymu.train.stage1 import stage1_hash
+from dymu.train.stage1 import mix_evaluation_draws, stage1_hash
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
 WEIGHT_JSON = "weight_hnet.json"
@@ -77,10 +77,10 @@ def draw_tree(
     r_np = rng.dirichlet([dirichlet] * edge.num_tasks)
     b = float(rng.uniform(low, 1.0))
     if uniform_share > 0 or full_budget_share > 0:
-        flat = rng.dirichlet([1.0] * edge.num_tasks)
-        coins = rng.uniform(size=2)
-        r_np = flat if coins[0] < uniform_share else r_np
-        b = 1.0 if coins[1] < full_budget_share else b
+        rs, bs = mix_evaluation_draws(
+            r_np[None], np.array([b]), uniform_share, full_budget_share, rng
+        )
+        r_np, b = rs[0], float(bs[0])
     r = torch.tensor(r_np, dtype=torch.float32, device=device)
     with torch.no_grad():
         tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
