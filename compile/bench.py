@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from dymu.artifacts import read_json
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import save_figure, write_json
 
@@ -209,7 +210,7 @@ def measure_one(
     """Latency, throughput and peak memory of one tree on one backend (in this process)."""
     import torch
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_json(bundle / "manifest.json", "bundle manifest", "export the bundle again")
     entry = next((t for t in manifest["trees"] if t["hash"] == tree_hash), None)
     if entry is None:
         raise UserError(f"tree {tree_hash} is not in {bundle}/manifest.json")
@@ -275,7 +276,7 @@ def bench_bundles(
     for bundle in bundles:
         if not (bundle / "manifest.json").is_file():
             raise UserError(f"{bundle} is not an export bundle: manifest.json is missing")
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = read_json(bundle / "manifest.json", "bundle manifest", "export the bundle again")
         chosen = backends or available_backends(run is not None, manifest)
         for backend in chosen:
             check_backend(bundle, manifest, backend)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,11 @@ from dymu.compile import aoti
 from dymu.compile.bundle import write_bundle_files
 from dymu.compile.materialize import materialize
 from dymu.compile.onnx_export import export_onnx, ort_parity
+from dymu.compile.trt_support import opset_for
 from dymu.data import get_builder
 from dymu.data.base import cache_root
 from dymu.errors import RuntimeFailure, UserError
-from dymu.io import atomic_dir, sha256_file, write_json
+from dymu.io import atomic_dir, clean_stale, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
 from dymu.space.derive import check_budget, derive_tree
@@ -96,16 +98,20 @@ def check_target(target: str) -> None:
             raise UserError(f"--target aoti: {exc}") from None
 
 
-def _fresh_out(out: Path) -> None:
-    """``out`` must not hold anything yet, and its parent must be a writable folder."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def check_out(out: str | Path) -> Path:
+    """``out`` must not exist (empty or not: a bundle is only ever a whole new folder), and
+    a folder must be creatable beside it: tried for real, since ``os.access`` says yes to
+    root in ``/proc``. Removes staging folders that a killed export left for this name."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
         raise UserError(f"{out} already exists; remove it or choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write {out}: {out.parent} is not writable")
+    clean_stale(out.parent, name=out.name)
+    return out
 
 
 def export_bundle(
@@ -149,7 +155,8 @@ def export_bundle(
             1e-4, FLOPs over the budget), or an AOTInductor compile fails.
     """
     check_target(target)
-    out = Path(out)
+    opset_for(trt_version)  # an unknown TensorRT version fails before any work
+    out = check_out(out)
     run = load_run(run_dir)
     space, anchor = run.space, run.anchor
     full = anchor_flops(space)
@@ -163,7 +170,6 @@ def export_bundle(
             alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
             tree = derive_tree(alpha, space, budget)
             served.setdefault(tree.hash(), (tree, []))[1].append(r)
-    _fresh_out(out)
 
     cfg = run.cfg
     builder = get_builder(cfg.data.name)

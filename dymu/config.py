@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from dymu.artifacts import read_text
 from dymu.errors import UserError
 
 
@@ -96,8 +97,13 @@ class RunConfig:
     channels_last: bool = False
     """Train with NHWC weights and images (faster convolutions on recent GPUs); a layout
     only, so it changes results by float rounding and leaves the artifacts' hashes alone."""
+    checkpoint_every: int = 100
+    """Steps between the checkpoints of the joint stage and stages 1 and 2, from which
+    ``--resume`` continues (stage 0 checkpoints every epoch). Results do not depend on it."""
 
     def check(self, prefix: str) -> None:
+        if self.checkpoint_every < 1:
+            raise UserError(f"config: {prefix}.checkpoint_every must be >= 1")
         if self.precision == "fp16" and self.device == "cpu":
             raise UserError(
                 f"config: {prefix}.precision=fp16 needs CUDA ({prefix}.device is cpu); "
@@ -223,6 +229,10 @@ class JointConfig:
     random_trees: int = 2
     """Random trees per step beside a cheapest tree (and the anchor tree without
     ``private``): the sandwich rule."""
+    trunk: Literal["best", "random"] = "best"
+    """Which stream's trunk the sandwich's cheapest tree runs on: ``best``, the one whose
+    cheapest tree has the lowest weighted validation loss on stage 0's streams (chosen once,
+    so the trees of tight budgets get every step), or ``random``, a new one every step."""
     distill: float = 1.0
     """Weight of the in-place distillation towards the stage-0 anchor's outputs."""
     private: bool = True
@@ -436,7 +446,11 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
-_ADDED_LATER = {("joint", "optimizer"): "adam", ("joint", "private"): False}
+_ADDED_LATER = {
+    ("joint", "optimizer"): "adam",
+    ("joint", "private"): False,
+    ("joint", "trunk"): "random",
+}
 """(section, key) -> the value that behaves as the config did before the key existed."""
 
 
@@ -596,10 +610,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config YAML file as a mapping, with one-line errors."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} not found")
+    text = read_text(p, "config file", "give a YAML file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,14 +20,19 @@ from dymu.errors import UserError
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents); fail with one line if that is impossible."""
+    """Create ``path`` (and parents); fail with one line if that is impossible or files
+    cannot be created in it. Tried for real: ``os.access`` says yes to root in ``/proc``."""
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create directory {p}: {exc.strerror or exc}") from exc
-    if not os.access(p, os.W_OK):
-        raise UserError(f"directory {p} is not writable")
+        raise UserError(f"cannot create directory {p}: {exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dymu-probe.", dir=p)
+    except OSError as exc:
+        raise UserError(f"directory {p} is not writable: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
     return p
 
 
@@ -34,6 +40,48 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+"""A temporary file or folder of :func:`atomic_path` / :func:`atomic_dir`:
+``.<final name>.<writer's pid>.<random>.tmp``."""
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(folder: str | os.PathLike, name: str | None = None, recursive: bool = False) -> int:
+    """Remove the temporary files and folders that killed writers left in ``folder`` (those
+    of ``name`` only, when given); return how many. A temporary whose writer (by the pid in
+    its name) still runs on this machine is kept."""
+    removed = 0
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    entries = root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")
+    for entry in sorted(entries, reverse=True):  # children before their folders
+        m = _TEMP.match(entry.name)
+        if not m or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -45,7 +93,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(path)
     ensure_dir(dest.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -66,7 +114,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(path)
     ensure_dir(dest.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual mode

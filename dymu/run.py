@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from dymu import __version__, dist
+from dymu.artifacts import read_text
 from dymu.config import Config, to_yaml
 from dymu.errors import UserError
-from dymu.io import ensure_dir, write_json, write_text
+from dymu.io import clean_stale, ensure_dir, write_json, write_text
+from dymu.lock import lock_run
 
 _VERSIONED = ("numpy", "torch", "networkx", "scikit-learn", "fvcore", "onnx", "onnxruntime")
 
@@ -85,15 +87,60 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
-def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:
-    """Create ``run_dir`` and write ``config.yaml`` (fully resolved) and ``env.json``.
+def check_names(cfg: Config, need_data: bool = True) -> None:
+    """Refuse unknown dataset, task, backbone and head names in one line listing the valid
+    ones, before anything is written. With ``need_data`` the dataset's folder must be there
+    too (a loader that detects its layout from the folder offers the tasks it finds);
+    without it, tasks are checked against the dataset's static list."""
+    from dymu.data import get_builder
+    from dymu.models import BACKBONES, HEADS
 
-    Under ``torchrun`` only rank 0 writes them (with the number of processes in
+    builder = get_builder(cfg.data.name)
+    try:
+        info = builder.info_for(cfg.data)
+    except UserError:
+        if need_data:
+            raise
+        info = builder.info
+    info.select(cfg.data.tasks)
+    BACKBONES.get(cfg.model.backbone)
+    HEADS.get(cfg.model.dense_head)
+    HEADS.get(cfg.model.class_head)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> Config:
+    """The ``config.yaml`` a run directory holds; an error in it names the file."""
+    from dymu.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    fix = f"rerun dymu search --run {run_dir}"
+    if not read_text(path, "run config", fix).strip():
+        raise UserError(f"run config {path} is damaged (empty); {fix}")
+    try:
+        return load_config(path)
+    except UserError as exc:
+        text = str(exc)
+        if str(path) in text:
+            raise
+        raise UserError(
+            f"run config {path} is damaged ({text.removeprefix('config: ')}); {fix}"
+        ) from None
+
+
+def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Check the config's names, create ``run_dir``, take its lock (one writer at a time),
+    remove temporary files that killed writers left, and write ``config.yaml`` (fully
+    resolved) and ``env.json``.
+
+    Under ``torchrun`` only rank 0 locks and writes (with the number of processes in
     ``env.json``); every rank gets the path.
     """
-    path = ensure_dir(run_dir)
+    check_names(cfg)
     device = resolve_device(cfg.run.device)
+    path = ensure_dir(run_dir)
     if dist.is_main():
+        lock_run(path, write=True)
+        clean_stale(path, recursive=True)
         write_text(path / "config.yaml", to_yaml(cfg))
         info = env_info(device)
         if dist.is_distributed():

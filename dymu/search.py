@@ -14,39 +14,45 @@ from typing import Any
 
 import networkx as nx
 import torch
-from safetensors.torch import load_file
 
 from dymu import dist
 from dymu.affinity.estimate import estimate_affinity
 from dymu.affinity.plot import affinity_png
 from dymu.affinity.result import AffinityResult
-from dymu.config import Config, load_config, section_hash
+from dymu.artifacts import load_into, read_json
+from dymu.config import Config, section_hash
 from dymu.data import get_builder
 from dymu.errors import UserError
 from dymu.evaluate.report import write_report
 from dymu.evaluate.search import evaluate_search
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
+from dymu.lock import run_lock, unlock_run
 from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
-from dymu.run import resolve_device, start_run
+from dymu.run import read_run_config, resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import load_space, save_space
 from dymu.train.checkpoint import record_matches
-from dymu.train.joint import JOINT_WEIGHTS, ensure_joint, load_joint
-from dymu.train.stage0 import ANCHOR_WEIGHTS, ensure_anchor, stage0_hash
+from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, joint_hash, load_joint
+from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor, stage0_hash
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
 
 
+def _fix(run: Path) -> str:
+    return f"delete it and rerun dymu search --run {run}"
+
+
 def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHypernet:
     edge = EdgeHypernet(num_tasks, num_layers, self_bias=cfg.stage1.self_bias)
-    edge.load_state_dict(load_file(str(run / EDGE_WEIGHTS)))  # min_budget is a saved buffer
+    # min_budget is a saved buffer
+    load_into(edge, run / EDGE_WEIGHTS, "edge hypernet", _fix(run))
     return edge
 
 
 def load_weights(run: Path, anchor: Anchor, cfg: Config) -> WeightHypernet:
     weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, cfg.stage2.adapter_rank)
-    weights.load_state_dict(load_file(str(run / WEIGHT_WEIGHTS)))
+    load_into(weights, run / WEIGHT_WEIGHTS, "weight hypernet", _fix(run))
     return weights
 
 
@@ -65,17 +71,35 @@ class TrainedRun:
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
-    """Load a finished ``dymu search`` run; one clear line when an artifact is missing."""
+    """Load a finished ``dymu search`` run; one clear line when an artifact is missing,
+    damaged, or was made with another config than the run's ``config.yaml`` (two runs
+    written into one folder, or a file copied in from another run)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a finished search run: config.yaml is missing")
-    cfg = load_config(run / "config.yaml")
-    needed = [ANCHOR_WEIGHTS, "space.json", EDGE_WEIGHTS, WEIGHT_WEIGHTS]
+    with run_lock(run, write=False):  # no search may write into it while it is read
+        return _load_run(run)
+
+
+def _load_run(run: Path) -> TrainedRun:
+    cfg = read_run_config(run)
+    records = [  # (weights, record, the config hash the record must carry)
+        (ANCHOR_WEIGHTS, ANCHOR_JSON, stage0_hash(cfg)),
+        (EDGE_WEIGHTS, EDGE_JSON, stage1_hash(cfg)),
+        (WEIGHT_WEIGHTS, WEIGHT_JSON, stage2_hash(cfg)),
+    ]
     if cfg.joint.steps > 0:
-        needed.insert(1, JOINT_WEIGHTS)
-    for name in needed:
+        records.insert(1, (JOINT_WEIGHTS, JOINT_JSON, joint_hash(cfg)))
+    for name in [*(w for w, _, _ in records), "space.json"]:
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
+    for weights, name, expected in records:
+        record = read_json(run / name, "record", _fix(run))
+        if record.get("config_hash") != expected:
+            raise UserError(
+                f"{run / weights} was made with another config than {run / 'config.yaml'} "
+                f"(its record {name} says so); rerun dymu search --run {run}"
+            )
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
@@ -103,7 +127,14 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     """
     if cfg.joint.steps > 0 and cfg.joint.private and not cfg.stage2.private_nodes:
         raise UserError("config: joint.private=true needs stage2.private_nodes=true")
-    run = start_run(cfg, run_dir)
+    run = start_run(cfg, run_dir)  # takes the run directory's lock
+    try:
+        return _search(cfg, run, resume)
+    finally:
+        unlock_run(run)
+
+
+def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     device = resolve_device(cfg.run.device)
     dist.setup(device)
     main = dist.is_main()

@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, (available, reason) in skips.items():
             if marker in item.keywords and not available:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _release_run_locks():
+    """Library calls keep their run-directory locks until the process ends (the command
+    line releases them when a command ends); each test starts and ends holding none."""
+    from dymu.lock import release_all
+
+    yield
+    release_all()

@@ -190,8 +190,8 @@ def test_two_processes_run_the_single_process_search(tmp_path, monkeypatch, sing
     from dymu.search import run_search
 
     run, overrides, single = single_search
-    cfg = load_config(None, overrides)
-    monkeypatch.setattr(stage1, "EVERY", 2)  # a checkpoint after stage-1 step 2 ...
+    # A checkpoint after stage-1 step 2 ...
+    cfg = load_config(None, [*overrides, "run.checkpoint_every=2"])
     stop_after_first_checkpoint(  # ... where a single process is stopped; 2 ranks resume
         monkeypatch, stage1, lambda: run_search(cfg, tmp_path / "out" / "resumed")
     )

@@ -3,6 +3,7 @@ the stage-0 anchor untouched, and a resumed run equal to an uninterrupted one.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_only_weights_move_and_the_stage0_anchor_stays(tiny, tmp_path, private):
 def test_a_resumed_joint_stage_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
     cfg, anchor, train, val = tiny
     whole, _ = joint.train_joint(cfg, tmp_path / "whole", anchor, train, val)
-    monkeypatch.setattr(joint, "EVERY", 4)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=4))
     stop_after_first_checkpoint(
         monkeypatch, joint, lambda: joint.train_joint(cfg, tmp_path / "cut", anchor, train, val)
     )

@@ -22,7 +22,8 @@ def test_start_run_writes_config_and_env(tmp_path):
     assert env["device"] == "cpu"
     assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
     assert {"python", "dymu", "cuda_available", "gpus", "cpu_count"} <= set(env)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "env.json"]  # no temp files
+    # No temporary files; the lock file stays (deleting one races with the next locker).
+    assert sorted(p.name for p in run.iterdir()) == [".dymu.lock", "config.yaml", "env.json"]
 
 
 def test_unwritable_run_dir_is_a_user_error(tmp_path):

@@ -10,13 +10,13 @@ needs: DYMU counts stage 0 (its anchor) as well as stages 1 and 2.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dymu.artifacts import read_json
 from dymu.config import BASELINE_METHODS
 from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point, uniformity
 from dymu.io import save_figure, write_json, write_text
@@ -45,14 +45,15 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
     Baselines are those in ``RUN/baselines/`` whose settings match this config (``hashes``:
     method -> hash), whichever call trained them.
     """
-    anchor = json.loads((run / ANCHOR_JSON).read_text())
+    fix = f"delete it and rerun dymu search --run {run}"
+    anchor = read_json(run / ANCHOR_JSON, "stage-0 record", fix)
     stage_seconds = [
         anchor["train"]["seconds"],
-        json.loads((run / EDGE_JSON).read_text())["seconds"],
-        json.loads((run / WEIGHT_JSON).read_text())["seconds"],
+        read_json(run / EDGE_JSON, "stage-1 record", fix)["seconds"],
+        read_json(run / WEIGHT_JSON, "stage-2 record", fix)["seconds"],
     ]
     if (run / JOINT_JSON).is_file():  # the joint stage, where it ran
-        stage_seconds.insert(1, json.loads((run / JOINT_JSON).read_text())["seconds"])
+        stage_seconds.insert(1, read_json(run / JOINT_JSON, "joint record", fix)["seconds"])
     anchor_params = _stored_params(run, "anchor.safetensors")
     stored = anchor_params + _stored_params(run, "edge_hnet.safetensors", "weight_hnet.safetensors")
     entries = []
@@ -88,7 +89,7 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
         path = run / FOLDER / f"{method}.json"
         if not path.is_file():
             continue
-        result = json.loads(path.read_text())
+        result = read_json(path, "baseline result", "delete it and rerun dymu baselines")
         if result.get("config_hash") != hashes[method]:
             continue
         subset = None  # a stacked set trained on part of the sweep (baselines.stacked_models)
@@ -133,7 +134,7 @@ def _stored_params(run: Path, *files: str) -> int:
 
 def build_report(run: Path, hashes: dict[str, str]) -> dict[str, Any]:
     """Score every method on one reference point; write report.json, report.md, fronts.png."""
-    search = json.loads((run / "report.json").read_text())
+    search = read_json(run / "report.json", "search report", f"rerun dymu search --run {run}")
     tasks = search["tasks"]
     base = search["baseline"]
     entries = _entries(run, search, hashes)

@@ -39,17 +39,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dymu import dist
+from dymu.artifacts import read_json
 from dymu.baselines.shared import train_shared
 from dymu.config import Config, section_hash
 from dymu.errors import UserError
 from dymu.evaluate.metrics import preference_sweep
-from dymu.io import ensure_dir, write_json
+from dymu.io import clean_stale, ensure_dir, write_json
+from dymu.lock import lock_run, unlock_run
 from dymu.models.flops import count_flops, count_params
 from dymu.models.shared import SharedNet, build_shared_net
 from dymu.models.towers import build_towers
 from dymu.run import resolve_device
 from dymu.search import load_run
 from dymu.space.graph import anchor_flops
+from dymu.train.checkpoint import record_matches
 from dymu.train.loop import endless, evaluate_model, iterate, num_batches, to_device
 from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
@@ -358,12 +361,23 @@ METHODS: dict[str, Callable[[_Context], dict[str, Any]]] = {
 
 def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Train the configured methods (skipping finished ones); write and return the report."""
-    from dymu.baselines.report import build_report
-
     run = Path(run_dir)
     if not (run / "report.json").is_file():
         raise UserError(f"{run} is not a finished search run: report.json is missing")
-    anchor_json = json.loads((run / "anchor.json").read_text())
+    if dist.is_main():
+        lock_run(run, write=True)  # baselines/ is written into the run directory
+        clean_stale(run / FOLDER, recursive=True)
+    try:
+        return _run_baselines(cfg, run)
+    finally:
+        unlock_run(run)
+
+
+def _run_baselines(cfg: Config, run: Path) -> dict[str, Any]:
+    from dymu.baselines.report import build_report
+
+    fix = f"delete it and rerun dymu search --run {run}"
+    anchor_json = read_json(run / "anchor.json", "stage-0 record", fix)
     if anchor_json.get("config_hash") != stage0_hash(cfg):
         raise UserError(
             f"{run} was searched with other data, model or stage-0 settings than this config; "
@@ -388,7 +402,7 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     todo = []  # decided before anything is written, so that every rank decides alike
     for method in cfg.baselines.methods:
         path = folder / f"{method}.json"
-        if path.is_file() and json.loads(path.read_text()).get("config_hash") == hashes[method]:
+        if record_matches(path, hashes[method]):
             if main:
                 print(f"baselines: {method} already trained with this config ({path})")
         else:

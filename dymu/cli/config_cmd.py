@@ -30,8 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
 
 def run(args: argparse.Namespace) -> int:
     from dymu.config import to_yaml
+    from dymu.run import check_names
 
     cfg = config_from_args(args)
+    check_names(cfg, need_data=False)
     print(to_yaml(cfg), end="")
     if args.run:
         from dymu.run import start_run

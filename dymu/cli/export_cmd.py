@@ -58,6 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dymu.cli.search_cmds import parse_budget, parse_preference
     from dymu.compile.export import check_target, export_bundle, simplex_grid
     from dymu.errors import UserError
@@ -65,10 +67,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     check_target(args.target)
     budget = parse_budget(args.budget)
-    try:
-        tasks = list(load_space(f"{args.run}/space.json").graph["tasks"])
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{args.run} is not a finished search run: space.json is missing") from None
+    if not (Path(args.run) / "space.json").is_file():
+        raise UserError(f"{args.run} is not a finished search run: space.json is missing")
+    tasks = list(load_space(Path(args.run) / "space.json").graph["tasks"])
     if args.preference is not None:
         prefs = [parse_preference(args.preference, tasks).tolist()]
     else:

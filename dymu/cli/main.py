@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from dymu import __version__
+from dymu.artifacts import reason
 from dymu.cli import (
     anchor_cmds,
     baselines_cmd,
@@ -24,6 +25,7 @@ from dymu.cli import (
 )
 from dymu.cli.common import Parser
 from dymu.errors import DymuError
+from dymu.lock import release_all
 
 DESCRIPTION = """dymu: controllable multi-task networks.
 
@@ -46,6 +48,26 @@ Run 'dymu COMMAND --help' for the options of a command."""
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+_NUMERIC_OPTIONS = ("--preference", "--budget")
+"""Options whose value may start with a minus sign (``--preference -0.1,0.6,0.5``), which
+argparse would take for an option; joined as ``--preference=-0.1,...`` so that the value
+gets the option's own check and message."""
+
+
+def _join_numeric_values(argv: Sequence[str]) -> list[str]:
+    words = list(argv)
+    joined: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in _NUMERIC_OPTIONS and i + 1 < len(words) and re.match(r"^-[\d.]", words[i + 1]):
+            joined.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
+        joined.append(word)
+        i += 1
+    return joined
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # KEY=VALUE overrides may come anywhere after the command (argparse alone would stop
     # taking them after the first option), so unknown words of that form are collected.
+    argv = _join_numeric_values(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
     overrides = [w for w in rest if _OVERRIDE.match(w)]
     unknown = [w for w in rest if not _OVERRIDE.match(w)]
@@ -104,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"dymu: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            f"dymu: internal error: {type(exc).__name__}: {reason(exc)} "
+            "(rerun with --debug for details)",
             file=sys.stderr,
         )
         return 1
+    finally:
+        release_all()  # a library caller keeps its locks; a finished command does not

@@ -120,28 +120,36 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dymu.config import load_config
     from dymu.errors import UserError
     from dymu.io import write_json
+    from dymu.lock import run_lock
+    from dymu.run import read_run_config
     from dymu.search import load_edge
     from dymu.space.derive import derive_tree
     from dymu.space.graph import anchor_flops, load_space, space_shape
     from dymu.space.render import tree_text
-    from dymu.train.stage1 import EDGE_WEIGHTS
+    from dymu.train.checkpoint import record_matches
+    from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash
 
     run = Path(args.run)
     for name in ("config.yaml", "space.json", EDGE_WEIGHTS):
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
-    cfg = load_config(run / "config.yaml")
-    space = load_space(run / "space.json")
-    tasks = list(space.graph["tasks"])
-    r = parse_preference(args.preference, tasks)
-    budget = parse_budget(args.budget)
-    n, num_layers = space_shape(space)
-    edge = load_edge(run, n, num_layers, cfg).eval()
-    with torch.no_grad():
-        tree = derive_tree(edge.alpha(r, budget), space, budget)
+    with run_lock(run, write=False):  # no search may write into it meanwhile
+        cfg = read_run_config(run)
+        if not record_matches(run / EDGE_JSON, stage1_hash(cfg)):
+            raise UserError(
+                f"{run / EDGE_WEIGHTS} was made with another config than {run / 'config.yaml'}, "
+                f"or its record {EDGE_JSON} is missing or damaged; rerun dymu search --run {run}"
+            )
+        space = load_space(run / "space.json")
+        tasks = list(space.graph["tasks"])
+        r = parse_preference(args.preference, tasks)
+        budget = parse_budget(args.budget)
+        n, num_layers = space_shape(space)
+        edge = load_edge(run, n, num_layers, cfg).eval()
+        with torch.no_grad():
+            tree = derive_tree(edge.alpha(r, budget), space, budget)
     flops, full = tree.flops(space), anchor_flops(space)
     record = {
         "hash": tree.hash(),

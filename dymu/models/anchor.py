@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from dymu.artifacts import load_into
 from dymu.config import ModelConfig
-from dymu.errors import UserError
 from dymu.io import atomic_path
 from dymu.models.backbones import BACKBONES, Backbone, build_backbone
 from dymu.models.heads import Head, build_head
@@ -143,37 +142,13 @@ def save_anchor(anchor: Anchor, path: str | Path, meta: Mapping[str, Any]) -> Pa
     return Path(path)
 
 
-def load_anchor_weights(anchor: Anchor, path: str | Path) -> dict[str, Any]:
+def load_anchor_weights(
+    anchor: Anchor, path: str | Path, what: str = "anchor weights"
+) -> dict[str, Any]:
     """Load weights saved by :func:`save_anchor` into ``anchor``; return the metadata.
 
     safetensors holds only tensors, so loading never executes code from the file. A file
     for another architecture or task set fails with one line naming the first mismatch.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"anchor checkpoint {p} not found")
-    try:
-        state = load_file(str(p))
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("dymu", "{}"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"anchor checkpoint {p} is unreadable: {exc}") from None
-    own = anchor.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        key = (missing or unexpected)[0]
-        what = "lacks" if missing else "has an unexpected"
-        raise UserError(
-            f"anchor checkpoint {p} {what} tensor {key!r}: it was made for another model"
-        )
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise UserError(
-                f"anchor checkpoint {p}: {key} has shape {tuple(value.shape)}, the model "
-                f"expects {tuple(own[key].shape)}"
-            )
-    anchor.load_state_dict(state)
-    return meta
+    fix = f"delete it and rerun dymu search --run {Path(path).parent}"
+    return load_into(anchor, path, what, fix)

@@ -15,11 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from dymu import dist
+from dymu.artifacts import read_checkpoint
 from dymu.errors import UserError
 from dymu.io import atomic_path, write_json
-
-EVERY = 100
-"""Steps between checkpoints of stages 1 and 2 (a few seconds of work at most to redo)."""
 
 
 def save_checkpoint(
@@ -47,11 +45,8 @@ def load_checkpoint(
     Raises:
         UserError: the file is unreadable or was written with another config.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
-    except Exception as exc:  # a damaged file of any kind: one line
-        raise UserError(f"{stage} checkpoint {path} is unreadable ({exc}); delete it") from None
-    if not isinstance(state, dict) or state.get("config_hash") != config_hash:
+    state = read_checkpoint(path, f"{stage} checkpoint", "delete it or drop --resume")
+    if state.get("config_hash") != config_hash:
         raise UserError(
             f"{stage} checkpoint {path} was made with another config; delete it or drop --resume"
         )
@@ -82,9 +77,10 @@ def record_matches(record_path: Path, config_hash: str) -> bool:
     if not record_path.is_file():
         return False
     try:
-        return json.loads(record_path.read_text()).get("config_hash") == config_hash
-    except (OSError, ValueError):
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return False
+    return isinstance(record, dict) and record.get("config_hash") == config_hash
 
 
 def rng_state(rng) -> dict[str, Any]:

@@ -7,7 +7,9 @@ step runs
 
 - the anchor tree (every task on its own stream; left out with ``joint.private``, the
   default, where the anchor tree runs stage 0's weights and has nothing to train),
-- a cheapest tree (every task on one random stream's trunk),
+- a cheapest tree (every task on one stream's trunk: with ``joint.trunk: best``, the
+  default, the stream whose cheapest tree does best on stage 0's weights, chosen once, so
+  that the trees tight budgets derive train every step; with ``random``, a new one each step),
 - ``joint.random_trees`` trees with uniformly random parents,
 
 on the same batch, and sums their losses. Each tree's loss is its label loss plus in-place
@@ -29,7 +31,7 @@ stays the single-task anchor whatever this stage does to it.
 ``anchor.safetensors`` and ``anchor.json`` stay the independent single-task baseline of
 ``delta_m``; this stage writes ``joint.safetensors`` (same layout, loadable with
 :func:`~dymu.models.anchor.load_anchor_weights`) and ``joint.json``, and every
-``checkpoint.EVERY`` steps ``joint/checkpoint.pt`` for ``--resume``. Under ``torchrun``
+``run.checkpoint_every`` steps ``joint/checkpoint.pt`` for ``--resume``. Under ``torchrun``
 every rank draws the same trees, holds its part of each global batch, and averages the
 gradients before each step (:func:`dymu.dist.average_gradients`); rank 0 alone writes.
 """
@@ -53,7 +55,6 @@ from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.train.checkpoint import (
-    EVERY,
     load_checkpoint,
     record_matches,
     rng_state,
@@ -82,12 +83,19 @@ def trees_hash(cfg: Config) -> str:
 
 
 def sandwich(
-    n: int, num_layers: int, random_trees: int, rng: np.random.Generator, anchor_tree: bool = True
+    n: int,
+    num_layers: int,
+    random_trees: int,
+    rng: np.random.Generator,
+    anchor_tree: bool = True,
+    trunk: int | None = None,
 ) -> list[TreeSpec]:
     """One step's trees: the anchor tree (unless ``anchor_tree`` is False), a cheapest tree
-    on a random trunk, and ``random_trees`` uniformly random trees (drawn from ``rng`` in
-    this fixed order)."""
-    trunk = int(rng.integers(n))
+    on ``trunk`` (a random one when None), and ``random_trees`` uniformly random trees
+    (drawn from ``rng`` in this fixed order; the random trunk is drawn either way, so a
+    fixed trunk leaves the random trees as they were)."""
+    drawn = int(rng.integers(n))
+    trunk = drawn if trunk is None else trunk
     trees = [TreeSpec.no_sharing(n, num_layers)] if anchor_tree else []
     trees.append(TreeSpec.all_sharing(n, num_layers, trunk))
     trees += [TreeSpec.random(n, num_layers, rng).canonical() for _ in range(random_trees)]
@@ -135,6 +143,11 @@ def train_joint(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, js.steps) / js.steps))
     )
+    trunk, trunk_losses = None, None
+    if js.trunk == "best":
+        trunk, trunk_losses = best_trunk(teacher, scales, val_ds, js.batch_size, device)
+        if main:
+            print(f"joint stage: cheapest trees on {tasks[trunk].name}'s trunk")
     rng = np.random.default_rng(cfg.run.seed + 7)
     flip_gen = torch.Generator().manual_seed(cfg.run.seed + 7)
     h = joint_hash(cfg)
@@ -168,7 +181,9 @@ def train_joint(
     last: dict[str, float] = {}
     for step in bar:
         tick = time.perf_counter()
-        trees = sandwich(n, num_layers, js.random_trees, rng, anchor_tree=private is None)
+        trees = sandwich(
+            n, num_layers, js.random_trees, rng, anchor_tree=private is None, trunk=trunk
+        )
         batch = to_device(next(batches), device)
         if js.hflip:
             batch = random_hflip(batch, tasks, flip_gen, part)
@@ -194,7 +209,7 @@ def train_joint(
             world = dist.world_size()
             last = {k: v / world / len(trees) for k, v in sums.items()}
             bar.set_postfix(labels=f"{last['labels']:.3f}", distill=f"{last['distill']:.3f}")
-        if main and (step + 1) % EVERY == 0 and step + 1 < js.steps:
+        if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < js.steps:
             save_checkpoint(
                 ckpt,
                 h,
@@ -216,9 +231,12 @@ def train_joint(
         "images_per_s": round(js.steps * js.batch_size / max(seconds, 1e-9), 1),
         "final": last,
     }
+    if trunk is not None:
+        record["trunk"] = tasks[trunk].name
+        record["trunk_weighted_losses"] = trunk_losses
     if main:
         record["val_losses"] = _val_losses(
-            teacher, student, val_ds, cfg.joint.batch_size, device, private
+            teacher, student, val_ds, cfg.joint.batch_size, device, private, trunk or 0
         )
     if dist.world_size() > 1:
         record["processes"] = dist.world_size()
@@ -228,16 +246,41 @@ def train_joint(
 
 
 @torch.no_grad()
+def best_trunk(
+    anchor: Anchor, scales: torch.Tensor, val_ds, batch_size: int, device
+) -> tuple[int, dict[str, float]]:
+    """The stream whose cheapest tree (every task on its trunk) has the lowest weighted
+    validation loss sum_i w_i L_i on ``anchor``'s weights, and that loss per trunk.
+
+    Every rank computes it over the whole split, so all ranks agree without a broadcast.
+    """
+    n, num_layers = len(anchor.tasks), anchor.num_layers
+    weighted = {}
+    for k, stream in enumerate(anchor.tasks):
+        net = TreeNet(anchor, TreeSpec.all_sharing(n, num_layers, k))
+        _, losses = evaluate_model(net, val_ds, anchor.tasks, batch_size, device)
+        weighted[stream.name] = sum(w * v for w, v in zip(scales.tolist(), losses, strict=True))
+    best = min(range(n), key=lambda k: weighted[anchor.tasks[k].name])
+    return best, weighted
+
+
+@torch.no_grad()
 def _val_losses(
-    teacher: Anchor, student: Anchor, val_ds, batch_size: int, device, private: Anchor | None
+    teacher: Anchor,
+    student: Anchor,
+    val_ds,
+    batch_size: int,
+    device,
+    private: Anchor | None,
+    trunk: int = 0,
 ) -> dict:
-    """Validation losses of the anchor tree and the first trunk's cheapest tree, before
+    """Validation losses of the anchor tree and the cheapest tree on ``trunk``, before
     (stage 0's streams) and after this stage: what the stage bought, in the record."""
     n, num_layers = len(teacher.tasks), teacher.num_layers
     out = {}
     for name, tree in (
         ("anchor_tree", TreeSpec.no_sharing(n, num_layers)),
-        ("cheapest_tree", TreeSpec.all_sharing(n, num_layers, 0)),
+        ("cheapest_tree", TreeSpec.all_sharing(n, num_layers, trunk)),
     ):
         for when, net in (
             ("stage0", TreeNet(teacher, tree)),
@@ -268,5 +311,5 @@ def ensure_joint(
 def load_joint(anchor: Anchor, path: Path) -> Anchor:
     """A copy of ``anchor`` holding the tree-aware weights saved at ``path``."""
     tuned = copy.deepcopy(anchor).cpu()
-    load_anchor_weights(tuned, path)
+    load_anchor_weights(tuned, path, "joint-stage weights")
     return tuned.eval()

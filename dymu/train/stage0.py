@@ -8,7 +8,6 @@ and ``anchor.json`` (single-task metrics on val and test: the ``delta_m`` baseli
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dymu import dist
+from dymu.artifacts import read_json
 from dymu.config import Config, section_hash
 from dymu.data import get_builder
 from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.models.towers import AuxTowers, build_towers
 from dymu.run import resolve_device
-from dymu.train.checkpoint import load_checkpoint, save_checkpoint
+from dymu.train.checkpoint import load_checkpoint, record_matches, save_checkpoint
 from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
 from dymu.train.precision import Precision, precision_tag
 
@@ -187,7 +187,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
                     f"stage 0 epoch {epoch + 1}/{s0.epochs}: train loss {train_loss:.3f}, "
                     f"val {summary}"
                 )
-            if main:
+            if main and epoch + 1 < s0.epochs:  # the finished anchor supersedes the last
                 save_checkpoint(ckpt, h, epoch + 1, trained, opt, sched, **prec.state_dict())
 
     prec.release(trained)
@@ -220,6 +220,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             anchor.cpu(), run_dir / ANCHOR_WEIGHTS, {"config_hash": h, "tasks": anchor.task_names}
         )
         write_json(run_dir / ANCHOR_JSON, record)
+        ckpt.unlink(missing_ok=True)
     if not distributed:
         return anchor, record
     dist.barrier()  # rank 0 has written the files
@@ -230,7 +231,8 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
 def load_trained_anchor(cfg: Config, run_dir: Path) -> tuple[Anchor, dict]:
     """The anchor and record that :func:`train_stage0` wrote into ``run_dir``."""
     run_dir = Path(run_dir)
-    record = json.loads((run_dir / ANCHOR_JSON).read_text())
+    fix = f"delete it and rerun dymu search --run {run_dir}"
+    record = read_json(run_dir / ANCHOR_JSON, "stage-0 record", fix)
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run_dir / ANCHOR_WEIGHTS)
@@ -243,8 +245,7 @@ def ensure_anchor(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anc
     weights, record_path = run_dir / ANCHOR_WEIGHTS, run_dir / ANCHOR_JSON
     main = dist.is_main()
     if weights.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("config_hash") == stage0_hash(cfg):
+        if record_matches(record_path, stage0_hash(cfg)):
             anchor, record = load_trained_anchor(cfg, run_dir)
             if main:
                 print(f"stage 0: using the trained anchor in {run_dir} (config unchanged)")

@@ -16,7 +16,7 @@ with ``regularise: samples``; the step minimises the mean over the pairs. The pa
 one pair per step; several lower the variance of the hypernet's gradient.
 
 Writes ``edge_hnet.safetensors`` and ``edge_hnet.json`` into the run directory, and every
-``checkpoint.EVERY`` steps ``stage1/checkpoint.pt``, from which ``resume=True`` continues
+``run.checkpoint_every`` steps ``stage1/checkpoint.pt``, from which ``resume=True`` continues
 exactly (same draws and batches as an uninterrupted run).
 
 Under ``torchrun`` (:mod:`dymu.dist`) every rank draws the same (r, b) pairs and Gumbel
@@ -50,7 +50,6 @@ from dymu.run import resolve_device
 from dymu.space.graph import anchor_flops, costs, min_flops
 from dymu.tasks import Task
 from dymu.train.checkpoint import (
-    EVERY,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -347,7 +346,7 @@ def train_stage1(
                     tau=f"{d.tau:.2f}",
                     img_s=f"{images / max(seconds, 1e-9):.0f}",
                 )
-            if main and (step + 1) % EVERY == 0 and step + 1 < s1.steps:
+            if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < s1.steps:
                 save_checkpoint(
                     ckpt,
                     h,

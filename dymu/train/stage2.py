@@ -4,7 +4,7 @@ Anchor and edge hypernet are frozen. Each step draws (r, b), derives the hard tr
 (argmax parents, repaired to fit b), and trains the BatchNorm offsets of that tree's nodes
 on the task loss weighted by r mixed with a uniform floor (``stage2.task_floor``, so no
 task is left without a gradient). Writes ``weight_hnet.safetensors`` and
-``weight_hnet.json``, and every ``checkpoint.EVERY`` steps ``stage2/checkpoint.pt``, from
+``weight_hnet.json``, and every ``run.checkpoint_every`` steps ``stage2/checkpoint.pt``, from
 which ``resume=True`` continues exactly.
 
 Under ``torchrun`` (:mod:`dymu.dist`) every rank draws the same (r, b), so derives the same
@@ -35,7 +35,6 @@ from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
 from dymu.train.checkpoint import (
-    EVERY,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -183,7 +182,7 @@ def train_stage2(
                 # The global batch's loss: the mean of the ranks' equal parts.
                 last = dist.all_reduce_sums({"loss": loss.item()})["loss"] / world
                 bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
-            if main and (step + 1) % EVERY == 0 and step + 1 < s2.steps:
+            if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < s2.steps:
                 save_checkpoint(
                     ckpt,
                     h,
