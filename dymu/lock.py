@@ -13,7 +13,8 @@ Holds are counted per process: :func:`lock_run` adds one and :func:`unlock_run` 
 back (:func:`run_lock` does both around a block), so a library function that locks inside
 a caller's lock does not release the caller's; a shared lock is upgraded in place when the
 same process asks to write. :func:`release_all` (the command line calls it when a command
-ends) and the end of the process release everything.
+ends) and the end of the process release everything. Under ``torchrun`` only rank 0 (by
+its ``RANK``) locks: the other ranks are the same job, and read what rank 0 writes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def lock_run(run_dir: str | os.PathLike, *, write: bool) -> None:
         UserError: another process holds it (exclusively, or at all when ``write``); the
             message names that process.
     """
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 locks for the whole job
+        return
     run = Path(run_dir).resolve()
     held = _held.get(run)
     if held is not None and (held[1] or not write):

@@ -4,10 +4,7 @@ step on the same global batch; the pieces that make it so, one by one."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -16,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
+from procs import run_session
 from tiny import TINY as _TINY
 from tiny import stop_after_first_checkpoint
 
@@ -81,23 +79,12 @@ def _torchrun(tmp_path, worker: str, overrides: list[str]) -> str:
     """Run ``worker`` on 2 CPU processes under torchrun (output folder tmp_path/out, then
     the config overrides as its arguments); its stdout, after checking it succeeded."""
     (tmp_path / "worker.py").write_text(worker)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     args = [str(tmp_path / "worker.py"), str(tmp_path / "out"), *overrides]
-    logs = {name: tmp_path / f"torchrun.{name}" for name in ("stdout", "stderr")}
-    # Output to files, not pipes, and a session of its own: a hang then ends in a kill of
-    # torchrun and its workers after the timeout, whichever of them holds what open.
-    with logs["stdout"].open("w") as out, logs["stderr"].open("w") as err:
-        proc = subprocess.Popen(
-            [*cmd, *args], env=env, stdout=out, stderr=err, text=True, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=420)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    stdout, stderr = (logs[name].read_text() for name in ("stdout", "stderr"))
-    assert proc.returncode == 0, stderr[-3000:]
+    # Output to files, not pipes, and a session of its own, killed with torchrun's workers
+    # when this returns or raises, after a hang's timeout included.
+    code, stdout, stderr = run_session([*cmd, *args], tmp_path, "torchrun", timeout=420)
+    assert code == 0, stderr[-3000:]
     return stdout
 
 

@@ -61,10 +61,21 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
-    stage0.train_stage0(_cfg(tmp_path), tmp_path / "run")
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "stage0.epochs=2")
+    stop_after_first_checkpoint(
+        monkeypatch, stage0, lambda: stage0.train_stage0(cfg, tmp_path / "run")
+    )
+    assert (tmp_path / "run" / stage0.CHECKPOINT).is_file()
     with pytest.raises(Exception, match="another config"):
-        stage0.train_stage0(_cfg(tmp_path, "stage0.lr=0.5"), tmp_path / "run", resume=True)
+        other = _cfg(tmp_path, "stage0.epochs=2", "stage0.lr=0.5")
+        stage0.train_stage0(other, tmp_path / "run", resume=True)
+
+
+def test_a_finished_stage0_removes_its_checkpoint(tmp_path):
+    stage0.train_stage0(_cfg(tmp_path, "stage0.epochs=2"), tmp_path / "run")
+    assert (tmp_path / "run" / stage0.ANCHOR_WEIGHTS).is_file()
+    assert not (tmp_path / "run" / stage0.CHECKPOINT).exists()
 
 
 @pytest.mark.parametrize("method", ["rsa", "grad_cosine", "lookahead"])
