@@ -40,8 +40,19 @@ def test_search_writes_every_artifact_and_the_report(searched):
         "report.md",
         "flops_vs_budget.png",
         "fronts.png",
+        "curves.png",
+        "logs/stage0.jsonl",
+        "logs/joint.jsonl",
+        "logs/stage1.jsonl",
+        "logs/stage2.jsonl",
     ):
         assert (run / name).is_file(), name
+    assert "![training curves](curves.png)" in (run / "report.md").read_text()
+    stage1 = [json.loads(line) for line in (run / "logs/stage1.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stage1] == [0, 5]  # every 10 steps and the last of 6
+    assert {"loss", "task", "omega", "budget", "temperature", "lr", "flops_fraction"} <= set(
+        stage1[0]
+    )
     report = json.loads((run / "report.json").read_text())
     for key in (
         "tasks",

@@ -21,6 +21,7 @@ from dymu.hypernet.edge import EdgeHypernet
 from dymu.losses import expected_flops
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import anchor_flops, costs, min_flops
+from dymu.train.curves import read_log
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, train_stage1
 from dymu.train.stage2 import WEIGHT_WEIGHTS, train_stage2
 
@@ -151,6 +152,15 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
     resumed2, _ = stage2.train_stage2(cfg, run, anchor, space, resumed, train, val, resume=True)
     for key, value in whole2.state_dict().items():
         torch.testing.assert_close(resumed2.state_dict()[key], value, rtol=0, atol=1e-6)
+    # The resumed logs hold every logged step once, with the uninterrupted run's values.
+    for stage in ("stage1", "stage2"):
+        want = read_log(tmp_path / "a" / "logs" / f"{stage}.jsonl")
+        got = read_log(run / "logs" / f"{stage}.jsonl")
+        assert [r["step"] for r in got] == [r["step"] for r in want] != []
+        for g, w in zip(got, want, strict=True):
+            assert g.keys() == w.keys()
+            for key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (stage, key)
 
 
 def test_a_checkpoint_of_another_config_is_refused(tiny_anchor, tmp_path, monkeypatch):

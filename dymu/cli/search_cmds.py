@@ -74,7 +74,11 @@ def run_search_cmd(args: argparse.Namespace) -> int:
             f"{report['uniformity'][k]:.3f}, delta_m {report['delta_m'][k]:+.2f}%, FLOPs "
             f"{report['flops'][k]['mean']:.3f}, adherence {report['budget_adherence'][k]:.3f}"
         )
-    print(f"wrote {args.run}/report.json and report.md")
+    print(f"wrote {args.run}/report.json and report.md (training curves: curves.png)")
+    from dymu.train.curves import LOGS, tensorboard_available
+
+    if tensorboard_available():
+        print(f"training curves in TensorBoard: tensorboard --logdir {args.run}/{LOGS}")
     return 0
 
 

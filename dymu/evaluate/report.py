@@ -10,6 +10,7 @@ import networkx as nx
 from dymu.io import save_figure, write_json, write_text
 from dymu.space.render import tree_png
 from dymu.space.tree import TreeSpec
+from dymu.train.curves import curves_png
 
 EXPLAIN = """\
 ## What the numbers mean
@@ -145,4 +146,14 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
         + (", affinity.png" if (run_dir / "affinity.png").is_file() else ""),
         "",
     ]
+    if curves_png(run_dir, run_dir / "curves.png") is not None:
+        lines += [
+            "## Training curves",
+            "",
+            "Every logged scalar of each stage against the step (from `logs/<stage>.jsonl`), "
+            "each divided by its first value where that is positive; symlog axis.",
+            "",
+            "![training curves](curves.png)",
+            "",
+        ]
     write_text(run_dir / "report.md", "\n".join(lines))

@@ -62,6 +62,7 @@ from dymu.train.checkpoint import (
     set_rng_state,
     write_finished,
 )
+from dymu.train.curves import StageLog
 from dymu.train.loop import endless, evaluate_model, random_hflip, to_device
 from dymu.train.scales import loss_scales
 from dymu.train.stage0 import stage0_hash
@@ -179,6 +180,7 @@ def train_joint(
         disable=not main,
     )
     last: dict[str, float] = {}
+    curve = StageLog(run_dir, "joint", first, enabled=main)
     for step in bar:
         tick = time.perf_counter()
         trees = sandwich(
@@ -209,6 +211,7 @@ def train_joint(
             world = dist.world_size()
             last = {k: v / world / len(trees) for k, v in sums.items()}
             bar.set_postfix(labels=f"{last['labels']:.3f}", distill=f"{last['distill']:.3f}")
+            curve.log(step, **last, lr=sched.get_last_lr()[0])
         if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < js.steps:
             save_checkpoint(
                 ckpt,
@@ -222,6 +225,7 @@ def train_joint(
                 seconds=seconds,
             )
     bar.close()
+    curve.close()
     student.requires_grad_(False)
     meta = {"config_hash": h, "tasks": anchor.task_names}
     record: dict[str, Any] = {

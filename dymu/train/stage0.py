@@ -26,6 +26,7 @@ from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_
 from dymu.models.towers import AuxTowers, build_towers
 from dymu.run import resolve_device
 from dymu.train.checkpoint import load_checkpoint, record_matches, save_checkpoint
+from dymu.train.curves import StageLog
 from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
 from dymu.train.precision import Precision, precision_tag
 
@@ -131,6 +132,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     flip_gen = torch.Generator().manual_seed(cfg.run.seed)
     images, seconds = 0, 0.0
     tasks = anchor.tasks
+    curve = StageLog(run_dir, "stage0", start * per_epoch, enabled=main)
     # Under torchrun: global batch norms and dropouts, in place, until the block ends.
     with dist.data_parallel(Stage0Objective(stacked, towers, prec), device) as objective:
         for epoch in range(start, s0.epochs):
@@ -177,6 +179,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
             sums = dist.all_reduce_sums({"loss": loss_sum, "steps": per_epoch})
             train_loss = sums["loss"] / max(sums["steps"], 1)
             last = epoch + 1 == s0.epochs
+            scalars = {"train_loss": train_loss, "lr": sched.get_last_lr()[0]}
             if main and ((epoch + 1) % s0.val_every == 0 or last):
                 scores = evaluate(stacked, splits.val, tasks, s0.batch_size, device, s0.workers)
                 summary = ", ".join(
@@ -187,9 +190,13 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
                     f"stage 0 epoch {epoch + 1}/{s0.epochs}: train loss {train_loss:.3f}, "
                     f"val {summary}"
                 )
+                for t in tasks:
+                    scalars[f"val_{t.name}_{t.primary_metric}"] = scores[t.name][t.primary_metric]
+            curve.log((epoch + 1) * per_epoch, **scalars)
             if main and epoch + 1 < s0.epochs:  # the finished anchor supersedes the last
                 save_checkpoint(ckpt, h, epoch + 1, trained, opt, sched, **prec.state_dict())
 
+    curve.close()
     prec.release(trained)
     if main:
         stacked.write_back(anchor)

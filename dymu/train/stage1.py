@@ -43,7 +43,15 @@ from tqdm.auto import tqdm
 from dymu import dist
 from dymu.config import Config, Stage1Config, section_hash
 from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
-from dymu.losses import budget_penalty, budget_target, omega, omega_budget, p_use, task_loss
+from dymu.losses import (
+    budget_penalty,
+    budget_target,
+    expected_flops,
+    omega,
+    omega_budget,
+    p_use,
+    task_loss,
+)
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
@@ -56,6 +64,7 @@ from dymu.train.checkpoint import (
     set_rng_state,
     write_finished,
 )
+from dymu.train.curves import StageLog
 from dymu.train.joint import trees_hash
 from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
@@ -307,6 +316,7 @@ def train_stage1(
         pin_memory=device.type == "cuda",
     )
     last: dict[str, float] = {}
+    curve = StageLog(run_dir, "stage1", first, enabled=main)
     # Under torchrun: DDP averages the edge hypernet's gradients over the ranks.
     with dist.data_parallel(edge, device) as hypernet:
         for step in bar:
@@ -346,6 +356,19 @@ def train_stage1(
                     tau=f"{d.tau:.2f}",
                     img_s=f"{images / max(seconds, 1e-9):.0f}",
                 )
+                with torch.no_grad():  # the FLOPs the parent distributions expect vs asked
+                    spent = sum(
+                        float(expected_flops(d.nu[g], flops.nodes, flops.heads))
+                        for g in range(s1.draws)
+                    )
+                curve.log(
+                    step,
+                    **last,
+                    temperature=d.tau,
+                    lr=sched.get_last_lr()[0],
+                    flops_fraction=spent / s1.draws / flops.full,
+                    budget_asked=float(np.mean(d.bs)),
+                )
             if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < s1.steps:
                 save_checkpoint(
                     ckpt,
@@ -361,6 +384,7 @@ def train_stage1(
                     **prec.state_dict(),
                 )
     bar.close()
+    curve.close()
     prec.release(net)
     meta = {"config_hash": h, "tasks": anchor.task_names, "num_layers": num_layers}
     record = {

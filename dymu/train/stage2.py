@@ -41,6 +41,7 @@ from dymu.train.checkpoint import (
     set_rng_state,
     write_finished,
 )
+from dymu.train.curves import StageLog
 from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
@@ -154,6 +155,7 @@ def train_stage2(
         disable=not main,
     )
     last = 0.0
+    curve = StageLog(run_dir, "stage2", first, enabled=main)
     # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
     # Adapters of edges the step's tree lacks get no gradient: DDP must expect that.
     with dist.data_parallel(weights, device, find_unused=s2.adapter_rank > 0) as hypernet:
@@ -182,6 +184,7 @@ def train_stage2(
                 # The global batch's loss: the mean of the ranks' equal parts.
                 last = dist.all_reduce_sums({"loss": loss.item()})["loss"] / world
                 bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
+                curve.log(step, loss=last, lr=sched.get_last_lr()[0])
             if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < s2.steps:
                 save_checkpoint(
                     ckpt,
@@ -195,6 +198,7 @@ def train_stage2(
                     **prec.state_dict(),
                 )
     bar.close()
+    curve.close()
     prec.release(anchor)
     if private is not None:
         prec.release(private)
