@@ -7,9 +7,9 @@ Reads the source with ``ast`` (nothing is imported). Every import of a ``dymu`` 
 counts, at module level or inside a function (a lazy import is still a dependency). The
 layers, lowest first, follow the data flow:
 
-    base (config, errors, io, registry, artifacts, lock, dist, run) -> tasks -> data ->
-    models -> affinity -> space -> losses, hypernet -> train, weighting, pareto ->
-    evaluate, search, baselines -> compile -> cli
+    base (config, errors, io, registry, artifacts, lock, dist) -> tasks -> data -> models
+    -> affinity -> space -> losses, hypernet -> train, run, weighting, pareto -> evaluate,
+    search, baselines -> compile -> cli
 
 A module may import its own layer and those below; an import of a higher layer is
 "upward". Prints a summary and writes JSON.
@@ -32,14 +32,14 @@ SOURCES = {
 
 LAYERS = [
     ["dymu", "dymu.config", "dymu.errors", "dymu.io", "dymu.registry", "dymu.artifacts",
-     "dymu.lock", "dymu.dist", "dymu.run"],
+     "dymu.lock", "dymu.dist"],
     ["dymu.tasks"],
     ["dymu.data"],
     ["dymu.models"],
     ["dymu.affinity"],
     ["dymu.space"],
     ["dymu.losses", "dymu.hypernet"],
-    ["dymu.train", "dymu.weighting", "dymu.pareto"],
+    ["dymu.train", "dymu.run", "dymu.weighting", "dymu.pareto"],
     ["dymu.evaluate", "dymu.search", "dymu.baselines"],
     ["dymu.compile"],
     ["dymu.cli", "dymu.__main__"],
@@ -86,7 +86,9 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*up, base]) if base else ".".join(up)
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            # ``from pkg import sub`` imports the submodule; ``from pkg import name``, pkg
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+            targets = subs + ([base] if len(subs) < len(node.names) else [])
         for t in targets:
             # the deepest known module the target names
             while t and t not in known:
