@@ -3,7 +3,8 @@
 Our backbones cut torchvision's models into layers, so only the prefix of a key changes:
 ``layer2.1.conv1.weight`` (ResNet) becomes ``layers.4.conv1.weight`` and
 ``features.5.conv.1.0.weight`` (MobileNetV2) becomes ``layers.5.conv.1.0.weight``. Each
-backbone carries its prefix table (``Backbone.torchvision_prefixes``); this module only
+backbone carries its prefix table (``Backbone.torchvision_prefixes``; any module with that
+attribute will do, so this module does not import the backbones); this module only
 renames and checks. The classifier (``fc.*``, ``classifier.*``) is not part of a backbone
 and is skipped.
 
@@ -18,15 +19,11 @@ saved before BN had that buffer, and torch itself accepts its absence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dymu.errors import UserError
-
-if TYPE_CHECKING:
-    from dymu.models.backbones import Backbone
 
 IGNORED_PREFIXES = ("fc.", "classifier.")
 """torchvision keys that belong to the classifier, not to the backbone."""
@@ -46,7 +43,7 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
 
 
 def from_torchvision(
-    backbone: Backbone, state: dict[str, Tensor], source: str
+    backbone: nn.Module, state: dict[str, Tensor], source: str
 ) -> dict[str, Tensor]:
     """Rename a torchvision-format state dict to ``backbone``'s keys, checking coverage.
 
@@ -89,7 +86,7 @@ def from_torchvision(
     return renamed
 
 
-def to_torchvision(backbone: Backbone) -> dict[str, Tensor]:
+def to_torchvision(backbone: nn.Module) -> dict[str, Tensor]:
     """``backbone``'s state dict under torchvision's key names (no classifier keys)."""
     inverse = {new: old for old, new in backbone.torchvision_prefixes.items()}
     if not inverse:
@@ -123,7 +120,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_torchvision_weights(backbone: Backbone, path: str | Path) -> Backbone:
+def load_torchvision_weights(backbone: nn.Module, path: str | Path) -> nn.Module:
     """Load a torchvision-format checkpoint (``.pth`` or ``.safetensors``) into ``backbone``.
 
     Raises:
