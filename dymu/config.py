@@ -217,7 +217,7 @@ class JointConfig:
     """The joint stage (METHOD.md 1.9): every stream fine-tuned on trees of the space, so
     that a cross-task edge feeds its child features it can use; 0 steps skips it."""
 
-    steps: int = 600
+    steps: int = 1500
     """Steps of the sandwich (each runs a cheapest tree, random_trees random trees and,
     without ``private``, the anchor tree on one batch)."""
     batch_size: int = 32
@@ -226,7 +226,7 @@ class JointConfig:
     lr: float = 1e-3
     """Learning rate, decayed to 0 by a cosine over the steps."""
     weight_decay: float = 1e-4
-    random_trees: int = 2
+    random_trees: int = 1
     """Random trees per step beside a cheapest tree (and the anchor tree without
     ``private``): the sandwich rule."""
     trunk: Literal["best", "random"] = "best"
