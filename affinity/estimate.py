@@ -30,10 +30,10 @@ from dymu.affinity.result import AffinityResult
 from dymu.affinity.rsa import rsa
 from dymu.config import AffinityConfig
 from dymu.data.base import MultiTaskDataset
+from dymu.data.batches import iterate, to_device
 from dymu.models.anchor import Anchor
 from dymu.models.treenet import TreeNet
 from dymu.space.tree import TreeSpec
-from dymu.train.loop import iterate, to_device
 
 
 def _subset(ds: MultiTaskDataset, k: int, seed: int) -> list[int]:

@@ -1,12 +1,12 @@
 """Is data loading the bottleneck of a training step? Loader alone vs. step alone.
 
 Measures, in images/s, (a) the loader of the embedded default dataset (``synthscenes`` as
-the config builds it: in-memory arrays sliced whole by :func:`dymu.train.loop.iterate`),
+the config builds it: in-memory arrays sliced whole by :func:`dymu.data.batches.iterate`),
 and (b) a folder dataset in the NYU-v2 ``.npy`` layout at 288x384, written by this script
 to a temporary folder (random pixels: reading and decoding cost what real files cost),
 read through a DataLoader with 0, 1 and 2 worker processes. Each loader case walks whole
 shuffled epochs as stage 0 does and touches every batch; where CUDA is present it runs
-with and without pinned memory, and with the upload (:func:`~dymu.train.loop.to_device`).
+with and without pinned memory, and with the upload (:func:`~dymu.data.batches.to_device`).
 Stage 0's random flips, which run on the host between loader and step, are timed apart.
 
 The step is stage 0's alone (``StackedAnchor`` forward, every task's loss, backward,
@@ -40,11 +40,11 @@ from torch import nn
 
 from dymu.config import Config, load_config
 from dymu.data.base import ArrayDataset
+from dymu.data.batches import can_pin, iterate, num_batches, random_hflip, to_device
 from dymu.io import write_json
 from dymu.models.anchor import StackedAnchor, build_anchor
 from dymu.models.towers import build_towers
 from dymu.tasks import build_task
-from dymu.train.loop import can_pin, iterate, num_batches, random_hflip, to_device
 from dymu.train.precision import Precision
 from dymu.train.stage0 import Stage0Objective, load_splits
 

@@ -45,6 +45,7 @@ from dymu.compile.onnx_export import export_onnx, ort_parity
 from dymu.compile.trt_support import opset_for
 from dymu.data import get_builder
 from dymu.data.base import cache_root
+from dymu.data.batches import iterate
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_dir, clean_stale, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
@@ -52,7 +53,7 @@ from dymu.search import TrainedRun, load_run
 from dymu.space.derive import check_budget, derive_tree
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
-from dymu.train.loop import evaluate, iterate
+from dymu.train.loop import evaluate
 
 TARGETS = ("onnx", "trt", "aoti")
 """What ``--target`` builds: ONNX files only, or ONNX plus TensorRT engines for this GPU, or

@@ -13,12 +13,12 @@ from fixtures_real import write_nyuv2_npy
 from tiny import TINY
 
 from dymu.config import DataConfig, load_config
+from dymu.data import batches as loop
 from dymu.data import get_builder
 from dymu.data.base import to_target_tensor
+from dymu.data.batches import endless, iterate
 from dymu.data.nyuv2 import NYUV2
 from dymu.tasks import TaskSpec
-from dymu.train import loop
-from dymu.train.loop import endless, iterate
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ import dymu.train.stage0 as stage0
 from dymu import dist
 from dymu.config import load_config
 from dymu.data import get_builder
+from dymu.data.batches import iterate, random_hflip
 from dymu.errors import UserError
 from dymu.run import resolve_device
 from dymu.tasks import build_task
-from dymu.train.loop import iterate, random_hflip
 
 # SGD for stage 0 and the joint stage: Adam divides each update by the root of the squared
 # gradients, so a weight whose gradient is float noise (a dilated ASPP tap that only ever

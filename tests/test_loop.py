@@ -9,7 +9,7 @@ from tiny import TINY
 
 from dymu.config import load_config
 from dymu.data import get_builder
-from dymu.train.loop import endless
+from dymu.data.batches import endless
 
 
 def test_endless_with_a_start_skips_exactly_that_many_batches():

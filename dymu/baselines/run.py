@@ -42,6 +42,7 @@ from dymu import dist
 from dymu.artifacts import read_json
 from dymu.baselines.shared import train_shared
 from dymu.config import Config, section_hash
+from dymu.data.batches import endless, iterate, num_batches, to_device
 from dymu.errors import UserError
 from dymu.evaluate.metrics import preference_sweep
 from dymu.io import clean_stale, ensure_dir, write_json
@@ -53,7 +54,7 @@ from dymu.run import resolve_device
 from dymu.search import load_run
 from dymu.space.graph import anchor_flops
 from dymu.train.checkpoint import record_matches
-from dymu.train.loop import endless, evaluate_model, iterate, num_batches, to_device
+from dymu.train.loop import evaluate_model
 from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
 

@@ -23,9 +23,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dymu import dist
+from dymu.data.batches import iterate, num_batches, to_device
 from dymu.models.shared import SharedNet
 from dymu.models.towers import AuxTowers
-from dymu.train.loop import iterate, num_batches, to_device
 from dymu.weighting import Weighting
 
 

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
+from dymu.data.batches import endless, random_hflip, to_device
 from dymu.models.anchor import Anchor, load_anchor_weights
 from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
@@ -63,7 +64,7 @@ from dymu.train.checkpoint import (
     write_finished,
 )
 from dymu.train.curves import StageLog
-from dymu.train.loop import endless, evaluate_model, random_hflip, to_device
+from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
 from dymu.train.stage0 import stage0_hash
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dymu.data.batches import iterate, to_device
 from dymu.models.anchor import Anchor
-from dymu.train.loop import iterate, to_device
 
 
 @torch.no_grad()

@@ -21,13 +21,14 @@ from dymu import dist
 from dymu.artifacts import read_json
 from dymu.config import Config, section_hash
 from dymu.data import get_builder
+from dymu.data.batches import iterate, num_batches, random_hflip, to_device
 from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.models.towers import AuxTowers, build_towers
 from dymu.run import resolve_device
 from dymu.train.checkpoint import load_checkpoint, record_matches, save_checkpoint
 from dymu.train.curves import StageLog
-from dymu.train.loop import evaluate, iterate, lr_lambda, num_batches, random_hflip, to_device
+from dymu.train.loop import evaluate, lr_lambda
 from dymu.train.precision import Precision, precision_tag
 
 ANCHOR_WEIGHTS = "anchor.safetensors"

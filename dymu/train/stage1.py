@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, Stage1Config, section_hash
+from dymu.data.batches import endless, to_device
 from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
 from dymu.losses import (
     budget_penalty,
@@ -66,7 +67,6 @@ from dymu.train.checkpoint import (
 )
 from dymu.train.curves import StageLog
 from dymu.train.joint import trees_hash
-from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
+from dymu.data.batches import endless, to_device
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
@@ -42,7 +43,6 @@ from dymu.train.checkpoint import (
     write_finished,
 )
 from dymu.train.curves import StageLog
-from dymu.train.loop import endless, to_device
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
 from dymu.train.stage1 import mix_evaluation_draws, stage1_hash
