@@ -8,8 +8,8 @@ counts, at module level or inside a function (a lazy import is still a dependenc
 layers, lowest first, follow the data flow:
 
     base (config, errors, io, registry, artifacts, lock, dist) -> tasks -> data -> models
-    -> affinity -> space -> losses, hypernet -> train, run, weighting, pareto -> evaluate,
-    search, baselines -> compile -> cli
+    -> affinity -> space -> losses, hypernet -> train, run, weighting -> evaluate, search,
+    baselines, pareto (the comparison methods) -> compile -> cli
 
 A module may import its own layer and those below; an import of a higher layer is
 "upward". Prints a summary and writes JSON.
@@ -39,8 +39,8 @@ LAYERS = [
     ["dymu.affinity"],
     ["dymu.space"],
     ["dymu.losses", "dymu.hypernet"],
-    ["dymu.train", "dymu.run", "dymu.weighting", "dymu.pareto"],
-    ["dymu.evaluate", "dymu.search", "dymu.baselines"],
+    ["dymu.train", "dymu.run", "dymu.weighting"],
+    ["dymu.evaluate", "dymu.search", "dymu.baselines", "dymu.pareto"],
     ["dymu.compile"],
     ["dymu.cli", "dymu.__main__"],
 ]  # fmt: skip
