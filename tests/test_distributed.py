@@ -23,8 +23,10 @@ from dymu.config import load_config
 from dymu.data import get_builder
 from dymu.data.batches import iterate, random_hflip
 from dymu.errors import UserError
+from dymu.models.global_batch import GlobalBatchDropout, GlobalBatchNorm
 from dymu.run import resolve_device
 from dymu.tasks import build_task
+from dymu.train import parallel
 
 # SGD for stage 0 and the joint stage: Adam divides each update by the root of the squared
 # gradients, so a weight whose gradient is float noise (a dilated ASPP tap that only ever
@@ -334,9 +336,9 @@ def test_global_batch_dropout_is_the_whole_batch_dropout_sharded():
     for r in range(3):
         torch.manual_seed(11)  # every rank's generator is seeded alike
         part = dist.Shard(r, 3)
-        parts.append(dist.GlobalBatchDropout(0.3, part).train()(part.take(x)))
+        parts.append(GlobalBatchDropout(0.3, part).train()(part.take(x)))
     torch.testing.assert_close(torch.cat(parts), want, rtol=0, atol=0)
-    assert torch.equal(dist.GlobalBatchDropout(0.3, dist.Shard(0, 3)).eval()(x), x)
+    assert torch.equal(GlobalBatchDropout(0.3, dist.Shard(0, 3)).eval()(x), x)
 
 
 @pytest.fixture
@@ -358,7 +360,7 @@ def test_global_batchnorm_equals_batchnorm(one_process_group, momentum):
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
-    ours = dist.GlobalBatchNorm.from_batchnorm(ref)
+    ours = GlobalBatchNorm.from_batchnorm(ref)
     assert ours.weight is ref.weight and ours.running_var is ref.running_var  # shared
     twin = torch.nn.BatchNorm2d(4, momentum=momentum)
     twin.load_state_dict(ref.state_dict())
@@ -381,7 +383,7 @@ def test_global_batchnorm_equals_batchnorm(one_process_group, momentum):
 
 def test_data_parallel_changes_nothing_in_one_process():
     module = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Dropout(0.5))
-    with dist.data_parallel(module, torch.device("cpu")) as step:
+    with parallel.data_parallel(module, torch.device("cpu")) as step:
         assert step is module
     assert [type(m) for m in module] == [torch.nn.BatchNorm2d, torch.nn.Dropout]
 

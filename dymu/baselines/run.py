@@ -53,6 +53,7 @@ from dymu.models.towers import build_towers
 from dymu.run import resolve_device
 from dymu.search import load_run
 from dymu.space.graph import anchor_flops
+from dymu.train import parallel
 from dymu.train.checkpoint import record_matches
 from dymu.train.loop import evaluate_model
 from dymu.train.stage0 import load_splits, stage0_hash
@@ -228,7 +229,7 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
         return evaluate_losses(model_set, val, ctx.scaled_losses)  # [K, T] ~1 = single-task
 
     dist.barrier()  # rank 0 has decided whether the checkpoint stays
-    with dist.global_batch(pset.stacked, ctx.device):
+    with parallel.global_batch(pset.stacked, ctx.device):
         log = train_pareto_set(
             pset,
             prefs.to(ctx.device),
@@ -285,7 +286,7 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
         leave=False,
         disable=not dist.is_main(),
     )
-    with dist.global_batch(target, ctx.device):
+    with parallel.global_batch(target, ctx.device):
         log = train_phn(
             model,
             ctx.batches(ctx.cfg.run.seed),

@@ -26,6 +26,7 @@ from dymu import dist
 from dymu.data.batches import iterate, num_batches, to_device
 from dymu.models.shared import SharedNet
 from dymu.models.towers import AuxTowers
+from dymu.train import parallel
 from dymu.weighting import Weighting
 
 
@@ -88,7 +89,7 @@ def train_shared(
     part = dist.shard()
     trained = [p for m in modules for p in m.parameters()]
     models = torch.nn.ModuleList(m for m in modules if m is not weighting)  # net, towers
-    with dist.global_batch(models, device):
+    with parallel.global_batch(models, device):
         for epoch in range(epochs):
             batches = iterate(
                 train_ds,

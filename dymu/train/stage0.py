@@ -26,6 +26,7 @@ from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.models.towers import AuxTowers, build_towers
 from dymu.run import resolve_device
+from dymu.train import parallel
 from dymu.train.checkpoint import load_checkpoint, record_matches, save_checkpoint
 from dymu.train.curves import StageLog
 from dymu.train.loop import evaluate, lr_lambda
@@ -135,7 +136,7 @@ def train_stage0(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anch
     tasks = anchor.tasks
     curve = StageLog(run_dir, "stage0", start * per_epoch, enabled=main)
     # Under torchrun: global batch norms and dropouts, in place, until the block ends.
-    with dist.data_parallel(Stage0Objective(stacked, towers, prec), device) as objective:
+    with parallel.data_parallel(Stage0Objective(stacked, towers, prec), device) as objective:
         for epoch in range(start, s0.epochs):
             trained.train()
             # Seeding per epoch (flips and dropout) makes a resumed run match an uninterrupted

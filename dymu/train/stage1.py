@@ -58,6 +58,7 @@ from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
 from dymu.space.graph import anchor_flops, costs, min_flops
 from dymu.tasks import Task
+from dymu.train import parallel
 from dymu.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -318,7 +319,7 @@ def train_stage1(
     last: dict[str, float] = {}
     curve = StageLog(run_dir, "stage1", first, enabled=main)
     # Under torchrun: DDP averages the edge hypernet's gradients over the ranks.
-    with dist.data_parallel(edge, device) as hypernet:
+    with parallel.data_parallel(edge, device) as hypernet:
         for step in bar:
             tick = time.perf_counter()
             # G draws of (r, b), one per group of batch_size / G images; the same on every

@@ -35,6 +35,7 @@ from dymu.run import resolve_device
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
+from dymu.train import parallel
 from dymu.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -158,7 +159,7 @@ def train_stage2(
     curve = StageLog(run_dir, "stage2", first, enabled=main)
     # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
     # Adapters of edges the step's tree lacks get no gradient: DDP must expect that.
-    with dist.data_parallel(weights, device, find_unused=s2.adapter_rank > 0) as hypernet:
+    with parallel.data_parallel(weights, device, find_unused=s2.adapter_rank > 0) as hypernet:
         for step in bar:
             tick = time.perf_counter()
             r, b, tree = draw_tree(
