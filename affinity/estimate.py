@@ -32,8 +32,8 @@ from dymu.config import AffinityConfig
 from dymu.data.base import MultiTaskDataset
 from dymu.data.batches import iterate, to_device
 from dymu.models.anchor import Anchor
-from dymu.models.treenet import TreeNet
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 
 
 def _subset(ds: MultiTaskDataset, k: int, seed: int) -> list[int]:

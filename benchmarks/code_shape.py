@@ -8,8 +8,12 @@ counts, at module level or inside a function (a lazy import is still a dependenc
 layers, lowest first, follow the data flow:
 
     base (config, errors, io, registry, artifacts, lock, dist) -> tasks -> data -> models
-    -> affinity -> space -> losses, hypernet -> train, run, weighting -> evaluate, search,
+    -> space -> affinity -> losses, hypernet -> train, run, weighting -> evaluate, search,
     baselines, pareto (the comparison methods) -> compile -> cli
+
+The space comes before the affinity estimate (DESIGN.md lists them the other way): the
+space needs only the models, while the gradient-based affinity estimators run the tasks
+on trees of the space (``TreeSpec``, ``TreeNet``).
 
 A module may import its own layer and those below; an import of a higher layer is
 "upward". Prints a summary and writes JSON.
@@ -36,8 +40,8 @@ LAYERS = [
     ["dymu.tasks"],
     ["dymu.data"],
     ["dymu.models"],
-    ["dymu.affinity"],
     ["dymu.space"],
+    ["dymu.affinity"],
     ["dymu.losses", "dymu.hypernet"],
     ["dymu.train", "dymu.run", "dymu.weighting"],
     ["dymu.evaluate", "dymu.search", "dymu.baselines", "dymu.pareto"],

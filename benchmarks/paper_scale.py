@@ -8,7 +8,7 @@ training images/s and peak memory of two implementations of the same step:
 
 - ``dymu``: the library's modules as ``train_stage0/1/2`` use them (stage 0 the stacked
   streams, stage 1 :class:`~dymu.models.mixture.MixtureNet`, stage 2
-  :class:`~dymu.models.treenet.TreeNet`), under ``--precision`` and ``--channels-last``;
+  :class:`~dymu.space.treenet.TreeNet`), under ``--precision`` and ``--channels-last``;
 - ``looped``: the reference, a straightforward implementation on the same anchor weights:
   streams run one after another in Python, parent mixtures summed parent by parent, fp32,
   contiguous layout, no compilation.
@@ -57,10 +57,10 @@ from dymu.io import write_json
 from dymu.losses import task_loss
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor
 from dymu.models.mixture import MixtureNet, path_weights
-from dymu.models.treenet import TreeNet
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import anchor_flops, load_space, min_flops, save_space
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.tasks.base import IGNORE_INDEX
 from dymu.train.precision import Precision
 from dymu.train.stage0 import Stage0Objective

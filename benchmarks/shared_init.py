@@ -21,8 +21,8 @@ import torch
 from dymu.config import load_config
 from dymu.evaluate.search import evaluate_net
 from dymu.io import write_json
-from dymu.models.treenet import TreeNet
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.train.stage0 import load_splits, train_stage0
 
 ROOT = Path(__file__).resolve().parent.parent

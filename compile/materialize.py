@@ -1,6 +1,6 @@
 """Materialize a derived tree as a plain inference ``nn.Module`` (DESIGN.md, Execution).
 
-:class:`~dymu.models.treenet.TreeNet` runs any tree on the anchor's shared weights: it walks
+:class:`~dymu.space.treenet.TreeNet` runs any tree on the anchor's shared weights: it walks
 the parent table on every call and applies the weight hypernet's BatchNorm offsets through
 ``functional_call``. That flexibility costs Python work and separate BatchNorm ops on every
 call, and keeps the whole anchor alive. :func:`materialize` turns one (anchor, tree,
@@ -189,7 +189,7 @@ def materialize(
         bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
             inside the layer: delta}}``; offsets of unused nodes are ignored.
         private: the stage-0 streams, run by the tree's private nodes and the heads above
-            them, as in :class:`~dymu.models.treenet.TreeNet`.
+            them, as in :class:`~dymu.space.treenet.TreeNet`.
 
     Returns:
         A :class:`MaterializedTree` in eval mode with frozen parameters.

@@ -10,9 +10,9 @@ from dymu.config import ModelConfig
 from dymu.errors import UserError
 from dymu.models.anchor import StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.models.flops import count_flops
-from dymu.models.treenet import TreeNet
 from dymu.space.anchor_space import anchor_space
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.tasks import TaskSpec
 
 SPECS = [

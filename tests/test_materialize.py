@@ -16,9 +16,9 @@ from dymu.config import ModelConfig
 from dymu.hypernet.weight import WeightHypernet, bn_layout
 from dymu.models.anchor import Anchor, build_anchor
 from dymu.models.flops import count_flops, count_params
-from dymu.models.treenet import TreeNet
 from dymu.space.anchor_space import anchor_space
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.tasks import TaskSpec
 
 SPECS = [

@@ -10,8 +10,8 @@ import torch
 from dymu.config import ModelConfig
 from dymu.models.anchor import build_anchor
 from dymu.models.mixture import MixtureNet, path_weights
-from dymu.models.treenet import TreeNet
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.tasks import TaskSpec
 
 SPECS = [

@@ -7,8 +7,8 @@ import torch
 from dymu.config import ModelConfig
 from dymu.hypernet.weight import WeightHypernet, bn_layout
 from dymu.models.anchor import build_anchor
-from dymu.models.treenet import TreeNet
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.tasks import TaskSpec
 
 SPECS = [TaskSpec("semseg", "semseg", 4), TaskSpec("depth", "depth")]

@@ -30,10 +30,10 @@ from dymu.evaluate.metrics import (
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet
 from dymu.models.anchor import Anchor
-from dymu.models.treenet import TreeNet
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.tasks.delta import delta_m, delta_m_per_task
 from dymu.train.loop import evaluate_model
 
@@ -93,7 +93,7 @@ def evaluate_search(
     ``anchor`` holds the streams the trees run on; ``baseline`` the independent stage-0
     streams whose anchor tree is the single-task yardstick of delta_m and of the normalised
     losses (``anchor`` itself when None: no joint stage ran); ``private`` the streams the
-    trees' private nodes run (:class:`~dymu.models.treenet.TreeNet`), if any.
+    trees' private nodes run (:class:`~dymu.space.treenet.TreeNet`), if any.
     """
     anchor, edge, weights = anchor.to(device).eval(), edge.to(device).eval(), weights.to(device)
     baseline = anchor if baseline is None else baseline.to(device).eval()

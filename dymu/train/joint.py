@@ -25,7 +25,7 @@ exact. Only weights move, so every tree's FLOPs are unchanged.
 
 The fine-tuned weights serve shared and post-branch nodes: with ``stage2.private_nodes``
 (the default) a tree's private nodes, those on their own stream's path for their own task
-alone, keep stage 0's weights (:class:`~dymu.models.treenet.TreeNet`), so the anchor tree
+alone, keep stage 0's weights (:class:`~dymu.space.treenet.TreeNet`), so the anchor tree
 stays the single-task anchor whatever this stage does to it.
 
 ``anchor.safetensors`` and ``anchor.json`` stay the independent single-task baseline of
@@ -52,9 +52,9 @@ from dymu import dist
 from dymu.config import Config, section_hash
 from dymu.data.batches import endless, random_hflip, to_device
 from dymu.models.anchor import Anchor, load_anchor_weights
-from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.train.checkpoint import (
     load_checkpoint,
     record_matches,

@@ -30,11 +30,11 @@ from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
 from dymu.models.anchor import Anchor
-from dymu.models.treenet import TreeNet
 from dymu.run import resolve_device
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.train import parallel
 from dymu.train.checkpoint import (
     load_checkpoint,
@@ -102,7 +102,7 @@ def train_stage2(
     """Train the weight hypernet; write its weights and a summary into ``run_dir``.
 
     ``private``: the stage-0 streams that the trees' private nodes run (see
-    :class:`~dymu.models.treenet.TreeNet`), frozen like ``anchor``.
+    :class:`~dymu.space.treenet.TreeNet`), frozen like ``anchor``.
     """
     s2 = cfg.stage2
     device = resolve_device(cfg.run.device)
