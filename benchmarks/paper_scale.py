@@ -62,9 +62,10 @@ from dymu.space.graph import anchor_flops, load_space, min_flops, save_space
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.tasks.base import IGNORE_INDEX
+from dymu.train.draws import draw_parents, group_parts
+from dymu.train.objective import Flops, step_terms
 from dymu.train.precision import Precision
 from dymu.train.stage0 import Stage0Objective
-from dymu.train.stage1 import Flops, draw_parents, group_parts, step_terms
 from dymu.train.stage2 import draw_tree
 
 ROOT = Path(__file__).resolve().parent.parent

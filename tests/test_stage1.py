@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import TINY as _TINY
 
+import dymu.train.draws as draws
 import dymu.train.stage0 as stage0
 import dymu.train.stage1 as stage1
 import dymu.train.stage2 as stage2
@@ -136,7 +137,7 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
 
     run = tmp_path / "b"
     with monkeypatch.context() as m:
-        _interrupt_after(m, stage1, "sample_parents", 17)  # dies in step 18 of 25
+        _interrupt_after(m, draws, "sample_parents", 17)  # dies in step 18 of 25
         with pytest.raises(_Interrupt):
             stage1.train_stage1(cfg, run, anchor, space, A, train, val)
     assert (run / stage1.CHECKPOINT).is_file() and not (run / EDGE_WEIGHTS).exists()
@@ -167,7 +168,7 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_anchor, tmp_path, monkey
     cfg, anchor, space, (train, val) = tiny_anchor
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=10))
     with monkeypatch.context() as m:
-        _interrupt_after(m, stage1, "sample_parents", 12)
+        _interrupt_after(m, draws, "sample_parents", 12)
         with pytest.raises(_Interrupt):
             stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, val)
     other = load_config(None, [*TINY, f"data.cache_dir={tmp_path}", "stage1.lr=0.002"])

@@ -30,8 +30,6 @@ rank). Rank 0 alone writes checkpoints and files.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +39,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.config import Config, Stage1Config, section_hash
+from dymu.config import Config, section_hash
 from dymu.data.batches import endless, to_device
-from dymu.hypernet.edge import EdgeHypernet, sample_parents, temperature
+from dymu.hypernet.edge import EdgeHypernet
 from dymu.losses import (
-    budget_penalty,
-    budget_target,
     expected_flops,
-    omega,
-    omega_budget,
-    p_use,
-    task_loss,
 )
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
-from dymu.space.graph import anchor_flops, costs, min_flops
-from dymu.tasks import Task
 from dymu.train import parallel
 from dymu.train.checkpoint import (
     load_checkpoint,
@@ -67,7 +57,9 @@ from dymu.train.checkpoint import (
     write_finished,
 )
 from dymu.train.curves import StageLog
+from dymu.train.draws import draw_parents, group_parts
 from dymu.train.joint import trees_hash
+from dymu.train.objective import Flops, step_terms
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
 
@@ -80,175 +72,6 @@ def stage1_hash(cfg: Config) -> str:
     """What the edge hypernet depends on: the streams it runs on (stage 0's, tuned by the
     joint stage when it runs), the affinity settings and stage 1."""
     return section_hash(cfg, "affinity", "stage1") + "-" + trees_hash(cfg)
-
-
-def group_parts(batch_size: int, groups: int, part: dist.Shard) -> list[tuple[int, slice, float]]:
-    """Where each draw's group of a global batch lies in this rank's part of it.
-
-    The global batch of ``batch_size`` images is split into ``groups`` equal consecutive
-    groups (group g runs with draw g); the rank holds the contiguous ``part``.
-
-    Returns:
-        ``(g, local slice, share)`` for every group the rank holds images of: the slice
-        indexes the rank's part, and ``share`` is the fraction of group g it holds, so that
-        ``sum over ranks of share * (mean loss over the held images)`` is the group's mean.
-    """
-    size = batch_size // groups
-    mine = part.part(batch_size)
-    out = []
-    for g in range(groups):
-        lo, hi = max(g * size, mine.start), min((g + 1) * size, mine.stop)
-        if lo < hi:
-            out.append((g, slice(lo - mine.start, hi - mine.start), (hi - lo) / size))
-    return out
-
-
-@dataclass(frozen=True)
-class Flops:
-    """The space's FLOPs that the budget penalty needs, on the training device."""
-
-    nodes: torch.Tensor  # [L, N] float64
-    heads: torch.Tensor  # [N] float64
-    full: float  # the anchor's
-    low: float  # the cheapest tree's, as a fraction of the anchor's
-
-    @classmethod
-    def of(cls, space: nx.DiGraph, device: torch.device) -> Flops:
-        node_flops, _, head_flops, _ = costs(space)
-        full = float(anchor_flops(space))
-        return cls(
-            torch.tensor(node_flops, dtype=torch.float64, device=device),
-            torch.tensor(head_flops, dtype=torch.float64, device=device),
-            full,
-            min_flops(space) / full,
-        )
-
-
-@dataclass(frozen=True)
-class Draws:
-    """One step's G draws of (r, b) and the parent weights sampled for them."""
-
-    rs: torch.Tensor  # [G, N] preferences
-    bs: np.ndarray  # [G] budgets
-    nu: torch.Tensor  # [G, L-1, N, N] parent probabilities alpha(r, b)
-    v: torch.Tensor  # [G, L-1, N, N] Gumbel-softmax samples of nu
-    cs: list[float]  # [G] the paper's frugality knob c implied by each b
-    tau: float  # the Gumbel-softmax temperature of this step
-
-
-def draw_preferences_budgets(
-    s1: Stage1Config, num_tasks: int, low: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """G pairs (r [G, N], b [G]) for one step.
-
-    ``objective: paper``: r ~ Dirichlet(dirichlet), b ~ U(low, 1). ``objective: budget``
-    mixes in what the evaluation asks for (METHOD.md 1.9): a share ``uniform_share`` of the
-    preferences is uniform on the simplex, and a share ``full_budget_share`` of the budgets
-    is exactly 1 (:func:`mix_evaluation_draws`).
-    """
-    g = s1.draws
-    rs = rng.dirichlet([s1.dirichlet] * num_tasks, size=g)  # [G, N]
-    bs = rng.uniform(low, 1.0, size=g)  # [G]
-    if s1.objective == "paper":
-        return rs, bs
-    return mix_evaluation_draws(rs, bs, s1.uniform_share, s1.full_budget_share, rng)
-
-
-def mix_evaluation_draws(
-    rs: np.ndarray,
-    bs: np.ndarray,
-    uniform_share: float,
-    full_budget_share: float,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Replace a share of the draws (r [G, N], b [G]) by what the evaluation asks for: a
-    preference uniform on the simplex (``uniform_share``), a budget of exactly 1
-    (``full_budget_share``). Both replacements are drawn every time, then picked, so the
-    generator's sequence does not depend on the shares (stages 1 and 2)."""
-    g, num_tasks = rs.shape
-    flat = rng.dirichlet([1.0] * num_tasks, size=g)  # [G, N] uniform on the simplex
-    coins = rng.uniform(size=(2, g))  # [2, G]
-    rs = np.where((coins[0] < uniform_share)[:, None], flat, rs)
-    bs = np.where(coins[1] < full_budget_share, 1.0, bs)
-    return rs, bs
-
-
-def draw_parents(
-    hypernet,
-    edge: EdgeHypernet,
-    s1: Stage1Config,
-    step: int,
-    low: float,
-    rng: np.random.Generator,
-    gen: torch.Generator,
-    device: torch.device,
-) -> Draws:
-    """Stage 1's draws for one step: G pairs (r ~ Dirichlet, b ~ U(low, 1)), alpha(r, b)
-    from ``hypernet`` (``edge`` itself, or its DDP wrapper), and Gumbel-softmax samples.
-
-    Consumes ``rng`` and ``gen`` in a fixed order, so equal seeds give equal draws on every
-    rank and a resumed run continues the same sequence.
-    """
-    rs, bs = draw_preferences_budgets(s1, edge.num_tasks, low, rng)
-    rs = torch.tensor(rs, dtype=torch.float32, device=device)  # [G, N]
-    b_t = torch.tensor(bs, dtype=torch.float32, device=device)
-    logits = hypernet(rs, b_t)  # [G, L-1, N, N]
-    tau = temperature(step, s1.temperature, s1.temperature_decay, s1.temperature_every)
-    v = sample_parents(logits, tau, hard=s1.hard, generator=gen)  # [G, L-1, N, N]
-    return Draws(rs, bs, logits.softmax(-1), v, edge.frugality(b_t).tolist(), tau)
-
-
-def step_terms(
-    out: dict[str, torch.Tensor],
-    batch: dict[str, torch.Tensor],
-    tasks: Sequence[Task],
-    parts: list[tuple[int, slice, float]],
-    s1: Stage1Config,
-    draws: Draws,
-    scales: torch.Tensor,
-    affinity: torch.Tensor,
-    flops: Flops,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three terms of a stage-1 step, each the mean over the G draws.
-
-    Args:
-        out, batch: the network's outputs and the targets for this rank's images.
-        tasks: the anchor's tasks.
-        parts: :func:`group_parts` of the global batch for this rank.
-        s1: the stage-1 config (draws, regulariser, lambdas).
-        draws: the step's :func:`draw_parents`.
-        scales: [N] loss scales w_i; affinity: [N, N] symmetric.
-        flops: the space's FLOPs.
-
-    Returns:
-        ``(L_task, Omega, budget penalty)``; ``L_task`` holds only this rank's shares of
-        the draws' groups (the ranks' values add up to the global one).
-    """
-    rs, nu = draws.rs, draws.nu
-    l_task = reg = penalty = torch.zeros((), device=rs.device)
-    for g, rows, share in parts:
-        losses = torch.stack([t.loss(out[t.name][rows], batch[t.name][rows]) for t in tasks])
-        l_task = l_task + share * task_loss(losses, rs[g], scales) / s1.draws
-    for g in range(s1.draws):
-        choice = nu[g] if s1.regularise == "alpha" else draws.v[g]
-        regulariser = omega if s1.objective == "paper" else omega_budget
-        term = regulariser(
-            choice,
-            affinity,
-            rs[g],
-            p_use(nu[g]).detach(),
-            draws.cs[g],  # paper: c on L_active; budget: the tightness on all of Omega
-            lambda_a=s1.lambda_active,
-            lambda_i=s1.lambda_inactive,
-        )
-        reg = reg + term / s1.draws
-        b = float(draws.bs[g])
-        if s1.objective == "paper":
-            over = budget_penalty(nu[g], flops.nodes, flops.heads, b, flops.full)
-        else:
-            over = budget_target(nu[g], flops.nodes, flops.heads, b, flops.full, s1.lambda_under)
-        penalty = penalty + over / s1.draws
-    return l_task, reg, penalty
 
 
 def train_stage1(

@@ -44,9 +44,10 @@ from dymu.train.checkpoint import (
     write_finished,
 )
 from dymu.train.curves import StageLog
+from dymu.train.draws import mix_evaluation_draws
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
-from dymu.train.stage1 import mix_evaluation_draws, stage1_hash
+from dymu.train.stage1 import stage1_hash
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
 WEIGHT_JSON = "weight_hnet.json"
