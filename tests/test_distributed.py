@@ -175,6 +175,7 @@ def single_search(tmp_path_factory):
 
 
 def test_two_processes_run_the_single_process_search(tmp_path, monkeypatch, single_search):
+    import dymu.train.engine as engine
     import dymu.train.stage1 as stage1
     from dymu.search import run_search
 
@@ -182,7 +183,10 @@ def test_two_processes_run_the_single_process_search(tmp_path, monkeypatch, sing
     # A checkpoint after stage-1 step 2 ...
     cfg = load_config(None, [*overrides, "run.checkpoint_every=2"])
     stop_after_first_checkpoint(  # ... where a single process is stopped; 2 ranks resume
-        monkeypatch, stage1, lambda: run_search(cfg, tmp_path / "out" / "resumed")
+        monkeypatch,
+        engine,
+        lambda: run_search(cfg, tmp_path / "out" / "resumed"),
+        stage="stage1",
     )
     assert (tmp_path / "out" / "resumed" / stage1.CHECKPOINT).is_file()
     # The single-process run without its stage 2: the 2 ranks train it on the same edge

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import TINY, stop_after_first_checkpoint
 
+import dymu.train.engine as engine
 import dymu.train.joint as joint
 import dymu.train.stage0 as stage0
 from dymu.config import load_config
@@ -84,7 +85,7 @@ def test_a_resumed_joint_stage_equals_an_uninterrupted_one(tiny, tmp_path, monke
     whole, _ = joint.train_joint(cfg, tmp_path / "whole", anchor, train, val)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=4))
     stop_after_first_checkpoint(
-        monkeypatch, joint, lambda: joint.train_joint(cfg, tmp_path / "cut", anchor, train, val)
+        monkeypatch, engine, lambda: joint.train_joint(cfg, tmp_path / "cut", anchor, train, val)
     )
     assert (tmp_path / "cut" / joint.CHECKPOINT).is_file()
     resumed, _ = joint.train_joint(cfg, tmp_path / "cut", anchor, train, val, resume=True)

@@ -28,16 +28,19 @@ TINY = [
 ]
 
 
-def stop_after_first_checkpoint(monkeypatch, module, call) -> None:
-    """Run ``call()`` until ``module.save_checkpoint`` has written once, then stop it as a
-    Ctrl-C would; ``module.save_checkpoint`` is the real one again afterwards."""
+def stop_after_first_checkpoint(monkeypatch, module, call, stage: str | None = None) -> None:
+    """Run ``call()`` until ``module.save_checkpoint`` has written once (a checkpoint of
+    ``stage``, e.g. ``"stage1"``, when given), then stop it as a Ctrl-C would;
+    ``module.save_checkpoint`` is the real one again afterwards. The step-based stages save
+    through :mod:`dymu.train.engine`, stage 0 through :mod:`dymu.train.stage0`."""
     import pytest
 
     real_save = module.save_checkpoint
 
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
+    def save_then_die(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        if stage is None or path.parent.name == stage:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):

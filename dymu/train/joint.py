@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
@@ -56,14 +54,12 @@ from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.train.checkpoint import (
-    load_checkpoint,
     record_matches,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     write_finished,
 )
-from dymu.train.curves import StageLog
+from dymu.train.engine import StepLoop
 from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
 from dymu.train.stage0 import stage0_hash
@@ -152,38 +148,38 @@ def train_joint(
             print(f"joint stage: cheapest trees on {tasks[trunk].name}'s trunk")
     rng = np.random.default_rng(cfg.run.seed + 7)
     flip_gen = torch.Generator().manual_seed(cfg.run.seed + 7)
-    h = joint_hash(cfg)
-    ckpt = Path(run_dir) / CHECKPOINT
-    first, seconds = 0, 0.0
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "joint", student, opt, sched)
+
+    def load_state(state: dict[str, Any]) -> None:
         set_rng_state(rng, state["numpy_rng"])
         flip_gen.set_state(state["flip_rng"])
-        first, seconds = state["step"], state["seconds"]
-        if main:
-            print(f"joint stage: resuming after step {first}/{js.steps} from {ckpt}")
+
+    loop = StepLoop(
+        name="joint",
+        label="joint stage",
+        desc="joint stage (streams on trees)",
+        run_dir=run_dir,
+        checkpoint=Path(run_dir) / CHECKPOINT,
+        config_hash=joint_hash(cfg),
+        steps=js.steps,
+        every=cfg.run.checkpoint_every,
+        model=student,
+        optimizer=opt,
+        scheduler=sched,
+        state=lambda: {"numpy_rng": rng_state(rng), "flip_rng": flip_gen.get_state()},
+        load_state=load_state,
+        show=("labels", "distill"),
+    )
     batches = endless(
         train_ds,
         js.batch_size,
         cfg.run.seed + 7,
-        start=first,
+        start=loop.resume(resume),
         shard=part,
         workers=cfg.stage0.workers,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(
-        range(first, js.steps),
-        initial=first,
-        total=js.steps,
-        desc="joint stage (streams on trees)",
-        unit="step",
-        leave=False,
-        disable=not main,
-    )
-    last: dict[str, float] = {}
-    curve = StageLog(run_dir, "joint", first, enabled=main)
-    for step in bar:
-        tick = time.perf_counter()
+
+    def step(i: int, log: bool) -> dict[str, float] | None:
         trees = sandwich(
             n, num_layers, js.random_trees, rng, anchor_tree=private is None, trunk=trunk
         )
@@ -204,29 +200,16 @@ def train_joint(
         dist.average_gradients(student.parameters())  # the global batch's mean gradient
         opt.step()
         sched.step()
-        seconds += time.perf_counter() - tick
-        if step % 10 == 0 or step + 1 == js.steps:
-            sums = dist.all_reduce_sums(
-                {"labels": labels.item(), "distill": distilled.item()}
-            )  # every rank takes part
-            world = dist.world_size()
-            last = {k: v / world / len(trees) for k, v in sums.items()}
-            bar.set_postfix(labels=f"{last['labels']:.3f}", distill=f"{last['distill']:.3f}")
-            curve.log(step, **last, lr=sched.get_last_lr()[0])
-        if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < js.steps:
-            save_checkpoint(
-                ckpt,
-                h,
-                step + 1,
-                student,
-                opt,
-                sched,
-                numpy_rng=rng_state(rng),
-                flip_rng=flip_gen.get_state(),
-                seconds=seconds,
-            )
-    bar.close()
-    curve.close()
+        if not log:
+            return None
+        sums = dist.all_reduce_sums({"labels": labels.item(), "distill": distilled.item()})
+        scale = dist.world_size() * len(trees)  # every rank takes part
+        return {**{k: v / scale for k, v in sums.items()}, "lr": sched.get_last_lr()[0]}
+
+    last = loop.run(step)
+    seconds = loop.seconds
+    h = loop.config_hash
+    ckpt = loop.checkpoint
     student.requires_grad_(False)
     meta = {"config_hash": h, "tasks": anchor.task_names}
     record: dict[str, Any] = {
@@ -234,7 +217,7 @@ def train_joint(
         "steps": js.steps,
         "seconds": round(seconds, 2),
         "images_per_s": round(js.steps * js.batch_size / max(seconds, 1e-9), 1),
-        "final": last,
+        "final": {k: last[k] for k in ("labels", "distill") if k in last},
     }
     if trunk is not None:
         record["trunk"] = tasks[trunk].name

@@ -29,14 +29,12 @@ rank). Rank 0 alone writes checkpoints and files.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
@@ -50,14 +48,12 @@ from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
 from dymu.train import parallel
 from dymu.train.checkpoint import (
-    load_checkpoint,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     write_finished,
 )
-from dymu.train.curves import StageLog
 from dymu.train.draws import draw_parents, group_parts
+from dymu.train.engine import StepLoop
 from dymu.train.joint import trees_hash
 from dymu.train.objective import Flops, step_terms
 from dymu.train.precision import Precision
@@ -90,7 +86,7 @@ def train_stage1(
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s1.batch_size, "stage1.batch_size")  # fail before any work
     dist.setup(device)
-    main, part, world = dist.is_main(), dist.shard(), dist.world_size()
+    part, world = dist.shard(), dist.world_size()
     parts = group_parts(s1.batch_size, s1.draws, part)  # the draws' groups this rank holds
     mine = part.part(s1.batch_size)
     anchor = anchor.to(device).eval()
@@ -98,38 +94,47 @@ def train_stage1(
     net = MixtureNet(anchor).to(device).eval()
     net.requires_grad_(False)
     prec.prepare(net)  # the anchor's layers, in place; released after training
-    n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
     flops = Flops.of(space, device)
-    low = flops.low
     torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
-    edge = EdgeHypernet(n, num_layers, self_bias=s1.self_bias, min_budget=low).to(device)
+    edge = EdgeHypernet(
+        len(anchor.tasks), anchor.num_layers, self_bias=s1.self_bias, min_budget=flops.low
+    ).to(device)
     opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
     sym_affinity = ((affinity + affinity.T) / 2).to(device)  # RSA's rows are not symmetric
     scales = loss_scales(anchor, val_ds, s1.batch_size, device).to(device)
     rng = np.random.default_rng(cfg.run.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    h = stage1_hash(cfg)
-    ckpt = Path(run_dir) / CHECKPOINT
-    first, images, seconds = 0, 0, 0.0
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "stage-1", edge, opt, sched)
+    count = {"images": 0}
+
+    def load_state(state: dict[str, Any]) -> None:
         prec.load_state_dict(state)
         set_rng_state(rng, state["numpy_rng"])
         gen.set_state(state["torch_rng"])
-        first, images, seconds = state["step"], state["images"], state["seconds"]
-        if main:
-            print(f"stage 1: resuming after step {first}/{s1.steps} from {ckpt}")
+        count["images"] = state["images"]
 
-    bar = tqdm(
-        range(first, s1.steps),
-        initial=first,
-        total=s1.steps,
+    loop = StepLoop(
+        name="stage1",
+        label="stage 1",
         desc="stage 1 (edge hypernet)",
-        unit="step",
-        leave=False,
-        disable=not main,
+        run_dir=run_dir,
+        checkpoint=Path(run_dir) / CHECKPOINT,
+        config_hash=stage1_hash(cfg),
+        steps=s1.steps,
+        every=cfg.run.checkpoint_every,
+        model=edge,
+        optimizer=opt,
+        scheduler=sched,
+        state=lambda: {
+            "numpy_rng": rng_state(rng),
+            "torch_rng": gen.get_state(),
+            "images": count["images"],
+            **prec.state_dict(),
+        },
+        load_state=load_state,
+        show=("loss", "temperature"),
     )
+    first = loop.resume(resume)
     batches = endless(
         train_ds,
         s1.batch_size,
@@ -139,15 +144,13 @@ def train_stage1(
         workers=cfg.stage0.workers,
         pin_memory=device.type == "cuda",
     )
-    last: dict[str, float] = {}
-    curve = StageLog(run_dir, "stage1", first, enabled=main)
     # Under torchrun: DDP averages the edge hypernet's gradients over the ranks.
     with parallel.data_parallel(edge, device) as hypernet:
-        for step in bar:
-            tick = time.perf_counter()
+
+        def step(i: int, log: bool) -> dict[str, float] | None:
             # G draws of (r, b), one per group of batch_size / G images; the same on every
             # rank (the generators are seeded alike).
-            d = draw_parents(hypernet, edge, s1, step, low, rng, gen, device)
+            d = draw_parents(hypernet, edge, s1, i, flops.low, rng, gen, device)
             # [G, ...] -> [B, ...] one set per image of the global batch -> this rank's rows
             v_rows = d.v.repeat_interleave(s1.batch_size // s1.draws, dim=0)[mine]
             batch = to_device(next(batches), device)
@@ -156,7 +159,7 @@ def train_stage1(
                 out = net(prec.to_input(batch["image"]), v_rows)  # image k ran with v_rows[k]
             out = prec.fp32(out)
             l_task, reg, penalty = step_terms(
-                out, batch, tasks, parts, s1, d, scales, sym_affinity, flops
+                out, batch, anchor.tasks, parts, s1, d, scales, sym_affinity, flops
             )
             # DDP averages over the ranks: world x this rank's share of the task term sums
             # the ranks' shares; Omega and the penalty are each rank's (equal) own.
@@ -165,64 +168,47 @@ def train_stage1(
             prec.backward(loss)
             prec.step(opt)
             sched.step()
-            images += s1.batch_size
-            seconds += time.perf_counter() - tick
-            if step % 10 == 0 or step + 1 == s1.steps:
-                task = dist.all_reduce_sums({"task": l_task.item()})["task"]  # every rank
-                last = {
-                    "loss": task + reg.item() + s1.lambda_budget * penalty.item(),
-                    "task": task,
-                    "omega": reg.item(),
-                    "budget": penalty.item(),
-                }
-                bar.set_postfix(
-                    loss=f"{last['loss']:.3f}",
-                    tau=f"{d.tau:.2f}",
-                    img_s=f"{images / max(seconds, 1e-9):.0f}",
-                )
-                with torch.no_grad():  # the FLOPs the parent distributions expect vs asked
-                    spent = sum(
-                        float(expected_flops(d.nu[g], flops.nodes, flops.heads))
-                        for g in range(s1.draws)
-                    )
-                curve.log(
-                    step,
-                    **last,
-                    temperature=d.tau,
-                    lr=sched.get_last_lr()[0],
-                    flops_fraction=spent / s1.draws / flops.full,
-                    budget_asked=float(np.mean(d.bs)),
-                )
-            if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < s1.steps:
-                save_checkpoint(
-                    ckpt,
-                    h,
-                    step + 1,
-                    edge,
-                    opt,
-                    sched,
-                    numpy_rng=rng_state(rng),
-                    torch_rng=gen.get_state(),
-                    images=images,
-                    seconds=seconds,
-                    **prec.state_dict(),
-                )
-    bar.close()
-    curve.close()
+            count["images"] += s1.batch_size
+            return _scalars(d, l_task, reg, penalty, s1, flops, sched) if log else None
+
+        last = loop.run(step)
     prec.release(net)
-    meta = {"config_hash": h, "tasks": anchor.task_names, "num_layers": num_layers}
+    seconds = loop.seconds
+    meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
+    meta["num_layers"] = anchor.num_layers
     record = {
         **meta,
         "steps": s1.steps,
         "seconds": round(seconds, 2),
-        "images_per_s": round(images / max(seconds, 1e-9), 1),
-        "final": last,
+        "images_per_s": round(count["images"] / max(seconds, 1e-9), 1),
+        "final": {k: last[k] for k in ("loss", "task", "omega", "budget") if k in last},
         "loss_scales": scales.tolist(),
-        "min_flops_fraction": low,
+        "min_flops_fraction": flops.low,
         "precision": prec.describe(),
     }
     if world > 1:
         record["processes"] = world
     run_dir = Path(run_dir)
-    write_finished(run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, edge, meta, record, ckpt)
+    write_finished(run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, edge, meta, record, loop.checkpoint)
     return edge.cpu(), record
+
+
+def _scalars(d, l_task, reg, penalty, s1, flops: Flops, sched) -> dict[str, float]:
+    """A logged step's scalars: the loss and its terms over the global batch, the
+    temperature, learning rate, and the FLOPs the parent distributions expect against the
+    budgets drawn (fractions of the anchor's)."""
+    task = dist.all_reduce_sums({"task": l_task.item()})["task"]  # every rank takes part
+    with torch.no_grad():
+        spent = sum(
+            float(expected_flops(d.nu[g], flops.nodes, flops.heads)) for g in range(s1.draws)
+        )
+    return {
+        "loss": task + reg.item() + s1.lambda_budget * penalty.item(),
+        "task": task,
+        "omega": reg.item(),
+        "budget": penalty.item(),
+        "temperature": d.tau,
+        "lr": sched.get_last_lr()[0],
+        "flops_fraction": spent / s1.draws / flops.full,
+        "budget_asked": float(np.mean(d.bs)),
+    }

@@ -14,14 +14,12 @@ gradients, which is the gradient of the global batch's mean loss. Rank 0 alone w
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.config import Config, section_hash
@@ -37,14 +35,12 @@ from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.train import parallel
 from dymu.train.checkpoint import (
-    load_checkpoint,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     write_finished,
 )
-from dymu.train.curves import StageLog
 from dymu.train.draws import mix_evaluation_draws
+from dymu.train.engine import StepLoop
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
 from dymu.train.stage1 import stage1_hash
@@ -110,7 +106,7 @@ def train_stage2(
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s2.batch_size, "stage2.batch_size")  # fail before any work
     dist.setup(device)
-    main, part, world = dist.is_main(), dist.shard(), dist.world_size()
+    part, world = dist.shard(), dist.world_size()
     anchor = anchor.to(device).eval()
     anchor.requires_grad_(False)
     prec.prepare(anchor)  # in place; released after training
@@ -127,42 +123,42 @@ def train_stage2(
     scales = loss_scales(anchor, val_ds, s2.batch_size, device).to(device)
     low = min_flops(space) / anchor_flops(space)
     rng = np.random.default_rng(cfg.run.seed + 1)
-    h = stage2_hash(cfg)
-    ckpt = Path(run_dir) / CHECKPOINT
-    first, seconds = 0, 0.0
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, h, "stage-2", weights, opt, sched)
+
+    def load_state(state: dict[str, Any]) -> None:
         prec.load_state_dict(state)
         set_rng_state(rng, state["numpy_rng"])
-        first, seconds = state["step"], state["seconds"]
-        if main:
-            print(f"stage 2: resuming after step {first}/{s2.steps} from {ckpt}")
-    nets: dict[str, TreeNet] = {}
+
+    loop = StepLoop(
+        name="stage2",
+        label="stage 2",
+        desc="stage 2 (weight hypernet)",
+        run_dir=run_dir,
+        checkpoint=Path(run_dir) / CHECKPOINT,
+        config_hash=stage2_hash(cfg),
+        steps=s2.steps,
+        every=cfg.run.checkpoint_every,
+        model=weights,
+        optimizer=opt,
+        scheduler=sched,
+        state=lambda: {"numpy_rng": rng_state(rng), **prec.state_dict()},
+        load_state=load_state,
+        show=("loss",),
+    )
+    nets: dict[str, TreeNet] = {}  # one per tree drawn, built once
     batches = endless(
         train_ds,
         s2.batch_size,
         cfg.run.seed + 1,
-        start=first,
+        start=loop.resume(resume),
         shard=part,
         workers=cfg.stage0.workers,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(
-        range(first, s2.steps),
-        initial=first,
-        total=s2.steps,
-        desc="stage 2 (weight hypernet)",
-        unit="step",
-        leave=False,
-        disable=not main,
-    )
-    last = 0.0
-    curve = StageLog(run_dir, "stage2", first, enabled=main)
     # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
     # Adapters of edges the step's tree lacks get no gradient: DDP must expect that.
     with parallel.data_parallel(weights, device, find_unused=s2.adapter_rank > 0) as hypernet:
-        for step in bar:
-            tick = time.perf_counter()
+
+        def step(i: int, log: bool) -> dict[str, float] | None:
             r, b, tree = draw_tree(
                 edge, space, s2.dirichlet, low, rng, device, s2.uniform_share, s2.full_budget_share
             )
@@ -181,26 +177,14 @@ def train_stage2(
             prec.backward(loss)
             prec.step(opt)
             sched.step()
-            seconds += time.perf_counter() - tick
-            if step % 10 == 0 or step + 1 == s2.steps:
-                # The global batch's loss: the mean of the ranks' equal parts.
-                last = dist.all_reduce_sums({"loss": loss.item()})["loss"] / world
-                bar.set_postfix(loss=f"{last:.3f}", trees=len(nets))
-                curve.log(step, loss=last, lr=sched.get_last_lr()[0])
-            if main and (step + 1) % cfg.run.checkpoint_every == 0 and step + 1 < s2.steps:
-                save_checkpoint(
-                    ckpt,
-                    h,
-                    step + 1,
-                    weights,
-                    opt,
-                    sched,
-                    numpy_rng=rng_state(rng),
-                    seconds=seconds,
-                    **prec.state_dict(),
-                )
-    bar.close()
-    curve.close()
+            if not log:
+                return None
+            # The global batch's loss: the mean of the ranks' equal parts.
+            mean = dist.all_reduce_sums({"loss": loss.item()})["loss"] / world
+            return {"loss": mean, "lr": sched.get_last_lr()[0]}
+
+        last = loop.run(step).get("loss", 0.0)
+    seconds, h, ckpt = loop.seconds, loop.config_hash, loop.checkpoint
     prec.release(anchor)
     if private is not None:
         prec.release(private)
