@@ -17,16 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dymu.config import EvaluateConfig
-from dymu.evaluate.metrics import (
-    budget_adherence,
-    controllability,
-    flops_stats,
-    hypervolume,
-    normalised_losses,
-    preference_sweep,
-    reference_point,
-    uniformity,
-)
+from dymu.evaluate.metrics import preference_sweep
+from dymu.evaluate.summary import Evaluated, summarise
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet
 from dymu.models.anchor import Anchor
@@ -93,7 +85,9 @@ def evaluate_search(
     ``anchor`` holds the streams the trees run on; ``baseline`` the independent stage-0
     streams whose anchor tree is the single-task yardstick of delta_m and of the normalised
     losses (``anchor`` itself when None: no joint stage ran); ``private`` the streams the
-    trees' private nodes run (:class:`~dymu.space.treenet.TreeNet`), if any.
+    trees' private nodes run (:class:`~dymu.space.treenet.TreeNet`), if any. Evaluation
+    (this module) gives one row per (budget, preference); :func:`summarise` turns the rows
+    into the report.
     """
     anchor, edge, weights = anchor.to(device).eval(), edge.to(device).eval(), weights.to(device)
     baseline = anchor if baseline is None else baseline.to(device).eval()
@@ -107,7 +101,6 @@ def evaluate_search(
     base_net = TreeNet(baseline, TreeSpec.no_sharing(n, anchor.num_layers))
     base_metrics, base_losses = evaluate_net(base_net, None, test_ds, tasks, cfg.batch_size, device)
     directions, excluded = delta_m_directions(tasks, base_metrics)
-    primary = [t.primary_metric for t in tasks]
 
     rows = []
     bar = tqdm(total=len(budgets) * len(prefs), desc="evaluation", unit="tree", leave=False)
@@ -140,78 +133,42 @@ def evaluate_search(
             )
             bar.update(1)
     bar.close()
-
-    norm = normalised_losses(np.array([row["losses"] for row in rows]), np.array(base_losses))
-    ref = reference_point(norm)
-    report: dict[str, Any] = {
-        "tasks": anchor.task_names,
-        "budgets": budgets,
-        "budgets_skipped": [b for b in cfg.budgets if b not in budgets],
-        "min_flops_fraction": low,
-        "anchor_flops": full,
-        "preferences": prefs.round(6).tolist(),
-        "baseline": {"metrics": base_metrics, "losses": base_losses},
-        "hypervolume": {"reference_point": ref.tolist(), "objectives": "test loss / anchor's"},
-        "uniformity": {},
-        "delta_m": {},
-        "delta_m_weighted": {},
-        "delta_m_excluded": excluded,
-        "controllability": {},
-        "controllability_excluded": [
-            t
-            for t, m in zip(anchor.task_names, primary, strict=True)
-            if m not in directions.get(t, {})
-        ],
-        "flops": {},
-        "budget_adherence": {},
-        "distinct_trees": {},
-        "extreme_trees": {},
-        "rows": rows,
+    sweep = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
+    trees = {  # per budget: FLOPs and params over many preferences, and the extreme trees
+        b: (derived_costs(edge, space, b, sweep, device), extreme_trees(edge, space, b, anchor))
+        for b in budgets
     }
-    for b in budgets:
-        idx = [i for i, row in enumerate(rows) if row["budget"] == b]
-        perf = np.array(
-            [
-                [rows[i]["metrics"][t.name][m] for t, m in zip(tasks, primary, strict=True)]
-                for i in idx
-            ]
+    return summarise(
+        Evaluated(anchor, budgets, prefs, base_metrics, base_losses, directions, excluded, rows),
+        cfg,
+        low,
+        full,
+        trees,
+    )
+
+
+def derived_costs(edge, space, b: float, sweep: np.ndarray, device) -> tuple[list, list]:
+    """(FLOPs fraction, params) of the trees derived for every preference of ``sweep`` at
+    budget ``b``: trees only, no evaluation needed."""
+    full = anchor_flops(space)
+    fractions, params = [], []
+    for r in sweep:
+        tree = derive_tree(
+            edge.alpha(torch.tensor(r, dtype=torch.float32, device=device), b).cpu(), space, b
         )
-        # A task whose primary metric has no relative change (a zero baseline) has no
-        # direction to rank by: it is listed in controllability_excluded, not scored.
-        keep = [k for k, m in enumerate(primary) if m in directions.get(tasks[k].name, {})]
-        hib = [directions[tasks[k].name][primary[k]] for k in keep]
-        key = f"{b:g}"
-        report["hypervolume"][key] = hypervolume(norm[idx], ref)
-        # On losses normalised by the single-task ones (metrics.uniformity's contract), so
-        # that no task's loss scale dominates.
-        report["uniformity"][key] = uniformity(norm[idx], prefs)
-        report["delta_m"][key] = float(np.mean([rows[i]["delta_m"] for i in idx]))
-        report["delta_m_weighted"][key] = float(np.mean([rows[i]["delta_m_weighted"] for i in idx]))
-        scores = controllability(perf[:, keep], prefs[:, keep], hib) if keep else []
-        report["controllability"][key] = {
-            anchor.task_names[k]: float(v) for k, v in zip(keep, scores, strict=True)
-        }
-        report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
-        # FLOPs over many preferences: trees only, no evaluation needed.
-        many = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
-        fractions, params = [], []
-        for r in many:
-            tree = derive_tree(
-                edge.alpha(torch.tensor(r, dtype=torch.float32, device=device), b).cpu(), space, b
-            )
-            fractions.append(tree.flops(space) / full)
-            params.append(tree.params(space))
-        report["flops"][key] = {
-            **flops_stats(np.array(fractions)),
-            "params_mean": float(np.mean(params)),
-        }
-        report["budget_adherence"][key] = budget_adherence(np.array(fractions), b)
-        extremes, specs = {}, {}
-        for j, name in enumerate(anchor.task_names):
-            r = torch.full((n,), 0.02 / max(n - 1, 1), device=device)
-            r[j] = 0.98
-            tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
-            extremes[name], specs[name] = tree.hash(), tree.to_json()
-        report["extreme_trees"][key] = extremes
-        report.setdefault("extreme_tree_specs", {})[key] = specs
-    return report
+        fractions.append(tree.flops(space) / full)
+        params.append(tree.params(space))
+    return fractions, params
+
+
+def extreme_trees(edge, space, b: float, anchor: Anchor) -> tuple[dict, dict]:
+    """(task -> tree hash, task -> tree JSON) of the trees for preference 0.98 on one task."""
+    n = len(anchor.tasks)
+    device = next(edge.parameters()).device
+    extremes, specs = {}, {}
+    for j, name in enumerate(anchor.task_names):
+        r = torch.full((n,), 0.02 / max(n - 1, 1), device=device)
+        r[j] = 0.98
+        tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+        extremes[name], specs[name] = tree.hash(), tree.to_json()
+    return extremes, specs
