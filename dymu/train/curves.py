@@ -102,7 +102,7 @@ def curves_png(run_dir: Path, out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
     for ax, (stage, rows) in zip(axes[0], logs.items(), strict=True):
-        keys = [k for k in rows[0] if k != "step"]
+        keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))  # in order
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
             if not points:
@@ -111,9 +111,10 @@ def curves_png(run_dir: Path, out: Path) -> Path | None:
             first = values[0]
             scale = first if first > 0 else 1.0
             label = f"{key} (÷{first:.3g})" if first > 0 else key
-            ax.plot(steps, [v / scale for v in values], label=label, linewidth=1.2)
+            marker = "o" if len(points) <= 30 else None  # per-epoch logs: show the points
+            ax.plot(steps, [v / scale for v in values], label=label, linewidth=1.2, marker=marker)
         ax.set_title(stage)
-        ax.set_xlabel("step" if stage != "stage0" else "step (epochs end at the markers)")
+        ax.set_xlabel("step")
         ax.set_yscale("symlog", linthresh=1e-2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
