@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from dymu.data import get_builder
 from dymu.data.base import cache_root
 from dymu.data.batches import iterate
 from dymu.errors import RuntimeFailure, UserError
-from dymu.io import atomic_dir, clean_stale, sha256_file, write_json
+from dymu.io import atomic_dir, clean_stale, ensure_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
 from dymu.space.derive import check_budget, derive_tree
@@ -101,16 +99,15 @@ def check_target(target: str) -> None:
 
 def check_out(out: str | Path) -> Path:
     """``out`` must not exist (empty or not: a bundle is only ever a whole new folder), and
-    a folder must be creatable beside it: tried for real, since ``os.access`` says yes to
-    root in ``/proc``. Removes staging folders that a killed export left for this name."""
+    its parent must take new files (:func:`~dymu.io.ensure_dir` tries for real). Removes
+    staging folders that a killed export left for this name."""
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise UserError(f"{out} already exists; remove it or choose another --out")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+        ensure_dir(out.parent)
+    except UserError as exc:
+        raise UserError(f"cannot write {out}: {exc}") from None
     clean_stale(out.parent, name=out.name)
     return out
 

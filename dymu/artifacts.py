@@ -30,6 +30,11 @@ def reason(exc: BaseException) -> str:
     return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
 
 
+def rerun_fix(run_dir: str | Path) -> str:
+    """What to do about a damaged artifact of a search run."""
+    return f"delete it and rerun dymu search --run {run_dir}"
+
+
 def _damaged(what: str, path: Path, why: str, fix: str) -> UserError:
     return UserError(f"{what} {path} is damaged ({why}); {fix}")
 

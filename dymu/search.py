@@ -19,7 +19,7 @@ from dymu import dist
 from dymu.affinity.estimate import estimate_affinity
 from dymu.affinity.plot import affinity_png
 from dymu.affinity.result import AffinityResult
-from dymu.artifacts import load_into, read_json
+from dymu.artifacts import load_into, read_json, rerun_fix
 from dymu.config import Config, section_hash
 from dymu.data import get_builder
 from dymu.errors import UserError
@@ -39,20 +39,16 @@ from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
 
 
-def _fix(run: Path) -> str:
-    return f"delete it and rerun dymu search --run {run}"
-
-
 def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHypernet:
     edge = EdgeHypernet(num_tasks, num_layers, self_bias=cfg.stage1.self_bias)
     # min_budget is a saved buffer
-    load_into(edge, run / EDGE_WEIGHTS, "edge hypernet", _fix(run))
+    load_into(edge, run / EDGE_WEIGHTS, "edge hypernet", rerun_fix(run))
     return edge
 
 
 def load_weights(run: Path, anchor: Anchor, cfg: Config) -> WeightHypernet:
     weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, cfg.stage2.adapter_rank)
-    load_into(weights, run / WEIGHT_WEIGHTS, "weight hypernet", _fix(run))
+    load_into(weights, run / WEIGHT_WEIGHTS, "weight hypernet", rerun_fix(run))
     return weights
 
 
@@ -94,7 +90,7 @@ def _load_run(run: Path) -> TrainedRun:
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
     for weights, name, expected in records:
-        record = read_json(run / name, "record", _fix(run))
+        record = read_json(run / name, "record", rerun_fix(run))
         if record.get("config_hash") != expected:
             raise UserError(
                 f"{run / weights} was made with another config than {run / 'config.yaml'} "

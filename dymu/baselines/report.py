@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dymu.artifacts import read_json
+from dymu.artifacts import read_json, rerun_fix
 from dymu.config import BASELINE_METHODS
 from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point, uniformity
 from dymu.io import save_figure, write_json, write_text
@@ -45,7 +45,7 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
     Baselines are those in ``RUN/baselines/`` whose settings match this config (``hashes``:
     method -> hash), whichever call trained them.
     """
-    fix = f"delete it and rerun dymu search --run {run}"
+    fix = rerun_fix(run)
     anchor = read_json(run / ANCHOR_JSON, "stage-0 record", fix)
     stage_seconds = [
         anchor["train"]["seconds"],

@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.artifacts import read_json
+from dymu.artifacts import read_json, rerun_fix
 from dymu.baselines.shared import train_shared
 from dymu.config import Config, section_hash
 from dymu.data.batches import endless, iterate, num_batches, to_device
@@ -378,7 +378,7 @@ def run_baselines(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
 def _run_baselines(cfg: Config, run: Path) -> dict[str, Any]:
     from dymu.baselines.report import build_report
 
-    fix = f"delete it and rerun dymu search --run {run}"
+    fix = rerun_fix(run)
     anchor_json = read_json(run / "anchor.json", "stage-0 record", fix)
     if anchor_json.get("config_hash") != stage0_hash(cfg):
         raise UserError(

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from dymu.artifacts import load_into
+from dymu.artifacts import load_into, rerun_fix
 from dymu.config import ModelConfig
 from dymu.io import atomic_path
 from dymu.models.backbones import BACKBONES, Backbone, build_backbone
@@ -150,5 +150,4 @@ def load_anchor_weights(
     safetensors holds only tensors, so loading never executes code from the file. A file
     for another architecture or task set fails with one line naming the first mismatch.
     """
-    fix = f"delete it and rerun dymu search --run {Path(path).parent}"
-    return load_into(anchor, path, what, fix)
+    return load_into(anchor, path, what, rerun_fix(Path(path).parent))

@@ -208,10 +208,8 @@ def train_joint(
 
     last = loop.run(step)
     seconds = loop.seconds
-    h = loop.config_hash
-    ckpt = loop.checkpoint
     student.requires_grad_(False)
-    meta = {"config_hash": h, "tasks": anchor.task_names}
+    meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
     record: dict[str, Any] = {
         **meta,
         "steps": js.steps,
@@ -229,7 +227,9 @@ def train_joint(
     if dist.world_size() > 1:
         record["processes"] = dist.world_size()
     run_dir = Path(run_dir)
-    write_finished(run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON, student, meta, record, ckpt)
+    write_finished(
+        run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON, student, meta, record, loop.checkpoint
+    )
     return student.cpu(), record
 
 

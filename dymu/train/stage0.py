@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.artifacts import read_json
+from dymu.artifacts import read_json, rerun_fix
 from dymu.config import Config, section_hash
 from dymu.data import get_builder
 from dymu.data.batches import iterate, num_batches, random_hflip, to_device
@@ -287,8 +287,7 @@ def _write(
 def load_trained_anchor(cfg: Config, run_dir: Path) -> tuple[Anchor, dict]:
     """The anchor and record that :func:`train_stage0` wrote into ``run_dir``."""
     run_dir = Path(run_dir)
-    fix = f"delete it and rerun dymu search --run {run_dir}"
-    record = read_json(run_dir / ANCHOR_JSON, "stage-0 record", fix)
+    record = read_json(run_dir / ANCHOR_JSON, "stage-0 record", rerun_fix(run_dir))
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run_dir / ANCHOR_WEIGHTS)

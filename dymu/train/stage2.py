@@ -184,11 +184,11 @@ def train_stage2(
             return {"loss": mean, "lr": sched.get_last_lr()[0]}
 
         last = loop.run(step).get("loss", 0.0)
-    seconds, h, ckpt = loop.seconds, loop.config_hash, loop.checkpoint
+    seconds = loop.seconds
     prec.release(anchor)
     if private is not None:
         prec.release(private)
-    meta = {"config_hash": h, "tasks": anchor.task_names}
+    meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
     record = {
         **meta,
         "steps": s2.steps,
@@ -201,5 +201,7 @@ def train_stage2(
     if world > 1:
         record["processes"] = world
     run_dir = Path(run_dir)
-    write_finished(run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, weights, meta, record, ckpt)
+    write_finished(
+        run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, weights, meta, record, loop.checkpoint
+    )
     return weights.cpu(), record
