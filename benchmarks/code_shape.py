@@ -1,5 +1,9 @@
-"""The shape of the code: the longest function per package, import circles, and imports
-that go up against the layer order of DESIGN.md.
+"""The shape of the code: the longest function per package, every function over 60 lines,
+import circles, and imports that go up against the layer order of DESIGN.md.
+
+A function's length is its lines without its docstring (the signature, comments and
+blank lines count): an argument list documented in full is not what makes a function
+hard to enter.
 
     python benchmarks/code_shape.py [--out benchmarks/results/code_shape.json]
 
@@ -102,8 +106,12 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+LONG = 60
+"""Functions longer than this many lines are listed one by one."""
+
+
 def longest_functions(path: Path) -> list[tuple[int, str]]:
-    """(lines, qualified name) of every function in a file."""
+    """(lines without the docstring, qualified name) of every function in a file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     out = []
 
@@ -111,7 +119,12 @@ def longest_functions(path: Path) -> list[tuple[int, str]]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                 qual = f"{prefix}{child.name}"
-                out.append((child.end_lineno - child.lineno + 1, qual))
+                lines = child.end_lineno - child.lineno + 1
+                first = child.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                    if isinstance(first.value.value, str):  # the docstring
+                        lines -= first.end_lineno - first.lineno + 1
+                out.append((lines, qual))
                 visit(child, qual + ".")
             elif isinstance(child, ast.ClassDef):
                 visit(child, f"{prefix}{child.name}.")
@@ -137,13 +150,19 @@ def main() -> int:
     upward = sorted((a, b) for a, bs in graph.items() for b in bs if layer_of(b) > layer_of(a))
     circles = cycles(graph)
     per_package: dict[str, tuple[int, str]] = {}
+    long: list[tuple[int, str]] = []
     for name, path in mods.items():
         package = name.rpartition(".")[0] if path.name != "__init__.py" else name
         for lines, func in longest_functions(path):
             if lines > per_package.get(package, (0, ""))[0]:
                 per_package[package] = (lines, f"{name}.{func}")
-    print("longest function per package (lines):")
+            if lines > LONG:
+                long.append((lines, f"{name}.{func}"))
+    print("longest function per package (lines without the docstring):")
     for lines, func in sorted(per_package.values(), reverse=True):
+        print(f"  {lines:4d}  {func}")
+    print(f"functions over {LONG} lines: {len(long) or 'none'}")
+    for lines, func in sorted(long, reverse=True):
         print(f"  {lines:4d}  {func}")
     print(f"import circles: {len(circles) or 'none'}")
     for c in circles:
@@ -156,6 +175,7 @@ def main() -> int:
         "longest_function_per_package": {
             p: {"lines": n, "function": f} for p, (n, f) in sorted(per_package.items())
         },
+        f"functions_over_{LONG}_lines": [{"lines": n, "function": f} for n, f in sorted(long, reverse=True)],
         "import_circles": circles,
         "upward_imports": [list(p) for p in upward],
         "layers": LAYERS,

@@ -389,15 +389,7 @@ def export_onnx(
     dest = Path(path)
     if dest.is_dir():
         raise UserError(f"ONNX output path {dest} is a directory")
-    training = [
-        name or "<root>"
-        for name, m in module.named_modules()
-        if m.training and (m is module or isinstance(m, _TRAINING_SENSITIVE))
-    ]
-    if training:
-        raise UserError(
-            f"export needs an eval-mode module (call .eval()); in training mode: {training[:3]}"
-        )
+    _check_eval_mode(module)
     chosen, notes = _choose_exporter(t, exporter)
     opset = t.export_opset
 
@@ -428,22 +420,7 @@ def export_onnx(
             raise RuntimeFailure(
                 f"ONNX export ({chosen} exporter, opset {opset}) failed: {_first_line(exc)}"
             ) from exc
-        _no_external_data(model, tmp)
-        verify_opset(model, opset, chosen)
-        if _strip_host_metadata(model):
-            onnx.save(model, str(tmp))  # still inline: nothing here moves weights out
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise RuntimeFailure(f"exported ONNX fails onnx.checker: {_first_line(exc)}") from exc
-        report = check_graph(model, t.name)
-        if strict and not report.ok:
-            raise RuntimeFailure(
-                f"exported graph will not parse on {t.label}: {'; '.join(report.problems)}"
-            )
-        outputs = [o.name for o in model.graph.output]
-        if outputs != names:
-            raise RuntimeFailure(f"ONNX outputs are {outputs}, expected the task names {names}")
+        report = _check_written(model, tmp, t, opset, chosen, names, strict)
 
     return ExportResult(
         path=dest,
@@ -461,6 +438,45 @@ def export_onnx(
         notes=tuple(notes),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_eval_mode(module: nn.Module) -> None:
+    """Refuse a module (or a submodule whose output depends on it) in training mode."""
+    training = [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if m.training and (m is module or isinstance(m, _TRAINING_SENSITIVE))
+    ]
+    if training:
+        raise UserError(
+            f"export needs an eval-mode module (call .eval()); in training mode: {training[:3]}"
+        )
+
+
+def _check_written(model, tmp: Path, t, opset: int, chosen: str, names, strict: bool):
+    """Check the freshly written file ``tmp`` (loaded as ``model``): weights inline, the
+    opset asked for, host metadata stripped (rewritten if needed), onnx.checker, the static
+    TensorRT parser check (raising with ``strict``) and the task names as outputs.
+    Returns the TensorRT check's report."""
+    import onnx
+
+    _no_external_data(model, tmp)
+    verify_opset(model, opset, chosen)
+    if _strip_host_metadata(model):
+        onnx.save(model, str(tmp))  # still inline: nothing here moves weights out
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeFailure(f"exported ONNX fails onnx.checker: {_first_line(exc)}") from exc
+    report = check_graph(model, t.name)
+    if strict and not report.ok:
+        raise RuntimeFailure(
+            f"exported graph will not parse on {t.label}: {'; '.join(report.problems)}"
+        )
+    outputs = [o.name for o in model.graph.output]
+    if outputs != names:
+        raise RuntimeFailure(f"ONNX outputs are {outputs}, expected the task names {names}")
+    return report
 
 
 def ort_parity(

@@ -229,6 +229,10 @@ class JointConfig:
     random_trees: int = 1
     """Random trees per step beside a cheapest tree (and the anchor tree without
     ``private``): the sandwich rule."""
+    random_kind: Literal["branch", "uniform"] = "uniform"
+    """How a random tree is drawn: ``branch``, every task leaves the cheapest tree's trunk
+    at a uniformly random layer (the trees budgets between the cheapest and the anchor tree
+    derive); ``uniform``, every parent uniformly from the N streams."""
     trunk: Literal["best", "random"] = "best"
     """Which stream's trunk the sandwich's cheapest tree runs on: ``best``, the one whose
     cheapest tree has the lowest weighted validation loss on stage 0's streams (chosen once,
@@ -450,6 +454,7 @@ _ADDED_LATER = {
     ("joint", "optimizer"): "adam",
     ("joint", "private"): False,
     ("joint", "trunk"): "random",
+    ("joint", "random_kind"): "uniform",
 }
 """(section, key) -> the value that behaves as the config did before the key existed."""
 

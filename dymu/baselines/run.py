@@ -190,35 +190,8 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
     name = "transfer" if transfer else "static"
     # Hours on a CPU: every finished epoch is kept, and a later call goes on from there.
     checkpoint, h = ctx.run_dir / FOLDER / f"{name}{CHECKPOINT_SUFFIX}", method_hash(ctx.cfg, name)
-    if checkpoint.is_file() and dist.is_main():
-        try:
-            kept = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged file: train from the start
-            kept = {}
-        if isinstance(kept, dict) and kept.get("config_hash") == h:
-            print(f"baselines: {name} goes on after epoch {kept['step']} ({checkpoint})")
-        else:
-            checkpoint.unlink()  # damaged or left by other baselines.* settings
-
-    def batches(epoch: int):
-        epoch_batches = iterate(
-            ctx.splits.train,
-            b.batch_size,
-            shuffle=True,
-            seed=ctx.cfg.run.seed * 1000 + epoch,
-            drop_last=True,
-            shard=ctx.part,
-        )
-        bar = tqdm(
-            epoch_batches,
-            total=per_epoch,
-            desc=f"{name} epoch {epoch + 1}/{b.epochs}",
-            leave=False,
-            disable=not dist.is_main(),
-        )
-        for batch in bar:
-            batch = to_device(batch, ctx.device)
-            yield batch["image"], batch
+    _keep_if_matching(checkpoint, h, name)
+    batches = _epoch_batches(ctx, name, per_epoch)
 
     def show(epoch: dict[str, Any]) -> None:
         if dist.is_main():
@@ -266,6 +239,49 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
         "train_seconds_sweep": seconds * sweep / len(prefs) if execution == "loop" else None,
         "log": {"history": log["history"], "execution": execution},
     }
+
+
+def _keep_if_matching(checkpoint: Path, config_hash: str, name: str) -> None:
+    """Keep a Pareto set's checkpoint of the same settings (rank 0 says it goes on from
+    there); remove a damaged one or one that other ``baselines.*`` settings left."""
+    if not (checkpoint.is_file() and dist.is_main()):
+        return
+    try:
+        kept = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file: train from the start
+        kept = {}
+    if isinstance(kept, dict) and kept.get("config_hash") == config_hash:
+        print(f"baselines: {name} goes on after epoch {kept['step']} ({checkpoint})")
+    else:
+        checkpoint.unlink()
+
+
+def _epoch_batches(ctx: _Context, name: str, per_epoch: int):
+    """``epoch -> (image, batch) pairs`` of that epoch's shuffle of this rank's part of the
+    training split, on the device, with a progress bar."""
+    b = ctx.cfg.baselines
+
+    def batches(epoch: int):
+        epoch_batches = iterate(
+            ctx.splits.train,
+            b.batch_size,
+            shuffle=True,
+            seed=ctx.cfg.run.seed * 1000 + epoch,
+            drop_last=True,
+            shard=ctx.part,
+        )
+        bar = tqdm(
+            epoch_batches,
+            total=per_epoch,
+            desc=f"{name} epoch {epoch + 1}/{b.epochs}",
+            leave=False,
+            disable=not dist.is_main(),
+        )
+        for batch in bar:
+            batch = to_device(batch, ctx.device)
+            yield batch["image"], batch
+
+    return batches
 
 
 def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:

@@ -61,44 +61,24 @@ def train_shared(
         ``weights`` ([steps][T], the strategy's weights of every step), ``epoch_losses``
         ([epochs][T], mean scaled task losses), ``seconds`` and ``images_per_s``.
     """
-    tasks = net.tasks
     modules = [net, weighting] + ([towers] if towers is not None else [])
     for m in modules:
         m.to(device).train()
-    decayed = [p for m in modules if m is not weighting for p in m.parameters()]
-    # Uncertainty's log-variances are not weights to shrink: no decay on them.
-    opt = torch.optim.AdamW(
-        [
-            {"params": decayed, "weight_decay": 1e-4},
-            {"params": list(weighting.parameters()), "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
+    opt = _adamw(modules, weighting, lr)
     per_epoch = num_batches(train_ds, batch_size, drop_last=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
-    shared = [p for p in net.backbone.parameters() if p.requires_grad]
-    # The features the heads read: every path from the backbone to a loss passes through
-    # one of them, which representation-based strategies (mgda_ub) need.
-    last = net.backbone.num_layers - 1
-    read = sorted({last, *(h.low_layer for h in net.heads.values() if h.low_layer is not None)})
-    scales = scales.to(device)
+    step = _SharedStep(net, weighting, towers, scales.to(device), opt, sched, device)
     torch.manual_seed(seed)
     log_weights: list[list[float]] = []
     epoch_losses: list[list[float]] = []
     images, seconds = 0, 0.0
-    part = dist.shard()
-    trained = [p for m in modules for p in m.parameters()]
     models = torch.nn.ModuleList(m for m in modules if m is not weighting)  # net, towers
     with parallel.global_batch(models, device):
         for epoch in range(epochs):
             batches = iterate(
-                train_ds,
-                batch_size,
-                shuffle=True,
-                seed=seed * 1000 + epoch,
-                drop_last=True,
-                shard=part,
-            )
+                train_ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True,
+                shard=dist.shard(),
+            )  # fmt: skip
             bar = tqdm(
                 batches,
                 total=per_epoch,
@@ -106,32 +86,14 @@ def train_shared(
                 leave=False,
                 disable=not dist.is_main(),
             )
-            sums, steps = torch.zeros(len(tasks), dtype=torch.float64), 0
+            sums, steps = torch.zeros(len(net.tasks), dtype=torch.float64), 0
             for batch in bar:
                 tick = time.perf_counter()
-                batch = to_device(batch, device)
-                image = batch["image"]
-                size = (image.shape[-2], image.shape[-1])
-                feats = net.features(image)
-                out = net.heads_on(feats, size)
-                per_task = [t.loss(out[t.name], batch[t.name]) for t in tasks]
-                if towers is not None:
-                    aux = towers.losses({t.name: feats[-1] for t in tasks}, size, batch)
-                    per_task = [loss + aux[t.name] for loss, t in zip(per_task, tasks, strict=True)]
-                # A list, not a stacked tensor: each task's backward then visits only its head.
-                losses = [loss * scales[k] for k, loss in enumerate(per_task)]
-                opt.zero_grad(set_to_none=True)
-                # MGDA-UB is the representation ("upper bound") variant by definition; PCGrad
-                # and the tensioner act on the shared parameters, as their papers do.
-                rep = [feats[i] for i in read] if weighting.name == "mgda_ub" else None
-                w = weighting.backward(losses, shared, representation=rep)
-                dist.average_gradients(trained)  # DDP's part, after the weighting's
-                opt.step()
-                sched.step()
+                w, losses = step(batch)
                 seconds += time.perf_counter() - tick
-                images += dist.global_count(image.shape[0])
+                images += dist.global_count(batch["image"].shape[0])
                 log_weights.append([round(float(x), 6) for x in w])
-                sums += torch.stack(losses).detach().double().cpu()
+                sums += losses.double().cpu()
                 steps += 1
             bar.close()
             sums = dist.all_reduce_mean(sums)  # the global batches' mean losses
@@ -146,3 +108,57 @@ def train_shared(
         "seconds": round(seconds, 2),
         "images_per_s": round(images / max(seconds, 1e-9), 1),
     }
+
+
+def _adamw(modules: list[torch.nn.Module], weighting: Weighting, lr: float):
+    """AdamW over every module's parameters; weight decay 1e-4, except on the weighting's
+    own (uncertainty's log-variances are not weights to shrink)."""
+    decayed = [p for m in modules if m is not weighting for p in m.parameters()]
+    return torch.optim.AdamW(
+        [
+            {"params": decayed, "weight_decay": 1e-4},
+            {"params": list(weighting.parameters()), "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
+
+
+class _SharedStep:
+    """One optimisation step of :func:`train_shared` on a batch: the scaled task losses
+    (plus the auxiliary towers'), combined by the weighting strategy."""
+
+    def __init__(self, net, weighting, towers, scales, opt, sched, device) -> None:
+        self.net, self.weighting, self.towers = net, weighting, towers
+        self.scales, self.opt, self.sched, self.device = scales, opt, sched, device
+        self.shared = [p for p in net.backbone.parameters() if p.requires_grad]
+        # The features the heads read: every path from the backbone to a loss passes
+        # through one of them, which representation-based strategies (mgda_ub) need.
+        last = net.backbone.num_layers - 1
+        lows = (h.low_layer for h in net.heads.values() if h.low_layer is not None)
+        self.read = sorted({last, *lows})
+        modules = [net, weighting] + ([towers] if towers is not None else [])
+        self.trained = [p for m in modules for p in m.parameters()]
+
+    def __call__(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Returns the strategy's weights [T] and the scaled task losses [T] (detached)."""
+        net, tasks, towers = self.net, self.net.tasks, self.towers
+        batch = to_device(batch, self.device)
+        image = batch["image"]
+        size = (image.shape[-2], image.shape[-1])
+        feats = net.features(image)
+        out = net.heads_on(feats, size)
+        per_task = [t.loss(out[t.name], batch[t.name]) for t in tasks]
+        if towers is not None:
+            aux = towers.losses({t.name: feats[-1] for t in tasks}, size, batch)
+            per_task = [loss + aux[t.name] for loss, t in zip(per_task, tasks, strict=True)]
+        # A list, not a stacked tensor: each task's backward then visits only its head.
+        losses = [loss * self.scales[k] for k, loss in enumerate(per_task)]
+        self.opt.zero_grad(set_to_none=True)
+        # MGDA-UB is the representation ("upper bound") variant by definition; PCGrad and
+        # the tensioner act on the shared parameters, as their papers do.
+        rep = [feats[i] for i in self.read] if self.weighting.name == "mgda_ub" else None
+        w = self.weighting.backward(losses, self.shared, representation=rep)
+        dist.average_gradients(self.trained)  # DDP's part, after the weighting's
+        self.opt.step()
+        self.sched.step()
+        return w, torch.stack(losses).detach()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -369,55 +369,22 @@ def train_phn(
     Raises:
         UserError: bad arguments, a loss vector of the wrong shape, or too few batches.
     """
-    if solver not in SOLVERS:
-        raise UserError(f"unknown PHN solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise UserError(f"train_phn: steps must be an integer >= 1, got {steps!r}")
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise UserError(f"train_phn: alpha (Dirichlet) must be > 0, got {alpha}")
-    if not lr > 0:
-        raise UserError(f"train_phn: lr must be > 0, got {lr}")
-    if solver == "epo" and dist.is_distributed():
-        raise UserError(
-            "train_phn: the EPO solver is not data-parallel (its weights would come from each "
-            "process's part of the batch); use solver linear, or run without torchrun"
-        )
+    _check_phn(solver, steps, alpha, lr)
     t = model.num_tasks
     device = model.chunk_embed.device
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     epo = EPOSolver() if solver == "epo" else None
-    history: dict[str, Any] = {
-        "solver": solver,
-        "steps": steps,
-        "lr": lr,
-        "alpha": alpha,
-        "seed": seed,
-        "rays": [],
-        "losses": [],
-        "weights": [],
-        "step_s": [],
-    }
+    history: dict[str, Any] = {"solver": solver, "steps": steps, "lr": lr, "alpha": alpha}
+    history.update(seed=seed, rays=[], losses=[], weights=[], step_s=[])
     moves = {"balance": 0, "descent": 0, "fallback": 0}
-    one_shot = iter(batches) is batches
-    stream = iter(batches)
+    stream = _cycle(batches, steps)
     model.train()
     start = time.perf_counter()
     for step in range(steps):
         tic = time.perf_counter()
-        try:
-            batch = next(stream)
-        except StopIteration:
-            if one_shot:
-                raise UserError(
-                    f"train_phn: the batch iterator ran out after {step} of {steps} steps"
-                ) from None
-            stream = iter(batches)
-            batch = next(stream, None)
-            if batch is None:
-                raise UserError("train_phn: batches yields nothing") from None
-        batch = _to_device(batch, device)
+        batch = _to_device(next(stream), device)
         ray = torch.as_tensor(rng.dirichlet([alpha] * t), dtype=torch.float32, device=device)
         losses = loss_fn(model(inputs(batch), ray), batch)
         if not isinstance(losses, Tensor) or losses.shape != (t,):
@@ -425,13 +392,8 @@ def train_phn(
             raise UserError(f"train_phn: loss_fn must return a tensor [{t}], got {got}")
         optimizer.zero_grad(set_to_none=True)
         if epo is not None:
-            grads = task_gradients(losses, params)  # [T, P]
-            weights = epo.weights(losses, grads, ray)
+            weights = _epo_gradients(epo, losses, ray, params)
             moves[epo.last_move] += 1
-            # grad of sum_t w_t L_t (w constant) is w @ G: no third backward pass needed.
-            flat = weights.to(grads.dtype) @ grads  # [T] @ [T, P] -> [P]
-            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-                p.grad = g.view_as(p).to(p.dtype)
         else:
             weights = linear_weights(ray)
             (weights * losses).sum().backward()
@@ -452,3 +414,49 @@ def train_phn(
     if epo is not None:
         history["epo_moves"] = moves
     return history
+
+
+def _check_phn(solver: str, steps: Any, alpha: float, lr: float) -> None:
+    """Refuse bad arguments of :func:`train_phn` with one line."""
+    if solver not in SOLVERS:
+        raise UserError(f"unknown PHN solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"train_phn: steps must be an integer >= 1, got {steps!r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise UserError(f"train_phn: alpha (Dirichlet) must be > 0, got {alpha}")
+    if not lr > 0:
+        raise UserError(f"train_phn: lr must be > 0, got {lr}")
+    if solver == "epo" and dist.is_distributed():
+        raise UserError(
+            "train_phn: the EPO solver is not data-parallel (its weights would come from each "
+            "process's part of the batch); use solver linear, or run without torchrun"
+        )
+
+
+def _cycle(batches: Iterable[Any], steps: int) -> Iterator[Any]:
+    """``batches`` again and again (epochs), or once when it is a one-shot iterator, which
+    must then last ``steps`` batches."""
+    one_shot = iter(batches) is batches
+    step = 0
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+            step += 1
+        if one_shot:
+            raise UserError(f"train_phn: the batch iterator ran out after {step} of {steps} steps")
+        if empty:
+            raise UserError("train_phn: batches yields nothing")
+
+
+def _epo_gradients(epo: EPOSolver, losses: Tensor, ray: Tensor, params: list) -> Tensor:
+    """Set every parameter's gradient to that of sum_t w_t L_t with the EPO weights w for
+    (L, grad L, ray), and return w [T]."""
+    grads = task_gradients(losses, params)  # [T, P]
+    weights = epo.weights(losses, grads, ray)
+    # grad of sum_t w_t L_t (w constant) is w @ G: no third backward pass needed.
+    flat = weights.to(grads.dtype) @ grads  # [T] @ [T, P] -> [P]
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p).to(p.dtype)
+    return weights

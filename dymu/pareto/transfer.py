@@ -389,6 +389,79 @@ def train_pareto_set(
     """
     k = pset.num_models
     w = _preferences(preferences, k)
+    ref, steps_per_epoch = _check_settings(
+        w, batches, epochs, lr, schedule, steps_per_epoch, eval_fn, reference
+    )
+    if matrix is not None:
+        base = _check_matrix(matrix, k).double()
+    elif transfer:
+        base = transfer_matrix(w, neighbours=neighbours, strength=strength)
+    else:
+        base = None
+    param = next(iter(pset.parameters()))
+    weights = w.to(device=param.device, dtype=param.dtype)  # [K, T]
+    opt = OPTIMIZERS.get(optimizer)(
+        pset.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    factor = lr_lambda(schedule, max(1, epochs * steps_per_epoch))  # step -> lr_t / lr_0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    history = _History(pset, tuple(w.shape), eval_fn, ref, log)
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    first, elapsed = history.resume(ckpt, checkpoint_hash, opt, scheduler)
+    pset.train()
+    for epoch in range(first, epochs + 1):
+        start = time.perf_counter()
+        train_losses = _train_epoch(
+            pset, opt, scheduler, _epoch_batches(batches, epoch - 1), weights, base, lr,
+            loss_fn, vmap_loss,
+        )  # fmt: skip
+        if train_losses is None:
+            raise UserError(f"train_pareto_set: epoch {epoch} yielded no batches")
+        seconds = time.perf_counter() - start
+        elapsed += seconds
+        entry = {"epoch": epoch, "train_losses": train_losses, "epoch_s": seconds}
+        history.record({**entry, "elapsed_s": elapsed, "lr": opt.param_groups[0]["lr"]})
+        if ckpt is not None and dist.is_main():
+            save_checkpoint(
+                ckpt, checkpoint_hash, epoch, pset, opt, scheduler, history=history.entries,
+                elapsed=elapsed, torch_rng=torch.get_rng_state(),
+            )  # fmt: skip
+    transferred = matrix is None and transfer
+    settings = dict(
+        num_models=k, preferences=w.tolist(), epochs=epochs, lr=lr, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        transfer=base is not None, neighbours=neighbours if transferred else None,
+        strength=strength if transferred else None,
+        reference=None if ref is None else ref.tolist(),
+    )  # fmt: skip
+    return {
+        "history": history.entries,
+        "final_hv": history.entries[-1]["hv"],
+        "matrix": None if base is None else base.tolist(),
+        "settings": settings,
+    }
+
+
+def _check_settings(
+    w: Tensor,
+    batches: Any,
+    epochs: Any,
+    lr: Any,
+    schedule: str,
+    steps_per_epoch: int | None,
+    eval_fn: Callable | None,
+    reference: Sequence[float] | None,
+) -> tuple[np.ndarray | None, int]:
+    """Refuse bad settings of :func:`train_pareto_set` with one line; return the HV
+    reference point as float64 [T] (None without one) and the steps per epoch (1 when
+    unknown and not needed: a constant schedule)."""
+    if schedule != "constant" and steps_per_epoch is None:
+        if callable(batches) or not hasattr(batches, "__len__"):
+            raise UserError(
+                f"train_pareto_set: schedule {schedule!r} needs steps_per_epoch when batches "
+                "has no len()"
+            )
+        steps_per_epoch = len(batches)
     if not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"train_pareto_set: epochs must be an integer >= 1, got {epochs!r}")
     if not lr > 0:
@@ -405,125 +478,83 @@ def train_pareto_set(
         raise UserError(
             f"train_pareto_set: reference must have {w.shape[1]} entries, got {ref.shape}"
         )
-    if schedule != "constant" and steps_per_epoch is None:
-        if callable(batches) or not hasattr(batches, "__len__"):
-            raise UserError(
-                f"train_pareto_set: schedule {schedule!r} needs steps_per_epoch when batches "
-                "has no len()"
-            )
-        steps_per_epoch = len(batches)
+    return ref, steps_per_epoch or 1
 
-    if matrix is not None:
-        base = _check_matrix(matrix, k).double()
-    elif transfer:
-        base = transfer_matrix(w, neighbours=neighbours, strength=strength)
-    else:
-        base = None
+
+def _train_epoch(
+    pset: ParetoSet,
+    opt: torch.optim.Optimizer,
+    scheduler,
+    batches: Iterable[tuple[Any, Any]],
+    weights: Tensor,
+    base: Tensor | None,
+    lr: float,
+    loss_fn: LossFn,
+    vmap_loss: bool,
+) -> list[list[float]] | None:
+    """One pass of :func:`pareto_step` with M_t = I + (lr_t / lr) (M - I) (M = ``base``;
+    None: no mixing); returns the epoch's mean training losses [K][T], None when
+    ``batches`` yielded nothing."""
+    k = pset.num_models
     eye = torch.eye(k, dtype=torch.float64)
-    param = next(iter(pset.parameters()))
-    weights = w.to(device=param.device, dtype=param.dtype)  # [K, T]
-    opt = OPTIMIZERS.get(optimizer)(
-        pset.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
-    total_steps = max(1, epochs * (steps_per_epoch or 1))
-    factor = lr_lambda(schedule, total_steps)  # step -> lr_t / lr_0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sums = torch.zeros(k, weights.shape[1], dtype=torch.float64)
+    steps = 0
+    for inputs, targets in batches:
+        mix = None
+        if base is not None:
+            scale = opt.param_groups[0]["lr"] / lr  # lr_t / lr_0
+            mix = eye + scale * (base - eye)  # [K, K], M_t
+        losses = pareto_step(
+            pset,
+            opt,
+            inputs,
+            targets,
+            preferences=weights,
+            loss_fn=loss_fn,
+            matrix=mix,
+            vmap_loss=vmap_loss,
+        )
+        scheduler.step()
+        sums += losses.double().cpu()
+        steps += 1
+    return None if steps == 0 else (sums / steps).tolist()
 
-    history: list[dict[str, Any]] = []
 
-    def record(entry: dict[str, Any]) -> None:
-        if eval_fn is not None:
+class _History:
+    """The per-epoch records of :func:`train_pareto_set`: each gets the evaluation losses
+    and their hypervolume (when there is an ``eval_fn``) and is passed to ``log``."""
+
+    def __init__(self, pset, shape, eval_fn, ref, log) -> None:
+        self.pset, self.shape, self.eval_fn, self.ref, self.log = pset, shape, eval_fn, ref, log
+        self.entries: list[dict[str, Any]] = []
+
+    def resume(self, ckpt: Path | None, config_hash: str, opt, scheduler) -> tuple[int, float]:
+        """Restore models, optimizer, schedule, history and RNG from ``ckpt`` when it exists
+        (else record epoch 0); return the first epoch to train and the seconds so far."""
+        if ckpt is None or not ckpt.is_file():
+            self.record({"epoch": 0, "elapsed_s": 0.0})
+            return 1, 0.0
+        state = load_checkpoint(ckpt, config_hash, "Pareto-set", self.pset, opt, scheduler)
+        torch.set_rng_state(state["torch_rng"])
+        self.entries.extend(state["history"])
+        return state["step"] + 1, float(state["elapsed"])
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.eval_fn is not None:
             start = time.perf_counter()
-            losses = np.asarray(eval_fn(pset), dtype=np.float64)
-            if losses.shape != tuple(w.shape):
+            losses = np.asarray(self.eval_fn(self.pset), dtype=np.float64)
+            if losses.shape != self.shape:
                 raise UserError(
-                    f"eval_fn must return [K, T] = {tuple(w.shape)} losses, got {losses.shape}"
+                    f"eval_fn must return [K, T] = {self.shape} losses, got {losses.shape}"
                 )
-            entry["hv"] = hypervolume(losses, ref)
+            entry["hv"] = hypervolume(losses, self.ref)
             entry["eval_losses"] = losses.tolist()
             entry["eval_s"] = time.perf_counter() - start
         else:
             entry["hv"] = None
-        history.append(entry)
-        if log is not None:
-            log(entry)
-
-    first, elapsed = 1, 0.0
-    ckpt = None if checkpoint is None else Path(checkpoint)
-    if ckpt is not None and ckpt.is_file():
-        state = load_checkpoint(ckpt, checkpoint_hash, "Pareto-set", pset, opt, scheduler)
-        torch.set_rng_state(state["torch_rng"])
-        history.extend(state["history"])
-        first, elapsed = state["step"] + 1, float(state["elapsed"])
-    else:
-        record({"epoch": 0, "elapsed_s": 0.0})
-    pset.train()
-    for epoch in range(first, epochs + 1):
-        start = time.perf_counter()
-        sums = torch.zeros(k, w.shape[1], dtype=torch.float64)
-        steps = 0
-        for inputs, targets in _epoch_batches(batches, epoch - 1):
-            mix = None
-            if base is not None:
-                scale = opt.param_groups[0]["lr"] / lr  # lr_t / lr_0
-                mix = eye + scale * (base - eye)  # [K, K], M_t
-            losses = pareto_step(
-                pset,
-                opt,
-                inputs,
-                targets,
-                preferences=weights,
-                loss_fn=loss_fn,
-                matrix=mix,
-                vmap_loss=vmap_loss,
-            )
-            scheduler.step()
-            sums += losses.double().cpu()
-            steps += 1
-        if steps == 0:
-            raise UserError(f"train_pareto_set: epoch {epoch} yielded no batches")
-        seconds = time.perf_counter() - start
-        elapsed += seconds
-        record(
-            {
-                "epoch": epoch,
-                "train_losses": (sums / steps).tolist(),
-                "epoch_s": seconds,
-                "elapsed_s": elapsed,
-                "lr": opt.param_groups[0]["lr"],
-            }
-        )
-        if ckpt is not None and dist.is_main():
-            save_checkpoint(
-                ckpt,
-                checkpoint_hash,
-                epoch,
-                pset,
-                opt,
-                scheduler,
-                history=history,
-                elapsed=elapsed,
-                torch_rng=torch.get_rng_state(),
-            )
-    return {
-        "history": history,
-        "final_hv": history[-1]["hv"],
-        "matrix": None if base is None else base.tolist(),
-        "settings": {
-            "num_models": k,
-            "preferences": w.tolist(),
-            "epochs": epochs,
-            "lr": lr,
-            "optimizer": optimizer,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "schedule": schedule,
-            "transfer": base is not None,
-            "neighbours": neighbours if matrix is None and transfer else None,
-            "strength": strength if matrix is None and transfer else None,
-            "reference": None if ref is None else ref.tolist(),
-        },
-    }
+        self.entries.append(entry)
+        if self.log is not None:
+            self.log(entry)
 
 
 def time_to_fraction(

@@ -292,6 +292,21 @@ class TreeSpec:
         return cls(rng.integers(0, n, size=(num_layers - 1, n)))
 
     @classmethod
+    def branching(cls, num_tasks: int, num_layers: int, trunk: int, split: list[int]) -> TreeSpec:
+        """Every task on stream ``trunk`` for its first ``split[j]`` layers, then on its own
+        stream: ``split[j] = 0`` is task j's own stream (its single-task network),
+        ``split[j] = L - 1`` shares all but the last layer (as :meth:`all_sharing`). The
+        trunk's own task always stays on the trunk (canonical)."""
+        n, num_layers = _check_shape(num_tasks, num_layers)
+        rows = [list(range(n)) for _ in range(num_layers - 1)]  # [L-1][N] parents
+        for j, k in enumerate(split):
+            if not 0 <= k <= num_layers - 1:
+                raise UserError(f"split layer {k} is not in 0..{num_layers - 1}")
+            if j != trunk and k > 0:
+                rows[k - 1][j] = trunk  # node (k, j) reads the trunk's node (k-1, trunk)
+        return cls(tuple(tuple(r) for r in rows)).canonical()
+
+    @classmethod
     def cheapest(cls, G: nx.DiGraph) -> TreeSpec:
         """A tree of minimum FLOPs in ``G`` (canonical; equals ``min_flops(G)``).
 

@@ -6,32 +6,49 @@ a checkpoint every ``run.checkpoint_every`` steps (rank 0 writes it), and the tr
 (``RUN/logs/<stage>.jsonl``, :mod:`dymu.train.curves`). Hooks in the manner of detectron2's
 trainer, reduced to what the stages need:
 
-    loop = StepLoop(name="stage1", ..., state=lambda: {...}, load_state=...)
-    first = loop.resume(resume)          # before the stage builds its batch stream
-    loop.run(step)                       # step(i, log) -> scalars when log, else None
+    loop = StepLoop(name="stage1", ..., step=step)  # step(i, log), step.state(), ...
+    batches = loop.batches(train_ds, ...)  # resumes, then the batches still to come
+    loop.run()                             # step(i, log) -> scalars when log, else None
+    loop.finish(weights, record, ...)      # rank 0 writes the artifact and its record
 
 ``step(i, log)`` does one optimisation step; when ``log`` is True (every 10 steps and the
 last) it returns the scalars to show and log, reduced over the ranks as the stage defines.
-A resumed run draws, steps and logs exactly as an uninterrupted one: the loop restores
-model, optimizer and scheduler, and ``load_state`` the stage's random generators.
+``step.state()`` gives its extra checkpoint entries (random generators, counters) and
+``step.load_state(state)`` restores them. A resumed run draws, steps and logs exactly as
+an uninterrupted one: the loop restores model, optimizer and scheduler, the step the rest.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.train.checkpoint import load_checkpoint, save_checkpoint
+from dymu.data.batches import endless
+from dymu.train.checkpoint import load_checkpoint, save_checkpoint, write_finished
 from dymu.train.curves import StageLog
 
 LOG_EVERY = 10
 """Steps between logged (and displayed) scalars; the last step is always logged."""
+
+
+class Step(Protocol):
+    """What a stage gives the loop: one step, and its extra checkpoint state."""
+
+    def __call__(self, i: int, log: bool) -> dict[str, float] | None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+def frozen(module: nn.Module, device) -> nn.Module:
+    """``module`` on ``device``, in eval mode, with no parameter that trains (in place)."""
+    return module.to(device).eval().requires_grad_(False)
 
 
 class StepLoop:
@@ -44,8 +61,7 @@ class StepLoop:
         config_hash: the stage's hash, stored in and checked against its checkpoint.
         steps: steps of the whole stage; every: steps between checkpoints.
         model, optimizer, scheduler: what is trained and restored.
-        state: the stage's extra checkpoint entries (random generators, counters).
-        load_state: restores them from a checkpoint's dict.
+        step: the stage's :class:`Step`.
         show: the scalars the progress bar shows (all that are logged when None).
     """
 
@@ -63,15 +79,14 @@ class StepLoop:
         model: nn.Module,
         optimizer,
         scheduler,
-        state: Callable[[], dict[str, Any]] | None = None,
-        load_state: Callable[[dict[str, Any]], None] | None = None,
+        step: Step,
         show: tuple[str, ...] | None = None,
     ) -> None:
         self.name, self.label, self.desc = name, label, desc
         self.run_dir, self.checkpoint, self.config_hash = Path(run_dir), checkpoint, config_hash
         self.steps, self.every = steps, every
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.state, self.load_state, self.show = state, load_state, show
+        self.step, self.show = step, show
         self.main = dist.is_main()
         self.first = 0
         self.seconds = 0.0
@@ -89,8 +104,7 @@ class StepLoop:
                 self.optimizer,
                 self.scheduler,
             )
-            if self.load_state is not None:
-                self.load_state(state)
+            self.step.load_state(state)
             self.first, self.seconds = state["step"], state.get("seconds", 0.0)
             if self.main:
                 print(
@@ -99,7 +113,43 @@ class StepLoop:
                 )
         return self.first
 
-    def run(self, step: Callable[[int, bool], dict[str, float] | None]) -> dict[str, float]:
+    def batches(self, train_ds, batch_size: int, seed: int, resume: bool, workers: int, device):
+        """Resume (:meth:`resume`), then the stage's endless stream of this rank's part of
+        each global batch, from the first batch still to train on."""
+        return endless(
+            train_ds,
+            batch_size,
+            seed,
+            start=self.resume(resume),
+            shard=dist.shard(),
+            workers=workers,
+            pin_memory=device.type == "cuda",
+        )
+
+    def finish(
+        self,
+        weights: Path,
+        record_path: Path,
+        meta: dict[str, Any],
+        batch_size: int,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Write the trained model to ``weights`` and its record (``meta``, steps, time,
+        throughput, the stage's ``extra`` entries, the processes under torchrun) to
+        ``record_path``, rank 0 alone; remove the checkpoint. Returns the record."""
+        record = {
+            **meta,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "images_per_s": round(self.steps * batch_size / max(self.seconds, 1e-9), 1),
+            **extra,
+        }
+        if dist.world_size() > 1:
+            record["processes"] = dist.world_size()
+        write_finished(weights, record_path, self.model, meta, record, self.checkpoint)
+        return record
+
+    def run(self) -> dict[str, float]:
         """Run the remaining steps; return the last logged scalars."""
         bar = tqdm(
             range(self.first, self.steps),
@@ -115,7 +165,7 @@ class StepLoop:
             for i in bar:
                 tick = time.perf_counter()
                 log = i % LOG_EVERY == 0 or i + 1 == self.steps
-                scalars = step(i, log)
+                scalars = self.step(i, log)
                 self.seconds += time.perf_counter() - tick
                 if log and scalars is not None:
                     self.last = dict(scalars)
@@ -123,7 +173,6 @@ class StepLoop:
                     bar.set_postfix({k: f"{scalars[k]:.3g}" for k in keys if k in scalars})
                     curve.log(i, **scalars)
                 if self.main and (i + 1) % self.every == 0 and i + 1 < self.steps:
-                    extra = self.state() if self.state is not None else {}
                     save_checkpoint(
                         self.checkpoint,
                         self.config_hash,
@@ -132,7 +181,7 @@ class StepLoop:
                         self.optimizer,
                         self.scheduler,
                         seconds=self.seconds,
-                        **extra,
+                        **self.step.state(),
                     )
         finally:
             bar.close()

@@ -10,7 +10,8 @@ step runs
 - a cheapest tree (every task on one stream's trunk: with ``joint.trunk: best``, the
   default, the stream whose cheapest tree does best on stage 0's weights, chosen once, so
   that the trees tight budgets derive train every step; with ``random``, a new one each step),
-- ``joint.random_trees`` trees with uniformly random parents,
+- ``joint.random_trees`` random trees: with ``joint.random_kind: branch`` every task leaves
+  the cheapest tree's trunk at a random layer, with ``uniform`` every parent is random,
 
 on the same batch, and sums their losses. Each tree's loss is its label loss plus in-place
 distillation towards the frozen stage-0 anchor's outputs (the teacher every tree should
@@ -40,6 +41,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +50,14 @@ import numpy as np
 import torch
 
 from dymu import dist
-from dymu.config import Config, section_hash
-from dymu.data.batches import endless, random_hflip, to_device
+from dymu.config import Config, JointConfig, section_hash
+from dymu.data.batches import random_hflip, to_device
 from dymu.models.anchor import Anchor, load_anchor_weights
 from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
-from dymu.train.checkpoint import (
-    record_matches,
-    rng_state,
-    set_rng_state,
-    write_finished,
-)
-from dymu.train.engine import StepLoop
+from dymu.train.checkpoint import record_matches, rng_state, set_rng_state
+from dymu.train.engine import StepLoop, frozen
 from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
 from dymu.train.stage0 import stage0_hash
@@ -87,16 +85,28 @@ def sandwich(
     rng: np.random.Generator,
     anchor_tree: bool = True,
     trunk: int | None = None,
+    kind: str = "uniform",
 ) -> list[TreeSpec]:
     """One step's trees: the anchor tree (unless ``anchor_tree`` is False), a cheapest tree
-    on ``trunk`` (a random one when None), and ``random_trees`` uniformly random trees
-    (drawn from ``rng`` in this fixed order; the random trunk is drawn either way, so a
-    fixed trunk leaves the random trees as they were)."""
+    on ``trunk`` (a random one when None), and ``random_trees`` random trees (drawn from
+    ``rng`` in this fixed order; the random trunk is drawn either way, so a fixed trunk
+    leaves the random trees as they were).
+
+    ``kind`` says how a random tree is drawn: ``uniform``, every parent uniformly from the N
+    streams; ``branch``, every task leaves the trunk at a uniformly random layer
+    (:meth:`TreeSpec.branching`), the trees between the cheapest and the anchor tree that
+    budgets in between derive.
+    """
     drawn = int(rng.integers(n))
     trunk = drawn if trunk is None else trunk
     trees = [TreeSpec.no_sharing(n, num_layers)] if anchor_tree else []
     trees.append(TreeSpec.all_sharing(n, num_layers, trunk))
-    trees += [TreeSpec.random(n, num_layers, rng).canonical() for _ in range(random_trees)]
+    for _ in range(random_trees):
+        if kind == "branch":
+            split = rng.integers(0, num_layers, size=n).tolist()  # [N] layers 0..L-1
+            trees.append(TreeSpec.branching(n, num_layers, trunk, split))
+        else:
+            trees.append(TreeSpec.random(n, num_layers, rng).canonical())
     return trees
 
 
@@ -110,6 +120,67 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (err / teacher.flatten(1).var(1).clamp_min(1e-8)).mean()
 
 
+@dataclass
+class JointStep:
+    """One step of the sandwich (the module docstring's loss), called by the stage's
+    :class:`~dymu.train.engine.StepLoop`; returns the scalars to log when asked."""
+
+    js: JointConfig
+    teacher: Anchor  # the frozen stage-0 streams: distillation targets
+    student: Anchor  # the streams being tuned
+    private: Anchor | None  # what private nodes run (``joint.private``), else None
+    scales: torch.Tensor  # [N] w_i
+    trunk: int | None  # the cheapest tree's trunk, None for a new one every step
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator
+    flip_gen: torch.Generator
+    device: torch.device
+    batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
+
+    def __call__(self, i: int, log: bool) -> dict[str, float] | None:
+        js, tasks = self.js, self.teacher.tasks
+        n, num_layers = len(tasks), self.teacher.num_layers
+        trees = sandwich(
+            n,
+            num_layers,
+            js.random_trees,
+            self.rng,
+            anchor_tree=self.private is None,
+            trunk=self.trunk,
+            kind=js.random_kind,
+        )
+        batch = to_device(next(self.batches), self.device)
+        if js.hflip:
+            batch = random_hflip(batch, tasks, self.flip_gen, dist.shard())
+        with torch.no_grad():
+            target = self.teacher(batch["image"])
+        labels = distilled = torch.zeros((), device=self.device)
+        for tree in trees:
+            out = TreeNet(self.student, tree, self.private)(batch["image"])
+            for k, t in enumerate(tasks):
+                labels = labels + self.scales[k] * t.loss(out[t.name], batch[t.name])
+                distilled = distilled + self.scales[k] * distillation(out[t.name], target[t.name])
+        loss = (labels + js.distill * distilled) / len(trees)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(self.student.parameters())  # the global batch's mean gradient
+        self.optimizer.step()
+        self.scheduler.step()
+        if not log:
+            return None
+        sums = dist.all_reduce_sums({"labels": labels.item(), "distill": distilled.item()})
+        scale = dist.world_size() * len(trees)  # every rank takes part
+        return {**{k: v / scale for k, v in sums.items()}, "lr": self.scheduler.get_last_lr()[0]}
+
+    def state(self) -> dict[str, Any]:
+        return {"numpy_rng": rng_state(self.rng), "flip_rng": self.flip_gen.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(self.rng, state["numpy_rng"])
+        self.flip_gen.set_state(state["flip_rng"])
+
+
 def train_joint(
     cfg: Config, run_dir: Path, anchor: Anchor, train_ds, val_ds, resume: bool = False
 ) -> tuple[Anchor, dict[str, Any]]:
@@ -117,120 +188,73 @@ def train_joint(
 
     Returns the tree-aware anchor (``anchor`` itself, the stage-0 streams, is not changed).
     """
-    js = cfg.joint
+    js, run_dir = cfg.joint, Path(run_dir)
     device = resolve_device(cfg.run.device)
     dist.per_rank_batch(js.batch_size, "joint.batch_size")  # fail before any work
     dist.setup(device)
-    main, part = dist.is_main(), dist.shard()
-    teacher = anchor.to(device).eval()
-    teacher.requires_grad_(False)
-    # joint.private: private nodes run stage 0's weights, as the trees will at inference;
-    # the anchor tree (all private) then trains nothing and leaves the sandwich.
-    private = teacher if js.private else None
+    teacher = frozen(anchor, device)
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
     student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
-    n, num_layers, tasks = len(anchor.tasks), anchor.num_layers, anchor.tasks
     scales = loss_scales(teacher, val_ds, js.batch_size, device).to(device)  # [N] w_i
-    params = student.parameters()
-    if js.optimizer == "adam":
-        opt = torch.optim.AdamW(params, lr=js.lr, weight_decay=js.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=js.lr, momentum=0.9, weight_decay=js.weight_decay)
-    # Cosine decay to 0 over the stage (Python floats: the checkpoint loads weights-only).
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, js.steps) / js.steps))
-    )
+    opt, sched = _optimizer(js, student)
     trunk, trunk_losses = None, None
     if js.trunk == "best":
         trunk, trunk_losses = best_trunk(teacher, scales, val_ds, js.batch_size, device)
-        if main:
-            print(f"joint stage: cheapest trees on {tasks[trunk].name}'s trunk")
-    rng = np.random.default_rng(cfg.run.seed + 7)
-    flip_gen = torch.Generator().manual_seed(cfg.run.seed + 7)
-
-    def load_state(state: dict[str, Any]) -> None:
-        set_rng_state(rng, state["numpy_rng"])
-        flip_gen.set_state(state["flip_rng"])
-
+        if dist.is_main():
+            print(f"joint stage: cheapest trees on {anchor.tasks[trunk].name}'s trunk")
+    # joint.private: private nodes run stage 0's weights, as the trees will at inference;
+    # the anchor tree (all private) then trains nothing and leaves the sandwich.
+    private = teacher if js.private else None
+    seed = cfg.run.seed + 7
+    step = JointStep(
+        js, teacher, student, private, scales, trunk, opt, sched,
+        np.random.default_rng(seed), torch.Generator().manual_seed(seed), device,
+    )  # fmt: skip
     loop = StepLoop(
         name="joint",
         label="joint stage",
         desc="joint stage (streams on trees)",
         run_dir=run_dir,
-        checkpoint=Path(run_dir) / CHECKPOINT,
+        checkpoint=run_dir / CHECKPOINT,
         config_hash=joint_hash(cfg),
         steps=js.steps,
         every=cfg.run.checkpoint_every,
         model=student,
         optimizer=opt,
         scheduler=sched,
-        state=lambda: {"numpy_rng": rng_state(rng), "flip_rng": flip_gen.get_state()},
-        load_state=load_state,
+        step=step,
         show=("labels", "distill"),
     )
-    batches = endless(
-        train_ds,
-        js.batch_size,
-        cfg.run.seed + 7,
-        start=loop.resume(resume),
-        shard=part,
-        workers=cfg.stage0.workers,
-        pin_memory=device.type == "cuda",
-    )
-
-    def step(i: int, log: bool) -> dict[str, float] | None:
-        trees = sandwich(
-            n, num_layers, js.random_trees, rng, anchor_tree=private is None, trunk=trunk
-        )
-        batch = to_device(next(batches), device)
-        if js.hflip:
-            batch = random_hflip(batch, tasks, flip_gen, part)
-        with torch.no_grad():
-            target = teacher(batch["image"])
-        labels = distilled = torch.zeros((), device=device)
-        for tree in trees:
-            out = TreeNet(student, tree, private)(batch["image"])
-            for k, t in enumerate(tasks):
-                labels = labels + scales[k] * t.loss(out[t.name], batch[t.name])
-                distilled = distilled + scales[k] * distillation(out[t.name], target[t.name])
-        loss = (labels + js.distill * distilled) / len(trees)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(student.parameters())  # the global batch's mean gradient
-        opt.step()
-        sched.step()
-        if not log:
-            return None
-        sums = dist.all_reduce_sums({"labels": labels.item(), "distill": distilled.item()})
-        scale = dist.world_size() * len(trees)  # every rank takes part
-        return {**{k: v / scale for k, v in sums.items()}, "lr": sched.get_last_lr()[0]}
-
-    last = loop.run(step)
-    seconds = loop.seconds
+    step.batches = loop.batches(train_ds, js.batch_size, seed, resume, cfg.stage0.workers, device)
+    last = loop.run()
     student.requires_grad_(False)
-    meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
-    record: dict[str, Any] = {
-        **meta,
-        "steps": js.steps,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(js.steps * js.batch_size / max(seconds, 1e-9), 1),
-        "final": {k: last[k] for k in ("labels", "distill") if k in last},
-    }
+    extra: dict[str, Any] = {"final": {k: last[k] for k in ("labels", "distill") if k in last}}
     if trunk is not None:
-        record["trunk"] = tasks[trunk].name
-        record["trunk_weighted_losses"] = trunk_losses
-    if main:
-        record["val_losses"] = _val_losses(
-            teacher, student, val_ds, cfg.joint.batch_size, device, private, trunk or 0
+        extra["trunk"] = anchor.tasks[trunk].name
+        extra["trunk_weighted_losses"] = trunk_losses
+    if dist.is_main():
+        extra["val_losses"] = _val_losses(
+            teacher, student, val_ds, js.batch_size, device, private, trunk or 0
         )
-    if dist.world_size() > 1:
-        record["processes"] = dist.world_size()
-    run_dir = Path(run_dir)
-    write_finished(
-        run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON, student, meta, record, loop.checkpoint
-    )
+    meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
+    files = run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON
+    record = loop.finish(*files, meta, js.batch_size, **extra)
     return student.cpu(), record
+
+
+def _optimizer(js: JointConfig, student: Anchor):
+    """The stage's optimizer and its cosine decay to 0 over the steps (Python floats: the
+    checkpoint loads weights-only)."""
+    params = student.parameters()
+    if js.optimizer == "adam":
+        opt = torch.optim.AdamW(params, lr=js.lr, weight_decay=js.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=js.lr, momentum=0.9, weight_decay=js.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, js.steps) / js.steps))
+    )
+    return opt, sched
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ rank). Rank 0 alone writes checkpoints and files.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +39,17 @@ import numpy as np
 import torch
 
 from dymu import dist
-from dymu.config import Config, section_hash
-from dymu.data.batches import endless, to_device
+from dymu.config import Config, Stage1Config, section_hash
+from dymu.data.batches import to_device
 from dymu.hypernet.edge import EdgeHypernet
-from dymu.losses import (
-    expected_flops,
-)
+from dymu.losses import expected_flops
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
 from dymu.run import resolve_device
 from dymu.train import parallel
-from dymu.train.checkpoint import (
-    rng_state,
-    set_rng_state,
-    write_finished,
-)
+from dymu.train.checkpoint import rng_state, set_rng_state
 from dymu.train.draws import draw_parents, group_parts
-from dymu.train.engine import StepLoop
+from dymu.train.engine import StepLoop, frozen
 from dymu.train.joint import trees_hash
 from dymu.train.objective import Flops, step_terms
 from dymu.train.precision import Precision
@@ -70,6 +66,67 @@ def stage1_hash(cfg: Config) -> str:
     return section_hash(cfg, "affinity", "stage1") + "-" + trees_hash(cfg)
 
 
+@dataclass
+class EdgeStep:
+    """One stage-1 step (the module docstring's loss), called by the stage's
+    :class:`~dymu.train.engine.StepLoop`; returns the scalars to log when asked."""
+
+    s1: Stage1Config
+    edge: EdgeHypernet
+    net: MixtureNet  # the frozen anchor run with parent mixtures
+    tasks: list
+    flops: Flops
+    scales: torch.Tensor  # [N] w_i
+    affinity: torch.Tensor  # [N, N] symmetric
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    prec: Precision
+    rng: np.random.Generator
+    gen: torch.Generator
+    device: torch.device
+    batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
+    hypernet: Any = None  # ``edge`` or its DDP wrapper, set inside data_parallel
+
+    def __call__(self, i: int, log: bool) -> dict[str, float] | None:
+        s1, prec, part = self.s1, self.prec, dist.shard()
+        # G draws of (r, b), one per group of batch_size / G images; the same on every
+        # rank (the generators are seeded alike).
+        d = draw_parents(
+            self.hypernet, self.edge, s1, i, self.flops.low, self.rng, self.gen, self.device
+        )
+        # [G, ...] -> [B, ...] one set per image of the global batch -> this rank's rows
+        v_rows = d.v.repeat_interleave(s1.batch_size // s1.draws, dim=0)[part.part(s1.batch_size)]
+        batch = to_device(next(self.batches), self.device)
+        # Only the anchor runs under autocast; hypernet, losses and Omega stay float32.
+        with prec.autocast():
+            out = self.net(prec.to_input(batch["image"]), v_rows)  # image k ran with v_rows[k]
+        out = prec.fp32(out)
+        parts = group_parts(s1.batch_size, s1.draws, part)  # the draws' groups this rank holds
+        l_task, reg, penalty = step_terms(
+            out, batch, self.tasks, parts, s1, d, self.scales, self.affinity, self.flops
+        )
+        # DDP averages over the ranks: world x this rank's share of the task term sums the
+        # ranks' shares; Omega and the penalty are each rank's (equal) own.
+        loss = dist.world_size() * l_task + reg + s1.lambda_budget * penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        prec.backward(loss)
+        prec.step(self.optimizer)
+        self.scheduler.step()
+        return _scalars(d, l_task, reg, penalty, s1, self.flops, self.scheduler) if log else None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "numpy_rng": rng_state(self.rng),
+            "torch_rng": self.gen.get_state(),
+            **self.prec.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.prec.load_state_dict(state)
+        set_rng_state(self.rng, state["numpy_rng"])
+        self.gen.set_state(state["torch_rng"])
+
+
 def train_stage1(
     cfg: Config,
     run_dir: Path,
@@ -81,18 +138,13 @@ def train_stage1(
     resume: bool = False,
 ) -> tuple[EdgeHypernet, dict[str, Any]]:
     """Train the edge hypernet; write its weights and a summary into ``run_dir``."""
-    s1 = cfg.stage1
+    s1, run_dir = cfg.stage1, Path(run_dir)
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s1.batch_size, "stage1.batch_size")  # fail before any work
     dist.setup(device)
-    part, world = dist.shard(), dist.world_size()
-    parts = group_parts(s1.batch_size, s1.draws, part)  # the draws' groups this rank holds
-    mine = part.part(s1.batch_size)
-    anchor = anchor.to(device).eval()
-    anchor.requires_grad_(False)
-    net = MixtureNet(anchor).to(device).eval()
-    net.requires_grad_(False)
+    anchor = frozen(anchor, device)
+    net = frozen(MixtureNet(anchor), device)
     prec.prepare(net)  # the anchor's layers, in place; released after training
     flops = Flops.of(space, device)
     torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
@@ -103,93 +155,39 @@ def train_stage1(
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
     sym_affinity = ((affinity + affinity.T) / 2).to(device)  # RSA's rows are not symmetric
     scales = loss_scales(anchor, val_ds, s1.batch_size, device).to(device)
-    rng = np.random.default_rng(cfg.run.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    count = {"images": 0}
-
-    def load_state(state: dict[str, Any]) -> None:
-        prec.load_state_dict(state)
-        set_rng_state(rng, state["numpy_rng"])
-        gen.set_state(state["torch_rng"])
-        count["images"] = state["images"]
-
+    step = EdgeStep(
+        s1, edge, net, anchor.tasks, flops, scales, sym_affinity, opt, sched, prec,
+        np.random.default_rng(cfg.run.seed),
+        torch.Generator(device=device).manual_seed(cfg.run.seed), device,
+    )  # fmt: skip
     loop = StepLoop(
         name="stage1",
         label="stage 1",
         desc="stage 1 (edge hypernet)",
         run_dir=run_dir,
-        checkpoint=Path(run_dir) / CHECKPOINT,
+        checkpoint=run_dir / CHECKPOINT,
         config_hash=stage1_hash(cfg),
         steps=s1.steps,
         every=cfg.run.checkpoint_every,
         model=edge,
         optimizer=opt,
         scheduler=sched,
-        state=lambda: {
-            "numpy_rng": rng_state(rng),
-            "torch_rng": gen.get_state(),
-            "images": count["images"],
-            **prec.state_dict(),
-        },
-        load_state=load_state,
+        step=step,
         show=("loss", "temperature"),
     )
-    first = loop.resume(resume)
-    batches = endless(
-        train_ds,
-        s1.batch_size,
-        cfg.run.seed,
-        start=first,
-        shard=part,
-        workers=cfg.stage0.workers,
-        pin_memory=device.type == "cuda",
-    )
+    workers = cfg.stage0.workers
+    step.batches = loop.batches(train_ds, s1.batch_size, cfg.run.seed, resume, workers, device)
     # Under torchrun: DDP averages the edge hypernet's gradients over the ranks.
-    with parallel.data_parallel(edge, device) as hypernet:
-
-        def step(i: int, log: bool) -> dict[str, float] | None:
-            # G draws of (r, b), one per group of batch_size / G images; the same on every
-            # rank (the generators are seeded alike).
-            d = draw_parents(hypernet, edge, s1, i, flops.low, rng, gen, device)
-            # [G, ...] -> [B, ...] one set per image of the global batch -> this rank's rows
-            v_rows = d.v.repeat_interleave(s1.batch_size // s1.draws, dim=0)[mine]
-            batch = to_device(next(batches), device)
-            # Only the anchor runs under autocast; hypernet, losses and Omega stay float32.
-            with prec.autocast():
-                out = net(prec.to_input(batch["image"]), v_rows)  # image k ran with v_rows[k]
-            out = prec.fp32(out)
-            l_task, reg, penalty = step_terms(
-                out, batch, anchor.tasks, parts, s1, d, scales, sym_affinity, flops
-            )
-            # DDP averages over the ranks: world x this rank's share of the task term sums
-            # the ranks' shares; Omega and the penalty are each rank's (equal) own.
-            loss = world * l_task + reg + s1.lambda_budget * penalty
-            opt.zero_grad(set_to_none=True)
-            prec.backward(loss)
-            prec.step(opt)
-            sched.step()
-            count["images"] += s1.batch_size
-            return _scalars(d, l_task, reg, penalty, s1, flops, sched) if log else None
-
-        last = loop.run(step)
+    with parallel.data_parallel(edge, device) as step.hypernet:
+        last = loop.run()
     prec.release(net)
-    seconds = loop.seconds
     meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
     meta["num_layers"] = anchor.num_layers
-    record = {
-        **meta,
-        "steps": s1.steps,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(count["images"] / max(seconds, 1e-9), 1),
-        "final": {k: last[k] for k in ("loss", "task", "omega", "budget") if k in last},
-        "loss_scales": scales.tolist(),
-        "min_flops_fraction": flops.low,
-        "precision": prec.describe(),
-    }
-    if world > 1:
-        record["processes"] = world
-    run_dir = Path(run_dir)
-    write_finished(run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, edge, meta, record, loop.checkpoint)
+    final = {k: last[k] for k in ("loss", "task", "omega", "budget") if k in last}
+    record = loop.finish(
+        run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, meta, s1.batch_size, final=final,
+        loss_scales=scales.tolist(), min_flops_fraction=flops.low, precision=prec.describe(),
+    )  # fmt: skip
     return edge.cpu(), record
 
 

@@ -14,6 +14,8 @@ gradients, which is the gradient of the global batch's mean loss. Rank 0 alone w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 
 from dymu import dist
-from dymu.config import Config, section_hash
-from dymu.data.batches import endless, to_device
+from dymu.config import Config, Stage2Config, section_hash
+from dymu.data.batches import to_device
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
@@ -34,13 +36,9 @@ from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.train import parallel
-from dymu.train.checkpoint import (
-    rng_state,
-    set_rng_state,
-    write_finished,
-)
+from dymu.train.checkpoint import rng_state, set_rng_state
 from dymu.train.draws import mix_evaluation_draws
-from dymu.train.engine import StepLoop
+from dymu.train.engine import StepLoop, frozen
 from dymu.train.precision import Precision
 from dymu.train.scales import loss_scales
 from dymu.train.stage1 import stage1_hash
@@ -85,6 +83,63 @@ def draw_tree(
     return r, b, tree
 
 
+@dataclass
+class WeightStep:
+    """One stage-2 step: derive the tree for a drawn (r, b), run it with the weight
+    hypernet's adaptation, and descend the task loss; called by the stage's
+    :class:`~dymu.train.engine.StepLoop`, it returns the scalars to log when asked."""
+
+    s2: Stage2Config
+    edge: EdgeHypernet  # frozen
+    space: nx.DiGraph
+    anchor: Anchor  # the streams every tree runs on (frozen)
+    private: Anchor | None  # what private nodes run, else None
+    scales: torch.Tensor  # [N] w_i
+    low: float  # the cheapest tree's FLOPs fraction
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    prec: Precision
+    rng: np.random.Generator
+    device: torch.device
+    batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
+    hypernet: Any = None  # the weight hypernet or its DDP wrapper, set inside data_parallel
+    nets: dict[str, TreeNet] = field(default_factory=dict)  # one per tree drawn, built once
+
+    def __call__(self, i: int, log: bool) -> dict[str, float] | None:
+        s2, prec, tasks = self.s2, self.prec, self.anchor.tasks
+        r, b, tree = draw_tree(
+            self.edge, self.space, s2.dirichlet, self.low, self.rng, self.device,
+            s2.uniform_share, s2.full_budget_share,
+        )  # fmt: skip
+        net = self.nets.setdefault(tree.hash(), TreeNet(self.anchor, tree, self.private))
+        batch = to_device(next(self.batches), self.device)
+        offsets = self.hypernet(r, b, tree)  # the hypernet runs in float32, the tree under autocast
+        with prec.autocast():
+            out = net(prec.to_input(batch["image"]), offsets)
+        out = prec.fp32(out)
+        losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in tasks])
+        # Every task keeps a share of the loss (task_floor), so the adaptation also serves
+        # the tasks r weighs little; this rank's part of the global batch.
+        weights_r = (1.0 - s2.task_floor) * r + s2.task_floor / len(tasks)
+        loss = task_loss(losses, weights_r, self.scales)
+        self.optimizer.zero_grad(set_to_none=True)
+        prec.backward(loss)
+        prec.step(self.optimizer)
+        self.scheduler.step()
+        if not log:
+            return None
+        # The global batch's loss: the mean of the ranks' equal parts.
+        mean = dist.all_reduce_sums({"loss": loss.item()})["loss"] / dist.world_size()
+        return {"loss": mean, "lr": self.scheduler.get_last_lr()[0]}
+
+    def state(self) -> dict[str, Any]:
+        return {"numpy_rng": rng_state(self.rng), **self.prec.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.prec.load_state_dict(state)
+        set_rng_state(self.rng, state["numpy_rng"])
+
+
 def train_stage2(
     cfg: Config,
     run_dir: Path,
@@ -101,107 +156,53 @@ def train_stage2(
     ``private``: the stage-0 streams that the trees' private nodes run (see
     :class:`~dymu.space.treenet.TreeNet`), frozen like ``anchor``.
     """
-    s2 = cfg.stage2
+    s2, run_dir = cfg.stage2, Path(run_dir)
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s2.batch_size, "stage2.batch_size")  # fail before any work
     dist.setup(device)
-    part, world = dist.shard(), dist.world_size()
-    anchor = anchor.to(device).eval()
-    anchor.requires_grad_(False)
-    prec.prepare(anchor)  # in place; released after training
-    if private is not None:
-        private = private.to(device).eval().requires_grad_(False)
-        prec.prepare(private)
-    edge = edge.to(device).eval()
-    edge.requires_grad_(False)
-    n = len(anchor.tasks)
+    streams = [m for m in (anchor, private) if m is not None]
+    for m in streams:
+        prec.prepare(frozen(m, device))  # in place; released after training
+    edge = frozen(edge, device)
     torch.manual_seed(cfg.run.seed + 1)  # the hypernet's initial weights
-    weights = build_weight_hypernet(n, anchor.streams, s2.adapter_rank).to(device)
+    weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, s2.adapter_rank)
+    weights = weights.to(device)
     opt = torch.optim.Adam(weights.parameters(), lr=s2.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s2.lr_every, gamma=s2.lr_decay)
     scales = loss_scales(anchor, val_ds, s2.batch_size, device).to(device)
     low = min_flops(space) / anchor_flops(space)
-    rng = np.random.default_rng(cfg.run.seed + 1)
-
-    def load_state(state: dict[str, Any]) -> None:
-        prec.load_state_dict(state)
-        set_rng_state(rng, state["numpy_rng"])
-
+    step = WeightStep(
+        s2, edge, space, anchor, private, scales, low, opt, sched, prec,
+        np.random.default_rng(cfg.run.seed + 1), device,
+    )  # fmt: skip
     loop = StepLoop(
         name="stage2",
         label="stage 2",
         desc="stage 2 (weight hypernet)",
         run_dir=run_dir,
-        checkpoint=Path(run_dir) / CHECKPOINT,
+        checkpoint=run_dir / CHECKPOINT,
         config_hash=stage2_hash(cfg),
         steps=s2.steps,
         every=cfg.run.checkpoint_every,
         model=weights,
         optimizer=opt,
         scheduler=sched,
-        state=lambda: {"numpy_rng": rng_state(rng), **prec.state_dict()},
-        load_state=load_state,
+        step=step,
         show=("loss",),
     )
-    nets: dict[str, TreeNet] = {}  # one per tree drawn, built once
-    batches = endless(
-        train_ds,
-        s2.batch_size,
-        cfg.run.seed + 1,
-        start=loop.resume(resume),
-        shard=part,
-        workers=cfg.stage0.workers,
-        pin_memory=device.type == "cuda",
-    )
+    seed, workers = cfg.run.seed + 1, cfg.stage0.workers
+    step.batches = loop.batches(train_ds, s2.batch_size, seed, resume, workers, device)
     # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
     # Adapters of edges the step's tree lacks get no gradient: DDP must expect that.
-    with parallel.data_parallel(weights, device, find_unused=s2.adapter_rank > 0) as hypernet:
-
-        def step(i: int, log: bool) -> dict[str, float] | None:
-            r, b, tree = draw_tree(
-                edge, space, s2.dirichlet, low, rng, device, s2.uniform_share, s2.full_budget_share
-            )
-            net = nets.setdefault(tree.hash(), TreeNet(anchor, tree, private))
-            batch = to_device(next(batches), device)
-            offsets = hypernet(r, b, tree)  # the hypernet runs in float32, the tree under autocast
-            with prec.autocast():
-                out = net(prec.to_input(batch["image"]), offsets)
-            out = prec.fp32(out)
-            losses = torch.stack([t.loss(out[t.name], batch[t.name]) for t in anchor.tasks])
-            # Every task keeps a share of the loss (task_floor), so the adaptation also
-            # serves the tasks r weighs little; this rank's part of the global batch.
-            weights_r = (1.0 - s2.task_floor) * r + s2.task_floor / n
-            loss = task_loss(losses, weights_r, scales)
-            opt.zero_grad(set_to_none=True)
-            prec.backward(loss)
-            prec.step(opt)
-            sched.step()
-            if not log:
-                return None
-            # The global batch's loss: the mean of the ranks' equal parts.
-            mean = dist.all_reduce_sums({"loss": loss.item()})["loss"] / world
-            return {"loss": mean, "lr": sched.get_last_lr()[0]}
-
-        last = loop.run(step).get("loss", 0.0)
-    seconds = loop.seconds
-    prec.release(anchor)
-    if private is not None:
-        prec.release(private)
+    unused = s2.adapter_rank > 0
+    with parallel.data_parallel(weights, device, find_unused=unused) as step.hypernet:
+        last = loop.run().get("loss", 0.0)
+    for m in streams:
+        prec.release(m)
     meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
-    record = {
-        **meta,
-        "steps": s2.steps,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(s2.steps * s2.batch_size / max(seconds, 1e-9), 1),
-        "final_loss": last,
-        "distinct_trees": len(nets),
-        "precision": prec.describe(),
-    }
-    if world > 1:
-        record["processes"] = world
-    run_dir = Path(run_dir)
-    write_finished(
-        run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, weights, meta, record, loop.checkpoint
-    )
+    record = loop.finish(
+        run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, meta, s2.batch_size, final_loss=last,
+        distinct_trees=len(step.nets), precision=prec.describe(),
+    )  # fmt: skip
     return weights.cpu(), record
