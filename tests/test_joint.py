@@ -44,6 +44,25 @@ def test_sandwich_holds_the_anchor_tree_a_cheapest_tree_and_random_trees(tiny):
         assert trees[1].flops(space) == min_flops(space)
 
 
+def test_branch_sandwich_trees_run_between_the_cheapest_tree_and_the_anchor_tree(tiny):
+    _, anchor, _, _ = tiny
+    space = anchor_space(anchor, (32, 32))
+    num_layers = anchor.num_layers
+    rng = np.random.default_rng(0)
+    costs = set()
+    for _ in range(20):
+        trees = joint.sandwich(3, num_layers, 2, rng, anchor_tree=False, trunk=2, kind="branch")
+        assert len(trees) == 2 + 1 and trees[0] == TreeSpec.all_sharing(3, num_layers, 2)
+        for tree in trees[1:]:
+            # every task runs the trunk's stream up to its split, then its own stream
+            for j in range(3):
+                path = tree.path(j)
+                k = next((i for i, s in enumerate(path) if s != 2), num_layers)
+                assert all(s == j for s in path[k:])
+            costs.add(tree.flops(space))
+    assert min(costs) >= min_flops(space) and len(costs) > 3  # not one tree drawn again
+
+
 def test_distillation_is_a_mean_of_per_image_terms():
     teacher = torch.tensor([[0.0, 2.0], [1.0, 3.0]], dtype=torch.float64)  # rows' var: 2
     student = teacher + torch.tensor([[1.0], [2.0]], dtype=torch.float64)  # errors 1 and 4

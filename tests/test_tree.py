@@ -204,3 +204,16 @@ def test_private_nodes_are_own_stream_paths_for_one_task():
     tree = TreeSpec(((0, 1, 1), (0, 1, 1), (0, 1, 2)))  # task 0 alone on stream 0
     assert [row[0] for row in tree.private()] == [True] * 4
     assert not any(row[1] or row[2] for row in tree.private())
+
+
+def test_branching_tree_leaves_the_trunk_at_each_tasks_split_layer():
+    n, num_layers = 3, 5
+    tree = TreeSpec.branching(n, num_layers, trunk=1, split=[2, 3, 4])
+    assert tree.path(0) == [1, 1, 0, 0, 0]  # trunk for layers 0-1, then its own stream
+    assert tree.path(1) == [1] * 5  # the trunk's own task never leaves it
+    assert tree.path(2) == [1, 1, 1, 1, 2]  # split L-1: shares all but the last layer
+    assert TreeSpec.branching(n, num_layers, 1, [0, 0, 0]) == TreeSpec.no_sharing(n, num_layers)
+    full = TreeSpec.branching(n, num_layers, 1, [num_layers - 1] * n)
+    assert full == TreeSpec.all_sharing(n, num_layers, 1).canonical()
+    with pytest.raises(UserError, match="split layer 5"):
+        TreeSpec.branching(n, num_layers, 1, [5, 0, 0])
