@@ -38,10 +38,19 @@ from tqdm.auto import tqdm
 from dymu import __version__
 from dymu.compile import aoti
 from dymu.compile.bundle import write_bundle_files
+from dymu.compile.latency import (
+    LatencyBudget,
+    Protocol,
+    device_name,
+    make_runner,
+    measure,
+    parse_target_ms,
+    read_table,
+)
 from dymu.compile.materialize import materialize
 from dymu.compile.onnx_export import export_onnx, ort_parity
 from dymu.compile.trt_support import opset_for
-from dymu.data import get_builder
+from dymu.data import get_builder, input_size
 from dymu.data.base import cache_root
 from dymu.data.batches import iterate
 from dymu.errors import RuntimeFailure, UserError
@@ -49,7 +58,7 @@ from dymu.io import atomic_dir, clean_stale, ensure_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
 from dymu.space.derive import check_budget, derive_tree
-from dymu.space.graph import anchor_flops
+from dymu.space.graph import anchor_flops, space_shape
 from dymu.space.tree import TreeSpec
 from dymu.train.loop import evaluate
 
@@ -116,18 +125,26 @@ def export_bundle(
     run_dir: str | Path,
     out: str | Path,
     *,
-    budget: float,
+    budget: float | None,
     preferences: Sequence[Sequence[float]],
     target: str = "onnx",
     trt_version: str = "10.3",
     dynamic_batch: bool = True,
+    latency_ms: float | None = None,
+    latency_table: str | Path | None = None,
 ) -> dict[str, Any]:
     """Derive, materialize, export and check the trees serving ``budget``; write ``out``.
 
     Args:
         run_dir: a finished ``dymu search`` run.
         out: the bundle folder to create (must not exist, or be empty).
-        budget: FLOPs fraction of the anchor in (0, 1], at least the cheapest tree's.
+        budget: FLOPs fraction of the anchor in (0, 1], at least the cheapest tree's; None
+            with ``latency_ms``.
+        latency_ms, latency_table: a latency target instead of ``budget``, on the backend,
+            device and batch of a ``dymu profile`` table measured on this machine. Trees are
+            repaired by predicted latency, then each is measured on the table's backend
+            and repaired further while its measured median exceeds the target
+            (:func:`_settle_latency`).
         preferences: [P, N] preferences (rows on the simplex), e.g. :func:`simplex_grid`.
         target: ``onnx``; ``trt`` to also build TensorRT engines on this machine's GPU;
             ``aoti`` to also compile AOTInductor packages for this machine's device (CUDA
@@ -161,29 +178,31 @@ def export_bundle(
     prefs = np.asarray(preferences, dtype=np.float64)
     if prefs.ndim != 2 or prefs.shape[1] != len(anchor.tasks):
         raise UserError(f"preferences must be [P, {len(anchor.tasks)}], got {list(prefs.shape)}")
-    budget = check_budget(budget, space)
-    served: dict[str, tuple[Any, list[np.ndarray]]] = {}  # hash -> (tree, its preferences)
-    with torch.no_grad():
-        for r in prefs:
-            alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
-            tree = derive_tree(alpha, space, budget)
-            served.setdefault(tree.hash(), (tree, []))[1].append(r)
-
     cfg = run.cfg
+    size = input_size(cfg.data)
+    lat = None
+    if latency_ms is not None:
+        lat = _latency_budget(run, latency_table, latency_ms, size)
+        budget = lat.flops_budget
+    budget = check_budget(budget, space)
+    served, alphas = _derive_trees(run, prefs, budget, lat)
+    timings = {}
+    if lat is not None:
+        settings = (size, trt_version, dynamic_batch)
+        served, timings = _settle_latency(run, served, alphas, lat, *settings)
+
     builder = get_builder(cfg.data.name)
     test = builder.load(cfg.data, "test")
-    size = (
-        tuple(cfg.data.size)
-        if cfg.data.size is not None
-        else builder.info_for(cfg.data).default_size
-    )
     golden = next(iterate(test, GOLDEN_IMAGES, shuffle=False))["image"].float()  # [G, 3, H, W]
     entries = []
     with atomic_dir(out) as tmp:
         np.save(tmp / "golden_input.npy", golden.numpy())
         for h, (tree, rs) in tqdm(served.items(), desc="export", unit="tree", leave=False):
             job = _TreeJob(tree, rs, budget, size, trt_version, dynamic_batch, target)
+            job.check_flops = lat is None  # a latency target may spend any FLOPs
             entries.append(_export_tree(job, run, tmp / h, golden, test))
+            if lat is not None:
+                entries[-1]["latency"] = timings[h]
             if target == "trt":
                 _build_engine(tmp / h, dynamic_batch, cache_root(cfg.data) / "trt")
                 entries[-1]["files"] = _hashes(tmp / h, tmp)
@@ -202,9 +221,25 @@ def export_bundle(
             },
             "trees": entries,
         }
+        if lat is not None:
+            manifest["latency"] = {**lat.describe(), "table_file": str(latency_table)}
         manifest["runtime"] = write_bundle_files(tmp, manifest)
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _derive_trees(run: TrainedRun, prefs: np.ndarray, budget: float, lat):
+    """The tree of every preference at ``budget`` (repaired by predicted latency with
+    ``lat``): ``{hash: (tree, its preferences)}`` and ``{hash: alpha of its first}``."""
+    served: dict[str, tuple[Any, list[np.ndarray]]] = {}
+    alphas: dict[str, Any] = {}
+    with torch.no_grad():
+        for r in prefs:
+            alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
+            tree = derive_tree(alpha, run.space, budget) if lat is None else lat.derive(alpha)
+            served.setdefault(tree.hash(), (tree, []))[1].append(r)
+            alphas.setdefault(tree.hash(), alpha)
+    return served, alphas
 
 
 @dataclass
@@ -218,6 +253,7 @@ class _TreeJob:
     trt_version: str
     dynamic_batch: bool
     target: str = "onnx"
+    check_flops: bool = True
 
 
 def _hashes(folder: Path, root: Path) -> dict[str, str]:
@@ -236,7 +272,7 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
     with torch.no_grad():
         net = materialize(anchor, job.tree, run.weights(mean_r, job.budget, job.tree), run.private)
     counted = count_flops(net, torch.zeros(1, 3, *job.size))
-    if counted > job.budget * full:
+    if job.check_flops and counted > job.budget * full:
         raise RuntimeFailure(
             f"tree {h}: fvcore counts {counted} FLOPs, over the budget's "
             f"{job.budget * full:.0f}; the space's table does not match the model"
@@ -283,6 +319,76 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
     if compiled is not None:
         entry["aoti"] = compiled
     return entry
+
+
+def _latency_budget(run: TrainedRun, path, target_ms: float, size) -> LatencyBudget:
+    """The target on the table at ``path``, refused in one line when the table was made
+    for another space or input size, or on another device than this machine (export
+    measures each tree here)."""
+    if path is None:
+        raise UserError("a latency target needs the latency table of dymu profile (--latency)")
+    table = read_table(path)
+    _, num_layers = space_shape(run.space)
+    table.check(tasks=run.anchor.task_names, num_layers=num_layers, input_size=size, path=path)
+    kind = "cpu" if table.device.startswith("cpu") else "cuda"
+    here = device_name(kind) if kind == "cpu" or torch.cuda.is_available() else "no CUDA device"
+    table.check(tasks=table.tasks, num_layers=num_layers, input_size=size, device=here, path=path)
+    return LatencyBudget(run.space, table, parse_target_ms(target_ms))
+
+
+def _settle_latency(run, served, alphas, lat, size, trt_version, dynamic_batch):
+    """Measure every tree on the table's backend, device and batch (for ONNX Runtime the
+    very file the bundle gets) and repair it further, to the next tree below its predicted
+    latency, while the measured median exceeds the target. Preferences whose trees meet
+    share them again. Returns the settled trees and each one's latency record.
+
+    Raises:
+        UserError: the fastest tree itself measures above the target (names its latency).
+    """
+    import tempfile
+
+    t = lat.table
+    device = "cpu" if t.device.startswith("cpu") else "cuda"
+    settled: dict[str, tuple[Any, list[np.ndarray]]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="dymu-latency-") as tmp:
+
+        def timed(tree) -> dict[str, float]:
+            work = Path(tmp) / f"{tree.hash()}-{len(list(Path(tmp).iterdir()))}"
+            work.mkdir()
+            with torch.no_grad():
+                net = materialize(run.anchor, tree, None, run.private)
+            call = make_runner(
+                t.backend, net, t.batch, size, device, work, trt_version, "auto", dynamic_batch
+            )
+            return measure({"tree": call}, Protocol(**_protocol(t)))["tree"]
+
+        for h, (tree, rs) in tqdm(served.items(), desc="latency", unit="tree", leave=False):
+            got, repairs = timed(tree), 0
+            while got["ms"] > lat.target_ms:
+                faster = lat.faster(tree, alphas[h])
+                if faster is None:
+                    raise UserError(
+                        f"--latency-ms {lat.target_ms:g}: the fastest tree of this space "
+                        f"measures {got['ms']:.3f} ms here ({t.backend}, batch {t.batch})"
+                    )
+                tree, repairs = faster, repairs + 1
+                got = timed(tree)
+            settled.setdefault(tree.hash(), (tree, []))[1].extend(rs)
+            records[tree.hash()] = {
+                "target_ms": lat.target_ms,
+                "predicted_ms": lat.predicted_ms(tree),
+                "measured_ms": got["ms"],
+                "spread": got["spread"],
+                "repairs_after_measuring": repairs,
+            }
+    return settled, records
+
+
+def _protocol(table) -> dict[str, int]:
+    """The table's own measurement protocol (warm-up, rounds, repeats)."""
+    p = table.info.get("protocol", {})
+    return {k: int(p[k]) for k in ("warmup", "rounds", "reps") if k in p}
 
 
 def _compile_aoti(net, folder: Path, job: _TreeJob) -> dict[str, Any]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from dymu.cli.search_cmds import add_budget_args
+
 EXAMPLES = """examples:
   dymu export --run runs/quick --budget 0.8 --out export/quick        # a grid of 3 per task
   dymu export --run runs/default --budget 0.5 --preference 0.4,0.3,0.2,0.1 --out export/one
   dymu export --run runs/default --budget 0.75 --grid 4 --trt-version 8.5 --out export/xavier
   dymu export --run runs/quick --budget 0.5 --target aoti --out export/aoti  # + model.pt2
+  dymu export --run runs/default --latency-ms 9 --latency latency.json --out export/9ms
 """
 
 
@@ -26,12 +29,15 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
         "metrics, sha256 of every file, and golden inputs and outputs. --target trt also "
         "builds TensorRT engines for this GPU; --target aoti also compiles each tree into an "
         "AOTInductor package (model.pt2) for this machine's CUDA GPU, else its CPU, checked "
-        "against PyTorch like the ONNX file.",
+        "against PyTorch like the ONNX file. --latency-ms X with a dymu profile table made "
+        "on this machine replaces the FLOPs budget by a latency target: trees are repaired "
+        "by predicted latency, then each is measured on the table's backend and batch and "
+        "repaired further while its median exceeds X.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", metavar="DIR", required=True, help="a finished dymu search run")
-    p.add_argument("--budget", required=True, help="fraction of the anchor's FLOPs in (0, 1]")
+    add_budget_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preference", help="one preference: comma-separated weights")
     which.add_argument(
@@ -66,7 +72,9 @@ def run_export(args: argparse.Namespace) -> int:
     from dymu.space.graph import load_space
 
     check_target(args.target)
-    budget = parse_budget(args.budget)
+    if args.latency_ms is None and args.latency is not None:
+        raise UserError("--latency goes with --latency-ms, not with --budget")
+    budget = parse_budget(args.budget) if args.latency_ms is None else None
     if not (Path(args.run) / "space.json").is_file():
         raise UserError(f"{args.run} is not a finished search run: space.json is missing")
     tasks = list(load_space(Path(args.run) / "space.json").graph["tasks"])
@@ -82,11 +90,19 @@ def run_export(args: argparse.Namespace) -> int:
         target=args.target,
         trt_version=args.trt_version,
         dynamic_batch=not args.static_batch,
+        latency_ms=args.latency_ms,
+        latency_table=args.latency,
     )
+    budget = manifest["budget"]
     full = manifest["anchor_flops"]
     count = len(manifest["trees"])
+    asked = f"budget {budget:g}"
+    if "latency" in manifest:
+        lat = manifest["latency"]
+        asked = f"latency target {lat['target_ms']:g} ms ({lat['table']['backend']}, batch "
+        asked += f"{lat['table']['batch']}; FLOPs budget asked {budget:.3f})"
     print(
-        f"{count} tree{'s' if count != 1 else ''} for budget {budget:g} "
+        f"{count} tree{'s' if count != 1 else ''} for {asked} "
         f"({len(prefs)} preference{'s' if len(prefs) != 1 else ''}):"
     )
     for t in manifest["trees"]:
@@ -96,6 +112,13 @@ def run_export(args: argparse.Namespace) -> int:
             f"{t['params'] / 1e6:.3f} M  parity {t['parity']['overall']:.1e}  serves "
             f"{len(t['preferences'])}"
         )
+        if "latency" in t:
+            lat = t["latency"]
+            print(
+                f"    latency {lat['measured_ms']:.3f} ms measured (spread "
+                f"{100 * lat['spread']:.0f}%), {lat['predicted_ms']:.3f} ms predicted, target "
+                f"{lat['target_ms']:g} ms"
+            )
         if "aoti" in t:
             a = t["aoti"]
             print(

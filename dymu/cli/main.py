@@ -21,6 +21,7 @@ from dymu.cli import (
     config_cmd,
     datasets,
     export_cmd,
+    profile_cmd,
     search_cmds,
 )
 from dymu.cli.common import Parser
@@ -38,6 +39,8 @@ EXAMPLES = """examples:
   dymu sample --run runs/default --preference 0.4,0.3,0.2,0.1 --budget 0.8
   dymu export --run runs/default --budget 0.5 --out export/default
   dymu bench --run runs/default
+  dymu profile --run runs/default --backend onnxruntime --batch 8 --out latency.json
+  dymu export --run runs/default --latency-ms 9 --latency latency.json --out export/9ms
   dymu datasets list
   dymu datasets show synthscenes --out synthscenes.png
   dymu config -c configs/quick.yaml data.size=[32,32]
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     baselines_cmd.add_parser(sub, common)
     export_cmd.add_parser(sub, common)
     bench_cmd.add_parser(sub, common)
+    profile_cmd.add_parser(sub, common)
     return parser
 
 

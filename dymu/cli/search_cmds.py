@@ -18,6 +18,8 @@ SEARCH_EXAMPLES = """examples:
 SAMPLE_EXAMPLES = """examples:
   dymu sample --run runs/quick --preference 0.6,0.3,0.1 --budget 0.8
   dymu sample --run runs/quick --preference 0.2,0.2,0.6 --budget 1.0 --json
+  dymu sample --run runs/default --preference 0.4,0.3,0.2,0.1 --latency-ms 9 \
+      --latency latency.json                 # a table of dymu profile
 """
 
 
@@ -54,9 +56,45 @@ def add_parsers(subparsers: argparse._SubParsersAction, parent: argparse.Argumen
     )
     s.add_argument("--run", metavar="DIR", required=True, help="a run directory of dymu search")
     s.add_argument("--preference", required=True, help="comma-separated weights, one per task")
-    s.add_argument("--budget", required=True, help="fraction of the anchor's FLOPs in (0, 1]")
+    add_budget_args(s)
     s.add_argument("--json", action="store_true", help="print JSON and write trees/<hash>.json")
     s.set_defaults(func=run_sample)
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """--budget, or --latency-ms with the --latency table it is measured by."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--budget", help="fraction of the anchor's FLOPs in (0, 1]")
+    which.add_argument(
+        "--latency-ms",
+        metavar="X",
+        help="a latency target in milliseconds instead of --budget (needs --latency)",
+    )
+    p.add_argument(
+        "--latency", metavar="FILE", help="the latency table of dymu profile for --latency-ms"
+    )
+
+
+def latency_budget(args: argparse.Namespace, space, input_size):
+    """The :class:`~dymu.compile.latency.LatencyBudget` of --latency-ms and --latency (None
+    with --budget); one line for a missing, damaged or mismatched table or a target below
+    the fastest tree."""
+    from dymu.compile.latency import LatencyBudget, parse_target_ms, read_table
+    from dymu.errors import UserError
+    from dymu.space.graph import space_shape
+
+    if args.latency_ms is None:
+        if args.latency is not None:
+            raise UserError("--latency goes with --latency-ms, not with --budget")
+        return None
+    target = parse_target_ms(args.latency_ms)
+    if args.latency is None:
+        raise UserError("--latency-ms needs --latency FILE, a table made by dymu profile")
+    table = read_table(args.latency)
+    _, num_layers = space_shape(space)
+    tasks = list(space.graph["tasks"])
+    table.check(tasks=tasks, num_layers=num_layers, input_size=input_size, path=args.latency)
+    return LatencyBudget(space, table, target)
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
@@ -124,6 +162,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
+    from dymu.data import input_size
     from dymu.errors import UserError
     from dymu.io import write_json
     from dymu.lock import run_lock
@@ -149,11 +188,13 @@ def run_sample(args: argparse.Namespace) -> int:
         space = load_space(run / "space.json")
         tasks = list(space.graph["tasks"])
         r = parse_preference(args.preference, tasks)
-        budget = parse_budget(args.budget)
+        lat = latency_budget(args, space, list(input_size(cfg.data)))
+        budget = parse_budget(args.budget) if lat is None else lat.flops_budget
         n, num_layers = space_shape(space)
         edge = load_edge(run, n, num_layers, cfg).eval()
         with torch.no_grad():
-            tree = derive_tree(edge.alpha(r, budget), space, budget)
+            alpha = edge.alpha(r, budget)
+            tree = derive_tree(alpha, space, budget) if lat is None else lat.derive(alpha)
     flops, full = tree.flops(space), anchor_flops(space)
     record = {
         "hash": tree.hash(),
@@ -165,6 +206,13 @@ def run_sample(args: argparse.Namespace) -> int:
         "budget": budget,
         "tasks": tasks,
     }
+    if lat is not None:
+        t = lat.table
+        record["latency"] = {
+            "target_ms": lat.target_ms,
+            "predicted_ms": lat.predicted_ms(tree),
+            "table": {"backend": t.backend, "device": t.device, "batch": t.batch},
+        }
     if args.json:
         write_json(run / "trees" / f"{tree.hash()}.json", record)
         print(json.dumps(record))
@@ -174,4 +222,11 @@ def run_sample(args: argparse.Namespace) -> int:
         f"FLOPs {flops / 1e6:.2f} M ({flops / full:.3f} of the anchor's {full / 1e6:.2f} M; "
         f"fvcore, 1 multiply-add = 1 FLOP), params {record['params'] / 1e6:.3f} M"
     )
+    if lat is not None:
+        t = lat.table
+        print(
+            f"latency {lat.predicted_ms(tree):.3f} ms predicted for a {lat.target_ms:g} ms "
+            f"target ({t.backend}, batch {t.batch}, {t.device}; the edge hypernet asked at "
+            f"FLOPs budget {budget:.3f})"
+        )
     return 0

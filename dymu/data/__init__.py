@@ -35,6 +35,13 @@ def get_builder(name: str) -> DatasetBuilder:
     return DATASETS.get(name)
 
 
+def input_size(cfg: DataConfig) -> tuple[int, int]:
+    """The (H, W) the networks see: ``data.size``, else the dataset's own size."""
+    if cfg.size is not None:
+        return (int(cfg.size[0]), int(cfg.size[1]))
+    return tuple(get_builder(cfg.name).info_for(cfg).default_size)
+
+
 def load_split(cfg: DataConfig, split: str) -> MultiTaskDataset:
     """Load one split of the dataset ``cfg.name`` with ``cfg.tasks``."""
     return get_builder(cfg.name).load(cfg, check_split(split))

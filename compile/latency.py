@@ -1,0 +1,575 @@
+"""Latency tables: what each node of the space costs in milliseconds on one backend, device,
+batch and input size, fitted from measured trees and checked on trees it has not seen.
+
+FLOPs do not predict latency at small batches: launches, memory traffic and the fusions a
+backend makes decide it. ``dymu profile`` (:func:`profile_run`) therefore measures trees of
+the space as they ship, materialized with BatchNorm folded
+(:func:`~dymu.compile.materialize.materialize`) and run on the backend, and fits
+
+    latency(tree) = c + sum over the tree's used nodes below the last layer of t(node)
+
+with every ``t >= 0`` (least squares, scikit-learn's ``LinearRegression(positive=True)``).
+Every tree runs all nodes of the last layer and all heads, so their cost is part of ``c``
+with the call's own overhead. Per-operator profilers (ONNX Runtime's, ``torch.profiler``)
+attribute time to fused kernels, not to dymu's nodes, and a node timed alone misses what its
+neighbours share (caches, launch queues); the fit prices each node as it runs inside trees.
+
+Measurement protocol (:func:`measure`): every tree gets ``warmup`` untimed calls; then
+``rounds`` rounds visit all trees in a new random order (interleaved, so a slow spell of
+the machine spreads over all trees instead of biasing a few) and time ``reps`` calls of
+each; a tree's latency is the median over rounds of its per-round median. Its noise is the
+spread of the round medians, (max - min) / median, stored next to every figure.
+
+The table then serves latency budgets (:func:`latency_space`): a copy of the space whose
+node costs are the table's, in integer nanoseconds, so the FLOPs repair of
+:func:`dymu.space.derive.repair` fits a tree to a latency target unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from dymu.errors import UserError
+from dymu.space.graph import build_space, costs, space_shape
+from dymu.space.tree import TreeSpec
+
+SCHEMA_VERSION = 1
+BACKENDS = ("onnxruntime", "eager", "compiled", "aoti", "tensorrt")
+"""What ``dymu profile --backend`` measures on: ONNX Runtime's CPU provider on the exported
+ONNX file; the materialized tree in PyTorch, eager or through ``torch.compile``; its
+AOTInductor package; its TensorRT engine (where TensorRT and a GPU are present)."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How each tree is timed (module docstring)."""
+
+    warmup: int = 3
+    rounds: int = 5
+    reps: int = 10
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def device_name(device: str) -> str:
+    """What a table was measured on: the GPU's name, or the CPU's model and the threads
+    the backends use (the same CPU with other threads is another device here)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+
+
+def backend_version(backend: str) -> str:
+    """The version of the library that runs ``backend``."""
+    package = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}.get(backend, "torch")
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{package} (not installed)"
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def make_runner(
+    backend: str,
+    net,
+    batch: int,
+    size: tuple[int, int],
+    device: str,
+    workdir: Path,
+    trt_version: str = "10.3",
+    exporter: str = "legacy",
+    dynamic_batch: bool = False,
+) -> Callable[[], None]:
+    """One call of the materialized tree ``net`` on ``backend`` at ``[batch, 3, *size]``.
+
+    ``workdir`` holds what the backend needs on disk (ONNX file, package, engine). The ONNX
+    file is written by ``exporter`` (``legacy``, the TorchScript exporter: the same network
+    as the bundle's file, about 10x faster to write for the hundred-odd trees of a table;
+    ``auto``: exactly the bundle's file) with a static or, as bundles have, dynamic batch.
+    """
+    import torch
+
+    x = torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0))
+    if backend == "onnxruntime":
+        return _ort_call(net, x, workdir, trt_version, exporter, dynamic_batch)
+    if backend == "aoti":
+        from dymu.compile.aoti import compile_aoti, load_aoti
+
+        package = workdir / "model.pt2"
+        compile_aoti(net, package, input_shape=tuple(x.shape), dynamic_batch=False, device=device)
+        run = load_aoti(package, device)
+    elif backend == "tensorrt":
+        run = _trt_runner(net, x, workdir, trt_version)
+    else:
+        run = net.to(device)
+        if backend == "compiled":
+            run = torch.compile(run, mode="reduce-overhead" if device != "cpu" else "default")
+    x = x.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def call() -> None:
+        with torch.inference_mode():
+            run(x)
+        sync()
+
+    return call
+
+
+def _ort_call(
+    net, x, workdir: Path, trt_version: str, exporter: str, dynamic_batch: bool
+) -> Callable[[], None]:
+    """ONNX Runtime's CPU provider on the tree's ONNX file, threads as PyTorch's."""
+    import onnxruntime as ort
+    import torch
+
+    from dymu.compile.onnx_export import export_onnx
+
+    path = workdir / "model.onnx"
+    export_onnx(
+        net,
+        path,
+        input_shape=tuple(x.shape),
+        target=trt_version,
+        exporter=exporter,
+        dynamic_batch=dynamic_batch,
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _trt_runner(net, x, workdir: Path, trt_version: str):
+    """The tree's TensorRT engine, built here (needs TensorRT and a GPU)."""
+    from dymu.compile.onnx_export import export_onnx
+    from dymu.compile.trt_engine import EngineRunner, build_engine
+
+    batch = x.shape[0]
+    shape = tuple(x.shape)
+    export_onnx(net, workdir / "model.onnx", input_shape=shape, target=trt_version)
+    build_engine(workdir / "model.onnx", workdir / "model.engine", opt_batch=batch, max_batch=batch)
+    runner = EngineRunner(workdir / "model.engine")
+    return lambda inp: runner(inp.cuda())
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(
+    calls: dict[str, Callable[[], None]],
+    protocol: Protocol,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Interleaved timing of every call (module docstring): ``{key: {"ms", "spread"}}``."""
+    from tqdm.auto import tqdm
+
+    for call in calls.values():
+        for _ in range(protocol.warmup):
+            call()
+    rng = np.random.default_rng(seed)
+    keys = list(calls)
+    per_round: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in tqdm(range(protocol.rounds), desc="measure", unit="round", disable=not progress):
+        for i in rng.permutation(len(keys)):
+            call, times = calls[keys[i]], []
+            for _ in range(protocol.reps):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            per_round[keys[i]].append(1e3 * statistics.median(times))
+    out = {}
+    for k, medians in per_round.items():
+        ms = statistics.median(medians)
+        out[k] = {"ms": ms, "spread": (max(medians) - min(medians)) / ms}
+    return out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def features(tree: TreeSpec) -> np.ndarray:
+    """[N * (L-1)] 1.0 where the tree runs node (l, j), l < L-1 (layer-major)."""
+    used = tree.used()
+    return np.array([float(u) for row in used[:-1] for u in row])
+
+
+def fit(trees: Sequence[TreeSpec], measured_ms: Sequence[float]) -> tuple[float, np.ndarray]:
+    """``(c, t [L-1, N])`` of the latency model, every node cost >= 0."""
+    from sklearn.linear_model import LinearRegression
+
+    x = np.stack([features(t) for t in trees])  # [K, N*(L-1)]
+    model = LinearRegression(positive=True).fit(x, np.asarray(measured_ms, dtype=np.float64))
+    n, num_layers = trees[0].num_tasks, trees[0].num_layers
+    return float(model.intercept_), model.coef_.reshape(num_layers - 1, n)
+
+
+@dataclass
+class LatencyTable:
+    """A fitted latency model and where it holds (``latency.json``)."""
+
+    backend: str
+    backend_version: str
+    device: str
+    batch: int
+    input_size: tuple[int, int]
+    precision: str
+    tasks: list[str]
+    const_ms: float
+    node_ms: list[list[float]]  # [L-1][N], layers below the last
+    info: dict[str, Any]  # fit, validation, noise, reference trees, protocol
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.node_ms) + 1
+
+    def predict(self, tree: TreeSpec) -> float:
+        """Predicted milliseconds of ``tree``."""
+        t = np.asarray(self.node_ms, dtype=np.float64).ravel()
+        return self.const_ms + float(features(tree) @ t)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "backend": self.backend,
+            "backend_version": self.backend_version,
+            "device": self.device,
+            "batch": self.batch,
+            "input_size": list(self.input_size),
+            "precision": self.precision,
+            "tasks": self.tasks,
+            "model": {
+                "form": "const_ms + sum of node_ms over the used nodes below the last layer",
+                "const_ms": self.const_ms,
+                "node_ms": self.node_ms,
+            },
+            **self.info,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], path: Path) -> LatencyTable:
+        """The table in ``obj`` (read from ``path``); one line when it is not one."""
+        try:
+            if obj.get("schema_version") != SCHEMA_VERSION:
+                raise KeyError("schema_version")
+            model = obj["model"]
+            table = cls(
+                backend=str(obj["backend"]),
+                backend_version=str(obj["backend_version"]),
+                device=str(obj["device"]),
+                batch=int(obj["batch"]),
+                input_size=(int(obj["input_size"][0]), int(obj["input_size"][1])),
+                precision=str(obj["precision"]),
+                tasks=list(obj["tasks"]),
+                const_ms=float(model["const_ms"]),
+                node_ms=[[float(v) for v in row] for row in model["node_ms"]],
+                info={k: v for k, v in obj.items() if k in _INFO},
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise UserError(
+                f"{path} is not a dymu latency table (bad or missing {exc}); make one with "
+                "dymu profile"
+            ) from None
+        return table
+
+    def check(
+        self,
+        *,
+        tasks: Sequence[str],
+        num_layers: int,
+        input_size: Sequence[int],
+        backend: str | None = None,
+        device: str | None = None,
+        batch: int | None = None,
+        path: str | os.PathLike = "latency.json",
+    ) -> None:
+        """Refuse, in one line, a table made for another space, input size or, when given,
+        backend, device or batch."""
+        wanted = [
+            ("tasks", list(tasks), self.tasks),
+            ("layers", num_layers, self.num_layers),
+            ("input size", list(input_size), list(self.input_size)),
+            ("backend", backend, self.backend),
+            ("device", device, self.device),
+            ("batch", batch, self.batch),
+        ]
+        for what, here, there in wanted:
+            if here is not None and here != there:
+                raise UserError(
+                    f"{path} was measured for {what} {there}, not {here}; run dymu profile "
+                    "for this one"
+                )
+
+    @property
+    def cheapest_ms(self) -> float:
+        """The measured latency of the fastest tree the table knows of (the reference
+        cheapest tree's)."""
+        return float(self.info["reference"]["cheapest_ms"])
+
+
+_INFO = ("command", "protocol", "fit", "validation", "noise", "reference", "trt_version")
+
+
+def read_table(path: str | os.PathLike) -> LatencyTable:
+    """The latency table in ``path``; one line when it is missing or damaged."""
+    from dymu.artifacts import read_json
+
+    path = Path(path)
+    obj = read_json(path, "latency table", "make one with dymu profile")
+    return LatencyTable.from_json(obj, path)
+
+
+def latency_space(G: nx.DiGraph, table: LatencyTable) -> nx.DiGraph:
+    """A copy of ``G`` whose node "FLOPs" are the table's latencies in integer nanoseconds
+    (the last layer's 0; ``c`` on the first head), for :func:`dymu.space.derive.repair`."""
+    n, _ = space_shape(G)
+    _, params, _, hparams = costs(G)
+    ns = [[round(1e6 * v) for v in row] for row in table.node_ms] + [[0] * n]  # [L][N]
+    heads = [round(1e6 * table.const_ms)] + [0] * (n - 1)
+    return build_space(list(G.graph["tasks"]), ns, params, heads, hparams)
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def reference_trees(n: int, num_layers: int) -> dict[str, TreeSpec]:
+    """The anchor tree and every stream's cheapest tree (the ends of the latency range)."""
+    trees = {"anchor": TreeSpec.no_sharing(n, num_layers)}
+    for k in range(n):
+        trees[f"trunk{k}"] = TreeSpec.all_sharing(n, num_layers, k).canonical()
+    return trees
+
+
+def random_trees(
+    n: int, num_layers: int, count: int, rng: np.random.Generator, avoid: set[str]
+) -> list[TreeSpec]:
+    """``count`` distinct random trees (uniform parents) whose hashes are not in ``avoid``."""
+    out: dict[str, TreeSpec] = {}
+    for _ in range(100 * count):
+        if len(out) == count:
+            break
+        tree = TreeSpec.random(n, num_layers, rng).canonical()
+        if tree.hash() not in avoid:
+            out.setdefault(tree.hash(), tree)
+    return list(out.values())
+
+
+def profile_run(
+    run_dir: str | os.PathLike,
+    *,
+    backend: str,
+    batch: int,
+    device: str = "cpu",
+    calibrate: int = 60,
+    validate: int = 50,
+    protocol: Protocol = Protocol(),
+    seed: int = 0,
+    trt_version: str = "10.3",
+    progress: bool = True,
+) -> LatencyTable:
+    """Measure, fit and validate the latency table of a finished run's space.
+
+    ``calibrate`` random trees plus the reference trees (:func:`reference_trees`) are fitted;
+    ``validate`` other random trees are predicted and compared with their measurement.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from dymu.compile.materialize import materialize
+    from dymu.data import input_size
+    from dymu.search import load_run
+
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if batch < 1:
+        raise UserError(f"--batch must be >= 1, got {batch}")
+    run = load_run(run_dir)
+    n, num_layers = space_shape(run.space)
+    size = input_size(run.cfg.data)
+    rng = np.random.default_rng(seed)
+    refs = reference_trees(n, num_layers)
+    known = {t.hash() for t in refs.values()}
+    calib = random_trees(n, num_layers, calibrate, rng, known)
+    known |= {t.hash() for t in calib}
+    valid = random_trees(n, num_layers, validate, rng, known)
+    trees = {**{t.hash(): t for t in (*refs.values(), *calib, *valid)}}
+    calls: dict[str, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory(prefix="dymu-profile-") as tmp:
+        for h, tree in tqdm(trees.items(), desc=f"build ({backend})", disable=not progress):
+            with torch.no_grad():
+                net = materialize(run.anchor, tree, None, run.private)
+            work = Path(tmp) / h
+            work.mkdir()
+            calls[h] = make_runner(backend, net, batch, size, device, work, trt_version)
+        start = time.perf_counter()
+        timed = measure(calls, protocol, seed, progress)
+        seconds = time.perf_counter() - start
+    fit_trees = [*refs.values(), *calib]
+    const, node = fit(fit_trees, [timed[t.hash()]["ms"] for t in fit_trees])
+    table = LatencyTable(
+        backend=backend,
+        backend_version=backend_version(backend),
+        device=device_name(device),
+        batch=batch,
+        input_size=size,
+        precision="fp32",
+        tasks=list(run.space.graph["tasks"]),
+        const_ms=const,
+        node_ms=node.tolist(),
+        info={},
+    )
+    table.info = _summary(table, refs, fit_trees, valid, timed, protocol, seconds)
+    if backend in ("onnxruntime", "tensorrt"):
+        table.info["trt_version"] = trt_version
+    return table
+
+
+def _summary(table, refs, fit_trees, valid, timed, protocol, seconds) -> dict[str, Any]:
+    """The table's record: fit and validation errors, noise, reference trees, protocol."""
+
+    def rows(trees):
+        out = []
+        for t in trees:
+            m, p = timed[t.hash()]["ms"], table.predict(t)
+            out.append(
+                {"tree": t.hash(), "measured_ms": m, "predicted_ms": p,
+                 "rel_err": (p - m) / m, "spread": timed[t.hash()]["spread"]}
+            )  # fmt: skip
+        return out
+
+    def errors(rs):
+        e = np.abs([r["rel_err"] for r in rs])
+        return {"trees": len(rs), "median_abs_rel_err": float(np.median(e)),
+                "max_abs_rel_err": float(np.max(e)), "rows": rs}  # fmt: skip
+
+    cheapest = min(refs.values(), key=lambda t: timed[t.hash()]["ms"])
+    spreads = [v["spread"] for v in timed.values()]
+    order = "interleaved, a new random order every round"
+    noise = {"median_spread": float(np.median(spreads)), "max_spread": float(max(spreads))}
+    noise["spread"] = "(max - min) / median of a tree's round medians"
+    return {
+        "protocol": {**protocol.__dict__, "order": order, "measure_s": round(seconds, 1)},
+        "fit": {k: v for k, v in errors(rows(fit_trees)).items() if k != "rows"},
+        "validation": errors(rows(valid)) if valid else None,
+        "noise": noise,
+        "reference": {
+            "anchor_ms": timed[refs["anchor"].hash()]["ms"],
+            "cheapest_ms": timed[cheapest.hash()]["ms"],
+            "cheapest_tree": cheapest.hash(),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def parse_target_ms(text: Any) -> float:
+    """A latency target in milliseconds (> 0, finite), or one line saying what was given."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"--latency-ms must be a number of milliseconds, got {text!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise UserError(f"--latency-ms must be > 0, got {text!r}")
+    return value
+
+
+class LatencyBudget:
+    """A latency target on one table: derive trees by predicted latency, as FLOPs budgets do.
+
+    The edge hypernet is conditioned on a FLOPs budget; a latency target conditions it on
+    the FLOPs budget at the same place in the space's range (the fastest tree to the anchor
+    tree, mapped onto the cheapest tree to the anchor in FLOPs). Its argmax tree is then
+    repaired by predicted latency (:func:`latency_space`, :func:`dymu.space.derive.repair`).
+
+    Raises:
+        UserError: a target below the fastest tree, naming its measured latency.
+    """
+
+    def __init__(self, G: nx.DiGraph, table: LatencyTable, target_ms: float) -> None:
+        from dymu.space.graph import anchor_flops, min_flops
+
+        self.table, self.target_ms = table, target_ms
+        self.space = latency_space(G, table)
+        self.full, self.fastest = anchor_flops(self.space), min_flops(self.space)  # [ns]
+        floor = max(table.cheapest_ms, self.fastest / 1e6)
+        if target_ms < floor:
+            raise UserError(
+                f"--latency-ms {target_ms:g} is below the fastest tree of this space on "
+                f"{table.device} ({table.backend}, batch {table.batch}): "
+                f"{table.cheapest_ms:.3f} ms measured, {self.fastest / 1e6:.3f} ms predicted"
+            )
+        low = min_flops(G) / anchor_flops(G)
+        place = min(1.0, (1e6 * target_ms - self.fastest) / max(self.full - self.fastest, 1))
+        self.flops_budget = low + (1.0 - low) * place
+        """The FLOPs budget the edge hypernet is asked at (in [cheapest, 1])."""
+
+    def describe(self) -> dict[str, Any]:
+        """The target and the table it is measured by (for manifests)."""
+        t = self.table
+        return {
+            "target_ms": self.target_ms,
+            "flops_budget_asked": self.flops_budget,
+            "table": {
+                "backend": t.backend,
+                "backend_version": t.backend_version,
+                "device": t.device,
+                "batch": t.batch,
+                "input_size": list(t.input_size),
+            },
+        }
+
+    def fraction(self, cap_ns: float) -> float:
+        """``cap_ns`` as a fraction of the anchor tree's predicted latency that the repair
+        accepts (at most 1, at least the fastest tree's)."""
+        import math
+
+        frac = min(1.0, max(cap_ns, self.fastest) / self.full)
+        while frac * self.full < self.fastest:  # rounding: the repair must accept it
+            frac = math.nextafter(frac, math.inf)
+        return frac
+
+    def derive(self, alpha: Any) -> TreeSpec:
+        """The argmax tree of ``alpha`` repaired to the target's predicted latency."""
+        from dymu.space.derive import derive_tree
+
+        return derive_tree(alpha, self.space, self.fraction(1e6 * self.target_ms))
+
+    def predicted_ms(self, tree: TreeSpec) -> float:
+        return self.table.predict(tree)
+
+    def faster(self, tree: TreeSpec, alpha: Any = None) -> TreeSpec | None:
+        """The tree the repair reaches below ``tree``'s predicted latency (one or more
+        merges), or None when ``tree`` is already the fastest."""
+        from dymu.space.derive import repair
+
+        cost = tree.flops(self.space)
+        if cost <= self.fastest:
+            return None
+        return repair(tree, self.space, self.fraction(cost - 1), alpha)
