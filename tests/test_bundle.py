@@ -197,3 +197,34 @@ def test_trt_api_families_and_profiles(rt):
     one, eight = (1, 3, 32, 32), (8, 3, 32, 32)
     assert rt._profile_shapes([-1, 3, 32, 32], 8) == (one, one, eight)
     assert rt._profile_shapes([1, 3, 32, 32], 8)[2] == (1, 3, 32, 32)
+
+
+def test_profile_on_the_device_and_latency_targets(bundle, rt, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    proc = _isolated(
+        copy, "profile", ".", "--backend", "onnxruntime", "--rounds", "2", "--reps", "2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((copy / "latency.json").read_text())
+    manifest = rt.load_manifest(copy)
+    assert sorted(table["trees"]) == sorted(t["hash"] for t in manifest["trees"])
+    assert table["backend"] == "onnxruntime" and table["batch"] == 1
+    assert all(v["ms"] > 0 and v["spread"] >= 0 for v in table["trees"].values())
+    ctl = rt.Controller(copy, backend="onnxruntime")
+    pref = manifest["trees"][0]["preferences"][0]
+    slowest = max(v["ms"] for v in table["trees"].values())
+    assert ctl.set(pref, latency_ms=slowest)["hash"] == manifest["trees"][0]["hash"]
+    # only the fastest tree fits a target at its latency: every preference gets it
+    fastest = min(table["trees"], key=lambda h: table["trees"][h]["ms"])
+    for tree in manifest["trees"]:
+        target = table["trees"][fastest]["ms"]
+        assert ctl.set(tree["preferences"][0], latency_ms=target)["hash"] == fastest
+    with pytest.raises(ValueError, match="fastest tree of this bundle measured"):
+        ctl.set(pref, latency_ms=table["trees"][fastest]["ms"] / 2)
+    table["device"] = "another device"
+    (copy / "latency.json").write_text(json.dumps(table))
+    with pytest.raises(rt.BundleError, match="run profile again"):
+        ctl.set(pref, latency_ms=slowest)

@@ -30,6 +30,7 @@ CLI::
     python3 dymu_runtime.py verify BUNDLE [--backend onnxruntime|tensorrt] [--atol A]
     python3 dymu_runtime.py build BUNDLE [--precision fp32|fp16] [--workspace-mib N]
     python3 dymu_runtime.py bench-switch BUNDLE [--backend ...]
+    python3 dymu_runtime.py profile BUNDLE [--backend ...] [--batch B]  # -> latency.json
 
 Exit status: 0 ok, 1 golden-output mismatch or a failed build, 2 a refused request (missing
 backend, bad bundle, mismatched engine).
@@ -59,6 +60,7 @@ TIMING_CACHE = "timing.cache"
 DEFAULT_ATOL = 1e-4
 FP16_ATOL = 5e-2
 MAX_BATCH = 32
+LATENCY_FILE = "latency.json"
 INSTALL_HINT = (
     "on Jetson install JetPack's python3-libnvinfer and create the venv with "
     "'python3 -m venv --system-site-packages' so it can see it; elsewhere install NVIDIA's "
@@ -543,6 +545,11 @@ class Controller:
     silently running one would break the caller's compute limit. A looser budget does not
     give a bigger tree: export another bundle for that.
 
+    Latency rule: ``set(preference, latency_ms=X)`` picks among the trees this device
+    measured at most X ms (``profile``: ``latency.json`` in the bundle, made with the
+    controller's backend on this device) the one serving the nearest preference; a target
+    below every tree's measured latency is refused, naming the fastest.
+
     Args:
         bundle: the bundle folder.
         backend: ``auto`` (TensorRT if usable, else ONNX Runtime), ``onnxruntime`` or
@@ -597,22 +604,61 @@ class Controller:
             )
         return r, b
 
-    def select(self, preference: Any, budget: Any) -> dict[str, Any]:
+    def select(
+        self, preference: Any, budget: Any = None, latency_ms: float | None = None
+    ) -> dict[str, Any]:
         """The manifest entry of the tree ``set`` would switch to (validates, loads nothing)."""
-        r, _ = self._check(preference, budget)
-        i = int(np.argmin(np.linalg.norm(self._points - r, axis=1)))
-        return self._owner[i]
+        r, _ = self._check(preference, self.budget if budget is None else budget)
+        distance = np.linalg.norm(self._points - r, axis=1)  # [P] to every served preference
+        if latency_ms is not None:
+            measured = self._measured()
+            fits = np.array([measured[t["hash"]] <= latency_ms for t in self._owner])
+            if not fits.any():
+                fastest = min(measured.values())
+                raise ValueError(
+                    f"latency_ms {latency_ms:g}: the fastest tree of this bundle measured "
+                    f"{fastest:.3f} ms on this device ({self.backend})"
+                )
+            distance = np.where(fits, distance, np.inf)
+        return self._owner[int(np.argmin(distance))]
 
-    def set(self, preference: Any, budget: Any) -> dict[str, Any]:
-        """Switch to the tree for ``(preference, budget)``; returns its manifest entry.
+    def _measured(self) -> dict[str, float]:
+        """Each tree's median latency in ms from the bundle's ``latency.json``, which must
+        come from this backend on this device."""
+        path = self.bundle / LATENCY_FILE
+        if not path.is_file():
+            raise BundleError(f"{path} not found: run 'python3 dymu_runtime.py profile' first")
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            trees = {h: float(v["ms"]) for h, v in table["trees"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"cannot read {path} ({exc}); run profile again") from None
+        here = _device_name(self.backend)
+        if table.get("backend") != self.backend or table.get("device") != here:
+            raise BundleError(
+                f"{path} was measured with {table.get('backend')} on {table.get('device')}, "
+                f"not {self.backend} on {here}; run profile again"
+            )
+        missing = [t["hash"] for t in self.manifest["trees"] if t["hash"] not in trees]
+        if missing:
+            raise BundleError(f"{path} lacks trees {', '.join(missing)}; run profile again")
+        return trees
+
+    def set(
+        self, preference: Any, budget: Any = None, *, latency_ms: float | None = None
+    ) -> dict[str, Any]:
+        """Switch to the tree for ``preference`` within ``budget`` (default: the bundle's)
+        or, with ``latency_ms``, within that measured latency; returns its manifest entry.
 
         Raises:
             ValueError: preference not ``len(tasks)`` finite non-negative weights summing
-                to 1 (within 1e-6), or a budget that is not a finite number >= the
-                bundle's budget.
+                to 1 (within 1e-6), a budget that is not a finite number >= the bundle's
+                budget, or a latency below every tree's.
+            BundleError: ``latency_ms`` without a ``latency.json`` of this backend and
+                device.
         """
         t0 = time.perf_counter()
-        tree = self.select(preference, budget)
+        tree = self.select(preference, budget, latency_ms)
         h = tree["hash"]
         if h not in self._models:
             self._models[h] = self._load(tree)
@@ -719,6 +765,76 @@ def bench_switch(
     }
 
 
+def _device_name(backend: str) -> str:
+    """The GPU (TensorRT) or the CPU model and ONNX Runtime's provider a table holds for."""
+    if backend == "tensorrt":
+        d = current_device()
+        return f"{d['gpu_name']} (TensorRT {d['trt_version']})"
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
+            )
+    except OSError:
+        pass
+    import platform
+
+    import onnxruntime as ort
+
+    provider = ort.get_available_providers()[0]
+    return f"{model or platform.machine()} ({provider})"
+
+
+def profile(
+    bundle: str | os.PathLike,
+    backend: str = "auto",
+    batch: int = 1,
+    warmup: int = 3,
+    rounds: int = 5,
+    reps: int = 10,
+) -> dict[str, Any]:
+    """Measure every tree of the bundle on this device and write ``latency.json``.
+
+    As dymu's own ``dymu profile`` does: warm-up calls, then rounds that visit every tree
+    in a new random order and time ``reps`` calls of each; a tree's latency is the median
+    of its per-round medians, its spread (max - min) / median of those. The table is what
+    ``Controller.set(preference, latency_ms=X)`` picks by.
+    """
+    ctl = Controller(bundle, backend)
+    shape = list(ctl.manifest["input"]["shape"])
+    x = np.random.default_rng(0).random([batch, *shape[1:]], dtype=np.float32)
+    models = {t["hash"]: ctl._load(t) for t in ctl.manifest["trees"]}
+    for model in models.values():
+        for _ in range(warmup):
+            model(x)
+    rng = np.random.default_rng(0)
+    keys = list(models)
+    medians: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(rounds):
+        for i in rng.permutation(len(keys)):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                models[keys[i]](x)
+                times.append(time.perf_counter() - t0)
+            medians[keys[i]].append(1e3 * float(np.median(times)))
+    trees = {}
+    for k, ms in medians.items():
+        mid = float(np.median(ms))
+        trees[k] = {"ms": mid, "spread": (max(ms) - min(ms)) / mid}
+    table = {
+        "backend": ctl.backend,
+        "device": _device_name(ctl.backend),
+        "batch": batch,
+        "input_size": shape[2:],
+        "protocol": {"warmup": warmup, "rounds": rounds, "reps": reps, "order": "interleaved"},
+        "trees": trees,
+    }
+    _write_atomic(Path(bundle) / LATENCY_FILE, (json.dumps(table, indent=2) + "\n").encode())
+    return table
+
+
 # --- CLI ----------------------------------------------------------------------------------
 
 
@@ -738,6 +854,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("profile", help="measure every tree here; write latency.json")
+    p.add_argument("bundle")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10)
     p = sub.add_parser("_build-one", help=argparse.SUPPRESS)
     for name in ("onnx", "engine", "precision", "workspace_mib", "max_batch"):
         p.add_argument(name)
@@ -749,6 +871,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "build":
             metas = build_engines(args.bundle, args.precision, args.workspace_mib, args.max_batch)
             print(json.dumps({"built": sorted(metas)}, indent=2))
+        elif args.command == "profile":
+            if min(args.batch, args.rounds, args.reps) < 1:
+                raise BundleError("--batch, --rounds and --reps must be >= 1")
+            table = profile(args.bundle, args.backend, args.batch, 3, args.rounds, args.reps)
+            print(json.dumps(table, indent=2))
         elif args.command == "bench-switch":
             print(json.dumps(bench_switch(args.bundle, args.backend, args.rounds), indent=2))
         else:
