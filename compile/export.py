@@ -329,10 +329,10 @@ def _latency_budget(run: TrainedRun, path, target_ms: float, size) -> LatencyBud
         raise UserError("a latency target needs the latency table of dymu profile (--latency)")
     table = read_table(path)
     _, num_layers = space_shape(run.space)
-    table.check(tasks=run.anchor.task_names, num_layers=num_layers, input_size=size, path=path)
     kind = "cpu" if table.device.startswith("cpu") else "cuda"
     here = device_name(kind) if kind == "cpu" or torch.cuda.is_available() else "no CUDA device"
-    table.check(tasks=table.tasks, num_layers=num_layers, input_size=size, device=here, path=path)
+    tasks = run.anchor.task_names
+    table.check(tasks=tasks, num_layers=num_layers, input_size=size, device=here, path=path)
     return LatencyBudget(run.space, table, parse_target_ms(target_ms))
 
 

@@ -128,6 +128,11 @@ def make_runner(
     else:
         run = net.to(device)
         if backend == "compiled":
+            # Every tree is a new module with the same forward: without room for one
+            # compiled graph per tree, dynamo would fall back to eager after 8 of them.
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, 4096)
+            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 4096)
             run = torch.compile(run, mode="reduce-overhead" if device != "cpu" else "default")
     x = x.to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -418,7 +423,7 @@ def profile_run(
     calib = random_trees(n, num_layers, calibrate, rng, known)
     known |= {t.hash() for t in calib}
     valid = random_trees(n, num_layers, validate, rng, known)
-    trees = {**{t.hash(): t for t in (*refs.values(), *calib, *valid)}}
+    trees = {t.hash(): t for t in (*refs.values(), *calib, *valid)}
     calls: dict[str, Callable[[], None]] = {}
     with tempfile.TemporaryDirectory(prefix="dymu-profile-") as tmp:
         for h, tree in tqdm(trees.items(), desc=f"build ({backend})", disable=not progress):
