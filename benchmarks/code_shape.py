@@ -121,9 +121,9 @@ def longest_functions(path: Path) -> list[tuple[int, str]]:
                 qual = f"{prefix}{child.name}"
                 lines = child.end_lineno - child.lineno + 1
                 first = child.body[0]
-                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                    if isinstance(first.value.value, str):  # the docstring
-                        lines -= first.end_lineno - first.lineno + 1
+                docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                if docstring and isinstance(first.value.value, str):
+                    lines -= first.end_lineno - first.lineno + 1
                 out.append((lines, qual))
                 visit(child, qual + ".")
             elif isinstance(child, ast.ClassDef):
@@ -175,7 +175,9 @@ def main() -> int:
         "longest_function_per_package": {
             p: {"lines": n, "function": f} for p, (n, f) in sorted(per_package.items())
         },
-        f"functions_over_{LONG}_lines": [{"lines": n, "function": f} for n, f in sorted(long, reverse=True)],
+        f"functions_over_{LONG}_lines": [
+            {"lines": n, "function": f} for n, f in sorted(long, reverse=True)
+        ],
         "import_circles": circles,
         "upward_imports": [list(p) for p in upward],
         "layers": LAYERS,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dymu.compile.export import export_bundle
-from dymu.compile.latency import Protocol, measure, read_table
+from dymu.compile.latency import Protocol, measure, ort_session, read_table
 from dymu.io import write_json
 
 GOAL = 1.05
@@ -35,17 +35,14 @@ GOAL = 1.05
 
 def _remeasure(bundles: dict[str, Path], table, repeats: int) -> dict[str, list[float]]:
     """``{target/hash: [median ms per repeat]}`` of every exported file, fresh sessions."""
-    import onnxruntime as ort
     import torch
 
     calls = {}
     for key, bundle in bundles.items():
         manifest = json.loads((bundle / "manifest.json").read_text())
         for tree in manifest["trees"]:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            path = str(bundle / tree["hash"] / "model.onnx")
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            path = bundle / tree["hash"] / "model.onnx"
+            session = ort_session(path, torch.get_num_threads())
             x = np.random.default_rng(0).random((table.batch, 3, *table.input_size))
             feed = {"image": x.astype(np.float32)}
             calls[f"{key}/{tree['hash']}"] = lambda s=session, f=feed: s.run(None, f)

@@ -299,6 +299,12 @@ class Stage1Config:
     """Weight of dymu's expected-FLOPs budget penalty."""
     self_bias: float = 2.0
     """Initial logit bonus of a node's own stream as parent (start near the anchor)."""
+    private: bool = True
+    """Where the joint stage ran and ``stage2.private_nodes`` holds: run trees as stage 2,
+    the evaluation and export do, private nodes on stage 0's weights (relaxed: each node
+    mixes stage 0's output in by the probability that it is private,
+    :class:`~dymu.models.mixture.MixtureNet`). Off, every node runs the joint weights, and
+    the anchor tree looks worse to stage 1 than it is."""
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "lr_every", "temperature_every", "draws"):
@@ -339,7 +345,8 @@ class Stage2Config:
     """Where the joint stage ran: a tree's private nodes (on their own stream's path, for
     their own task alone) and the heads above them keep the stage-0 weights, the others run
     the joint stage's (in stage 2, the evaluation, sample and export); so a task that
-    shares nothing keeps its single-task quality. Stage 1 runs the joint weights."""
+    shares nothing keeps its single-task quality. Stage 1 does the same, relaxed
+    (``stage1.private``)."""
     adapter_rank: int = 4
     """Rank of the per-edge low-rank adapter on the first convolution of every node fed by
     another stream (folded into that convolution at export; 0 = BatchNorm offsets only,
@@ -450,11 +457,12 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
-_ADDED_LATER = {
+ADDED_LATER = {
     ("joint", "optimizer"): "adam",
     ("joint", "private"): False,
     ("joint", "trunk"): "random",
     ("joint", "random_kind"): "uniform",
+    ("stage1", "private"): False,
 }
 """(section, key) -> the value that behaves as the config did before the key existed."""
 
@@ -470,7 +478,7 @@ def section_hash(cfg: Config, *sections: str) -> str:
         # Towers that are off change nothing: artifacts made before towers existed stay valid.
         if values.get("towers", {}).get("gamma") == 0:
             del values["towers"]
-    for (section, key), before in _ADDED_LATER.items():
+    for (section, key), before in ADDED_LATER.items():
         # A setting added after artifacts existed, at the value that reproduces them.
         if section in blob and blob[section].get(key) == before:
             del blob[section][key]

@@ -117,7 +117,7 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
     if not read_text(path, "run config", fix).strip():
         raise UserError(f"run config {path} is damaged (empty); {fix}")
     try:
-        return load_config(path)
+        cfg = load_config(path)
     except UserError as exc:
         text = str(exc)
         if str(path) in text:
@@ -125,6 +125,22 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         raise UserError(
             f"run config {path} is damaged ({text.removeprefix('config: ')}); {fix}"
         ) from None
+    return _as_written(cfg, path)
+
+
+def _as_written(cfg: Config, path: Path) -> Config:
+    """A run's config with every setting its ``config.yaml`` lacks (added to dymu after the
+    run was made) at the value that behaves as dymu did then, not at today's default: a
+    finished run stays loadable, its artifacts' config hashes unchanged."""
+    import yaml
+
+    from dymu.config import ADDED_LATER
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for (section, key), before in ADDED_LATER.items():
+        if key not in (raw.get(section) or {}):
+            setattr(getattr(cfg, section), key, before)
+    return cfg
 
 
 def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:

@@ -166,7 +166,9 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
         print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
         edge = load_edge(run, n, num_layers, cfg)
     else:
-        edge, _ = train_stage1(cfg, run, streams, space, affinity, train, val, resume=resume)
+        edge, _ = train_stage1(
+            cfg, run, streams, space, affinity, train, val, resume=resume, private=private
+        )
     if record_matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
         weights = load_weights(run, streams, cfg)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import randomise_batchnorms
 
 from dymu.config import ModelConfig
 from dymu.models.anchor import build_anchor
-from dymu.models.mixture import MixtureNet, path_weights
+from dymu.models.mixture import MixtureNet, path_weights, private_weights
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.tasks import TaskSpec
@@ -46,6 +47,43 @@ def test_one_hot_weights_equal_the_tree():
             got, want = net(x, _one_hot(tree)), TreeNet(anchor, tree)(x)
             for k in want:
                 torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+
+
+def test_one_hot_weights_with_private_streams_equal_the_tree_with_private_nodes():
+    anchor = build_anchor(ModelConfig(width=4), SPECS).eval()
+    private = build_anchor(ModelConfig(width=4), SPECS).eval()
+    randomise_batchnorms(private, seed=3)  # other weights than the tuned streams
+    for p in private.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    net = MixtureNet(anchor, private).eval()
+    x = torch.rand(2, 3, 32, 32)
+    rng = np.random.default_rng(4)
+    num_layers = anchor.num_layers
+    trees = [TreeSpec.no_sharing(3, num_layers), TreeSpec.all_sharing(3, num_layers, 1)]
+    trees += [TreeSpec.branching(3, num_layers, 0, [2, 1, 3])]
+    trees += [TreeSpec.random(3, num_layers, rng) for _ in range(4)]
+    with torch.no_grad():
+        for tree in trees:
+            got, want = net(x, _one_hot(tree)), TreeNet(anchor, tree, private)(x)
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+        # the anchor tree is the stage-0 anchor itself
+        torch.testing.assert_close(
+            net(x, _one_hot(trees[0]))["depth"], private(x)["depth"], atol=1e-5, rtol=1e-4
+        )
+
+
+def test_private_weights_of_hard_trees_are_their_private_nodes():
+    rng = np.random.default_rng(5)
+    for tree in [TreeSpec.no_sharing(3, 4), TreeSpec.all_sharing(3, 4, 2)] + [
+        TreeSpec.random(3, 4, rng) for _ in range(20)
+    ]:
+        rho = private_weights(_one_hot(tree))  # [L, N]
+        private = tree.private()
+        for j in range(3):
+            for layer, stream in enumerate(tree.path(j)):
+                if stream == j:  # node (layer, j) on task j's own path
+                    assert rho[layer, j] == float(private[layer][j])
 
 
 def test_gradients_reach_the_parent_weights():

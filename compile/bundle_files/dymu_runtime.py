@@ -136,7 +136,11 @@ def _ort_session(onnx_path: Path) -> Any:
         raise BundleError(f"onnxruntime is not installed ({exc}); {hint}") from None
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     providers = [p for p in wanted if p in ort.get_available_providers()] or None
-    return ort.InferenceSession(str(onnx_path), providers=providers)
+    # Idle thread pools must not spin: several trees' sessions are held at once, and one
+    # session's spinning threads would slow the next tree's calls.
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(onnx_path), options, providers=providers)
 
 
 class _OrtModel:

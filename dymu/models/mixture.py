@@ -29,13 +29,40 @@ def path_weights(v: Tensor) -> Tensor:
     return torch.stack(q[::-1], dim=-3)
 
 
-class MixtureNet(nn.Module):
-    """All nodes of the anchor, each fed a parent mixture; heads read their task's path."""
+def private_weights(v: Tensor) -> Tensor:
+    """[..., L, N]: the probability that node (l, j) is private (:meth:`TreeSpec.private`)
+    given that task j's path runs through it, under independent parent choices ``v``
+    [..., L-1, N, N]: every node below it on stream j picks its own stream's parent, and no
+    other task's path visits stream j at or below layer l. One-hot ``v`` gives exactly
+    ``TreeSpec.private`` on the nodes of each task's own path.
+    """
+    n = v.shape[-1]
+    q = path_weights(v)  # [..., L, N(tasks), N(nodes)]
+    others = 1.0 - torch.eye(n, dtype=v.dtype, device=v.device)  # [N, N] k != j
+    # Prod_{k != j} (1 - q[l, k, j]): no other task's path at node (l, j).
+    alone = torch.prod(1.0 - q * others, dim=-2)  # [..., L, N]
+    own = torch.diagonal(v, dim1=-2, dim2=-1)  # [..., L-1, N]: v[l-1, j, j]
+    own = torch.cat([torch.ones_like(own[..., :1, :]), own], dim=-2)  # [..., L, N]
+    return torch.cumprod(own * alone, dim=-2)  # over layers 0..l
 
-    def __init__(self, anchor: Anchor) -> None:
+
+class MixtureNet(nn.Module):
+    """All nodes of the anchor, each fed a parent mixture; heads read their task's path.
+
+    With ``private`` (the stage-0 streams, METHOD.md 1.9) the network runs trees as
+    :class:`~dymu.space.treenet.TreeNet` does with private nodes, relaxed: node (l, j)
+    outputs ``rho * y0(l, j) + (1 - rho) * y(l, j)``, where ``y0`` is stage 0's stream j on
+    the image (the single-task network), ``y`` the node on its parent mixture and ``rho``
+    :func:`private_weights`; each head likewise mixes stage 0's head on ``y0`` with its own.
+    A tree that shares nothing then computes the stage-0 anchor exactly.
+    """
+
+    def __init__(self, anchor: Anchor, private: Anchor | None = None) -> None:
         super().__init__()
         self.anchor = anchor
         self.backbone = StackedLayers(anchor.streams)
+        self.private = private
+        self.private_backbone = StackedLayers(private.streams) if private is not None else None
 
     def forward(self, image: Tensor, v: Tensor) -> dict[str, Tensor]:
         """Every task's head output for parent weights v (rows sum to 1).
@@ -53,24 +80,56 @@ class MixtureNet(nn.Module):
         if batch % groups:
             raise ValueError(f"a batch of {batch} cannot be split into {groups} equal groups")
         v = v.repeat_interleave(batch // groups, dim=0)  # [B, L-1, N, N]: one set per image
-        y = self.backbone.layers[0](image.repeat(1, n, 1, 1))  # [B, N * C, H, W]
+        stacked = image.repeat(1, n, 1, 1)  # [B, N * 3, H, W]
+        feats0, rho = None, None
+        if self.private is not None:
+            with torch.no_grad():
+                feats0 = self.private_backbone(image)  # L x [B, N * C, H, W]
+            rho = private_weights(v)  # [B, L, N]
+        y = self._private_mix(self.backbone.layers[0](stacked), 0, feats0, rho)
         feats = [y]
         for layer in range(1, len(self.backbone.layers)):
             b, nc, h, w = y.shape
             streams = y.view(b, n, nc // n, h, w)  # [B, N, C, H, W]
             mixed = torch.einsum("bji,bichw->bjchw", v[:, layer - 1].to(y), streams)
             y = self.backbone.layers[layer](mixed.reshape(b, nc, h, w))
+            y = self._private_mix(y, layer, feats0, rho)
             feats.append(y)
         q = path_weights(v)  # [B, L, N, N]
         out = {}
         for j, task in enumerate(self.anchor.tasks):
             head = self.anchor.heads[task.name]
-            last = feats[-1]
-            high = last.view(last.shape[0], n, -1, *last.shape[-2:])[:, j]  # [B, C, H, W]
+            high = _stream(feats[-1], n, j)  # [B, C, H, W]
             low = None
             if head.low_layer is not None:
                 f = feats[head.low_layer]
                 f = f.view(f.shape[0], n, -1, *f.shape[-2:])  # [B, N, C, H, W]
                 low = torch.einsum("bi,bichw->bchw", q[:, head.low_layer, j].to(f), f)
             out[task.name] = head(high.contiguous(), low, size)
+            if self.private is not None:
+                head0 = self.private.heads[task.name]
+                low0 = (
+                    _stream(feats0[head0.low_layer], n, j) if head0.low_layer is not None else None
+                )
+                with torch.no_grad():
+                    out0 = head0(_stream(feats0[-1], n, j).contiguous(), low0, size)
+                r = rho[:, -1, j].to(out0).view(-1, *[1] * (out0.dim() - 1))  # [B, 1, ...]
+                out[task.name] = r * out0 + (1 - r) * out[task.name]
         return out
+
+    @staticmethod
+    def _private_mix(y: Tensor, layer: int, feats0, rho) -> Tensor:
+        """``y`` [B, N * C, H, W] with each node's stage-0 output mixed in by rho."""
+        if feats0 is None:
+            return y
+        b, nc, h, w = y.shape
+        n = rho.shape[-1]
+        r = rho[:, layer].to(y).view(b, n, 1, 1, 1)  # [B, N, 1, 1, 1]
+        y0 = feats0[layer].view(b, n, nc // n, h, w)
+        mixed = r * y0 + (1 - r) * y.view(b, n, nc // n, h, w)  # [B, N, C, H, W]
+        return mixed.reshape(b, nc, h, w)
+
+
+def _stream(f: Tensor, n: int, j: int) -> Tensor:
+    """Stream j's channels of a stacked feature map [B, N * C, H, W] -> [B, C, H, W]."""
+    return f.view(f.shape[0], n, -1, *f.shape[-2:])[:, j]

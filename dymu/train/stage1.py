@@ -136,15 +136,20 @@ def train_stage1(
     train_ds,
     val_ds,
     resume: bool = False,
+    private: Anchor | None = None,
 ) -> tuple[EdgeHypernet, dict[str, Any]]:
-    """Train the edge hypernet; write its weights and a summary into ``run_dir``."""
+    """Train the edge hypernet; write its weights and a summary into ``run_dir``.
+
+    ``private``: the stage-0 streams that private nodes run (``stage1.private``), frozen.
+    """
     s1, run_dir = cfg.stage1, Path(run_dir)
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s1.batch_size, "stage1.batch_size")  # fail before any work
     dist.setup(device)
     anchor = frozen(anchor, device)
-    net = frozen(MixtureNet(anchor), device)
+    private = frozen(private, device) if private is not None and s1.private else None
+    net = frozen(MixtureNet(anchor, private), device)
     prec.prepare(net)  # the anchor's layers, in place; released after training
     flops = Flops.of(space, device)
     torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
