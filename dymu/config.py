@@ -229,7 +229,7 @@ class JointConfig:
     random_trees: int = 1
     """Random trees per step beside a cheapest tree (and the anchor tree without
     ``private``): the sandwich rule."""
-    random_kind: Literal["branch", "uniform"] = "uniform"
+    random_kind: Literal["branch", "uniform"] = "branch"
     """How a random tree is drawn: ``branch``, every task leaves the cheapest tree's trunk
     at a uniformly random layer (the trees budgets between the cheapest and the anchor tree
     derive); ``uniform``, every parent uniformly from the N streams."""
