@@ -397,6 +397,19 @@ def random_trees(
     return list(out.values())
 
 
+def profile_trees(
+    n: int, num_layers: int, calibrate: int, validate: int, seed: int
+) -> tuple[dict[str, TreeSpec], list[TreeSpec], list[TreeSpec]]:
+    """The trees a table is fitted on (:func:`reference_trees` and ``calibrate`` random
+    ones) and ``validate`` other random trees it is checked on, all distinct."""
+    rng = np.random.default_rng(seed)
+    refs = reference_trees(n, num_layers)
+    known = {t.hash() for t in refs.values()}
+    calib = random_trees(n, num_layers, calibrate, rng, known)
+    known |= {t.hash() for t in calib}
+    return refs, calib, random_trees(n, num_layers, validate, rng, known)
+
+
 def profile_run(
     run_dir: str | os.PathLike,
     *,
@@ -429,12 +442,7 @@ def profile_run(
     run = load_run(run_dir)
     n, num_layers = space_shape(run.space)
     size = input_size(run.cfg.data)
-    rng = np.random.default_rng(seed)
-    refs = reference_trees(n, num_layers)
-    known = {t.hash() for t in refs.values()}
-    calib = random_trees(n, num_layers, calibrate, rng, known)
-    known |= {t.hash() for t in calib}
-    valid = random_trees(n, num_layers, validate, rng, known)
+    refs, calib, valid = profile_trees(n, num_layers, calibrate, validate, seed)
     trees = {t.hash(): t for t in (*refs.values(), *calib, *valid)}
     calls: dict[str, Callable[[], None]] = {}
     with tempfile.TemporaryDirectory(prefix="dymu-profile-") as tmp:

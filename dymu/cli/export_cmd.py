@@ -93,6 +93,13 @@ def run_export(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         latency_table=args.latency,
     )
+    _print_trees(manifest, len(prefs))
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def _print_trees(manifest: dict, preferences: int) -> None:
+    """One block per exported tree: FLOPs, params, parity, what it serves, latency."""
     budget = manifest["budget"]
     full = manifest["anchor_flops"]
     count = len(manifest["trees"])
@@ -103,7 +110,7 @@ def run_export(args: argparse.Namespace) -> int:
         asked += f"{lat['table']['batch']}; FLOPs budget asked {budget:.3f})"
     print(
         f"{count} tree{'s' if count != 1 else ''} for {asked} "
-        f"({len(prefs)} preference{'s' if len(prefs) != 1 else ''}):"
+        f"({preferences} preference{'s' if preferences != 1 else ''}):"
     )
     for t in manifest["trees"]:
         print(
@@ -125,5 +132,3 @@ def run_export(args: argparse.Namespace) -> int:
                 f"    AOTInductor {a['device_name']}: parity {a['parity']['overall']:.1e}, "
                 f"compiled in {a['compile_s']:.0f} s"
             )
-    print(f"wrote {args.out}/manifest.json")
-    return 0

@@ -160,21 +160,47 @@ def parse_budget(text: str) -> float:
 def run_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dymu.io import write_json
+    from dymu.space.render import tree_text
+
+    run = Path(args.run)
+    tree, record, lat = _sample(args, run)
+    if args.json:
+        write_json(run / "trees" / f"{tree.hash()}.json", record)
+        print(json.dumps(record))
+        return 0
+    print(tree_text(tree, record["tasks"]))
+    full = record["flops"] / record["flops_fraction"]
+    print(
+        f"FLOPs {record['flops'] / 1e6:.2f} M ({record['flops_fraction']:.3f} of the anchor's "
+        f"{full / 1e6:.2f} M; fvcore, 1 multiply-add = 1 FLOP), params "
+        f"{record['params'] / 1e6:.3f} M"
+    )
+    if lat is not None:
+        t = lat.table
+        print(
+            f"latency {lat.predicted_ms(tree):.3f} ms predicted for a {lat.target_ms:g} ms "
+            f"target ({t.backend}, batch {t.batch}, {t.device}; the edge hypernet asked at "
+            f"FLOPs budget {record['budget']:.3f})"
+        )
+    return 0
+
+
+def _sample(args: argparse.Namespace, run):
+    """The tree of ``args`` (preference and budget or latency target) on the finished run
+    ``run``: ``(tree, its record, the latency budget or None)``."""
     import torch
 
     from dymu.data import input_size
     from dymu.errors import UserError
-    from dymu.io import write_json
     from dymu.lock import run_lock
     from dymu.run import read_run_config
     from dymu.search import load_edge
     from dymu.space.derive import derive_tree
     from dymu.space.graph import anchor_flops, load_space, space_shape
-    from dymu.space.render import tree_text
     from dymu.train.checkpoint import record_matches
     from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash
 
-    run = Path(args.run)
     for name in ("config.yaml", "space.json", EDGE_WEIGHTS):
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
@@ -190,17 +216,16 @@ def run_sample(args: argparse.Namespace) -> int:
         r = parse_preference(args.preference, tasks)
         lat = latency_budget(args, space, list(input_size(cfg.data)))
         budget = parse_budget(args.budget) if lat is None else lat.flops_budget
-        n, num_layers = space_shape(space)
-        edge = load_edge(run, n, num_layers, cfg).eval()
+        edge = load_edge(run, *space_shape(space), cfg).eval()
         with torch.no_grad():
             alpha = edge.alpha(r, budget)
             tree = derive_tree(alpha, space, budget) if lat is None else lat.derive(alpha)
-    flops, full = tree.flops(space), anchor_flops(space)
+    flops = tree.flops(space)
     record = {
         "hash": tree.hash(),
         "parents": [list(p) for p in tree.canonical().parents],
         "flops": flops,
-        "flops_fraction": flops / full,
+        "flops_fraction": flops / anchor_flops(space),
         "params": tree.params(space),
         "preference": r.tolist(),
         "budget": budget,
@@ -213,20 +238,4 @@ def run_sample(args: argparse.Namespace) -> int:
             "predicted_ms": lat.predicted_ms(tree),
             "table": {"backend": t.backend, "device": t.device, "batch": t.batch},
         }
-    if args.json:
-        write_json(run / "trees" / f"{tree.hash()}.json", record)
-        print(json.dumps(record))
-        return 0
-    print(tree_text(tree, tasks))
-    print(
-        f"FLOPs {flops / 1e6:.2f} M ({flops / full:.3f} of the anchor's {full / 1e6:.2f} M; "
-        f"fvcore, 1 multiply-add = 1 FLOP), params {record['params'] / 1e6:.3f} M"
-    )
-    if lat is not None:
-        t = lat.table
-        print(
-            f"latency {lat.predicted_ms(tree):.3f} ms predicted for a {lat.target_ms:g} ms "
-            f"target ({t.backend}, batch {t.batch}, {t.device}; the edge hypernet asked at "
-            f"FLOPs budget {budget:.3f})"
-        )
-    return 0
+    return tree, record, lat
