@@ -223,6 +223,9 @@ def export_bundle(
         }
         if lat is not None:
             manifest["latency"] = {**lat.describe(), "table_file": str(latency_table)}
+            # A latency target may spend more FLOPs than the budget the hypernets were
+            # asked at: the bundle's budget is what its trees cost, as the runtime expects.
+            manifest["budget"] = max(e["flops_fraction"] for e in entries)
         manifest["runtime"] = write_bundle_files(tmp, manifest)
         write_json(tmp / "manifest.json", manifest)
     return manifest

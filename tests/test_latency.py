@@ -181,6 +181,7 @@ def test_export_measures_and_records_the_latency_of_each_tree(run, table_file, t
     assert manifest["latency"]["target_ms"] == target
     assert manifest["latency"]["table"]["backend"] == "onnxruntime"
     (tree,) = manifest["trees"]
+    assert manifest["budget"] == tree["flops_fraction"]  # what its trees cost
     lat = tree["latency"]
     assert lat["measured_ms"] <= target and lat["predicted_ms"] <= target
     assert lat["repairs_after_measuring"] == 0

@@ -107,7 +107,7 @@ def _print_trees(manifest: dict, preferences: int) -> None:
     if "latency" in manifest:
         lat = manifest["latency"]
         asked = f"latency target {lat['target_ms']:g} ms ({lat['table']['backend']}, batch "
-        asked += f"{lat['table']['batch']}; FLOPs budget asked {budget:.3f})"
+        asked += f"{lat['table']['batch']}; FLOPs budget asked {lat['flops_budget_asked']:.3f})"
     print(
         f"{count} tree{'s' if count != 1 else ''} for {asked} "
         f"({preferences} preference{'s' if preferences != 1 else ''}):"
