@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dymu.compile.parity import parity_report
+from dymu.compile.parity import check_eval_mode, parity_report
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_path, sha256_file
 
@@ -62,9 +62,6 @@ _META_MAX_BATCH = "dymu.max_batch"
 _META_OUTPUTS = "dymu.output_names"
 _META_DEVICE = "AOTI_DEVICE_KEY"
 """Metadata key AOTInductor itself writes: the device kind the package was compiled for."""
-
-_TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-"""Modules whose output depends on ``.training``; export must see them in eval mode."""
 
 
 @dataclass(frozen=True)
@@ -169,19 +166,6 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _check_eval(module: nn.Module) -> None:
-    training = [
-        name or "<root>"
-        for name, m in module.named_modules()
-        if m.training and (m is module or isinstance(m, _TRAINING_SENSITIVE))
-    ]
-    if training:
-        raise UserError(
-            f"AOTInductor needs an eval-mode module (call .eval()); in training mode: "
-            f"{training[:3]}"
-        )
-
-
 def _output_names(module: nn.Module, example: Tensor) -> list[str]:
     """Task names in output order, from one eager call (which also proves the module runs)."""
     with torch.no_grad():
@@ -262,7 +246,7 @@ def compile_aoti(
     dest = Path(path)
     if dest.suffix != ".pt2" or dest.is_dir():
         raise UserError(f"AOTInductor package path must be a .pt2 file, got {dest}")
-    _check_eval(net)
+    check_eval_mode(net, "AOTInductor")
     check_compiler()
 
     module = copy.deepcopy(net).to(device) if device != "cpu" else net

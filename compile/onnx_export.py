@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dymu.compile.parity import parity_report
+from dymu.compile.parity import check_eval_mode, parity_report
 from dymu.compile.trt_support import DYNAMO, LEGACY, Report, TrtTarget, check_graph, resolve
 from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_path, sha256_file
@@ -57,11 +57,6 @@ _NOISE = (
     re.compile(r"isinstance\(treespec, LeafSpec\)"),  # torch-internal pytree deprecation
 )
 """Warnings dropped from :attr:`ExportResult.warnings`; anything else is kept."""
-
-
-_TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-"""Modules whose output depends on ``.training``. Others (``nn.Identity`` left by BN
-folding, activations) may carry a stale flag harmlessly, so only these and the root count."""
 
 
 class TupleOutputs(nn.Module):
@@ -389,7 +384,7 @@ def export_onnx(
     dest = Path(path)
     if dest.is_dir():
         raise UserError(f"ONNX output path {dest} is a directory")
-    _check_eval_mode(module)
+    check_eval_mode(module, "export")
     chosen, notes = _choose_exporter(t, exporter)
     opset = t.export_opset
 
@@ -438,19 +433,6 @@ def export_onnx(
         notes=tuple(notes),
         seconds=time.perf_counter() - start,
     )
-
-
-def _check_eval_mode(module: nn.Module) -> None:
-    """Refuse a module (or a submodule whose output depends on it) in training mode."""
-    training = [
-        name or "<root>"
-        for name, m in module.named_modules()
-        if m.training and (m is module or isinstance(m, _TRAINING_SENSITIVE))
-    ]
-    if training:
-        raise UserError(
-            f"export needs an eval-mode module (call .eval()); in training mode: {training[:3]}"
-        )
 
 
 def _check_written(model, tmp: Path, t, opset: int, chosen: str, names, strict: bool):

@@ -1,4 +1,5 @@
-"""One comparison of a deployed artifact's outputs with PyTorch's, shared by every backend.
+"""What every exporter shares: the eval-mode check of the module before export, and one
+comparison of a deployed artifact's outputs with PyTorch's.
 
 ONNX Runtime (:func:`dymu.compile.onnx_export.ort_parity`) and AOTInductor
 (:func:`dymu.compile.aoti.aoti_parity`) run their artifact and the module on the same random
@@ -11,8 +12,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from torch import nn
 
-from dymu.errors import RuntimeFailure
+from dymu.errors import RuntimeFailure, UserError
+
+_TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+"""Modules whose output depends on ``.training``. Others (``nn.Identity`` left by BN
+folding, activations) may carry a stale flag harmlessly, so only these and the root count."""
+
+
+def check_eval_mode(module: nn.Module, needs: str) -> None:
+    """Refuse, in one line naming ``needs`` (the exporter), a module in training mode (the
+    root or a submodule whose output depends on it)."""
+    training = [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if m.training and (m is module or isinstance(m, _TRAINING_SENSITIVE))
+    ]
+    if training:
+        raise UserError(
+            f"{needs} needs an eval-mode module (call .eval()); in training mode: {training[:3]}"
+        )
 
 
 def parity_report(
