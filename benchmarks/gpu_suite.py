@@ -756,16 +756,10 @@ def run_in_child(check: Check, s: Suite) -> dict[str, Any]:
     }
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+
+    from dymu.compile.latency import cpu_model
 
     cuda = args.device.startswith("cuda")
     env: dict[str, Any] = {
@@ -777,7 +771,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "cudnn_version": torch.backends.cudnn.version() if cuda else None,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "device_name": torch.cuda.get_device_name() if cuda else cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),

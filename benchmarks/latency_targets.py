@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dymu.compile.export import export_bundle
-from dymu.compile.latency import Protocol, measure, ort_session, read_table
+from dymu.compile.latency import measure, ort_session, read_table
 from dymu.io import write_json
 
 GOAL = 1.05
@@ -46,11 +46,9 @@ def _remeasure(bundles: dict[str, Path], table, repeats: int) -> dict[str, list[
             x = np.random.default_rng(0).random((table.batch, 3, *table.input_size))
             feed = {"image": x.astype(np.float32)}
             calls[f"{key}/{tree['hash']}"] = lambda s=session, f=feed: s.run(None, f)
-    p = table.info.get("protocol", {})
-    protocol = Protocol(**{k: int(p[k]) for k in ("warmup", "rounds", "reps") if k in p})
     out: dict[str, list[float]] = {k: [] for k in calls}
     for i in range(repeats):
-        for k, v in measure(calls, protocol, seed=100 + i).items():
+        for k, v in measure(calls, table.protocol, seed=100 + i).items():
             out[k].append(v["ms"])
     return out
 

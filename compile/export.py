@@ -40,7 +40,6 @@ from dymu.compile import aoti
 from dymu.compile.bundle import write_bundle_files
 from dymu.compile.latency import (
     LatencyBudget,
-    Protocol,
     device_name,
     make_runner,
     measure,
@@ -364,7 +363,7 @@ def _settle_latency(run, served, alphas, lat, size, trt_version, dynamic_batch):
             call = make_runner(
                 t.backend, net, t.batch, size, device, work, trt_version, "auto", dynamic_batch
             )
-            return measure({"tree": call}, Protocol(**_protocol(t)))["tree"]
+            return measure({"tree": call}, t.protocol)["tree"]
 
         for h, (tree, rs) in tqdm(served.items(), desc="latency", unit="tree", leave=False):
             got, repairs = timed(tree), 0
@@ -386,12 +385,6 @@ def _settle_latency(run, served, alphas, lat, size, trt_version, dynamic_batch):
                 "repairs_after_measuring": repairs,
             }
     return settled, records
-
-
-def _protocol(table) -> dict[str, int]:
-    """The table's own measurement protocol (warm-up, rounds, repeats)."""
-    p = table.info.get("protocol", {})
-    return {k: int(p[k]) for k in ("warmup", "rounds", "reps") if k in p}
 
 
 def _compile_aoti(net, folder: Path, job: _TreeJob) -> dict[str, Any]:

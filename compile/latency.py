@@ -71,15 +71,19 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or platform.machine()
+    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
-            )
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine()
 
 
 def backend_version(backend: str) -> str:
@@ -342,6 +346,12 @@ class LatencyTable:
                     f"{path} was measured for {what} {there}, not {here}; run dymu profile "
                     "for this one"
                 )
+
+    @property
+    def protocol(self) -> Protocol:
+        """How the table's trees were timed (defaults for keys it lacks)."""
+        p = self.info.get("protocol", {})
+        return Protocol(**{k: int(p[k]) for k in ("warmup", "rounds", "reps") if k in p})
 
     @property
     def cheapest_ms(self) -> float:
