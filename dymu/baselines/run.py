@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.artifacts import read_json, rerun_fix
-from dymu.baselines.shared import train_shared
+from dymu.baselines.shared import epoch_bar, train_shared
 from dymu.config import Config, section_hash
 from dymu.data.batches import endless, iterate, num_batches, to_device
 from dymu.errors import UserError
@@ -262,21 +262,8 @@ def _epoch_batches(ctx: _Context, name: str, per_epoch: int):
     b = ctx.cfg.baselines
 
     def batches(epoch: int):
-        epoch_batches = iterate(
-            ctx.splits.train,
-            b.batch_size,
-            shuffle=True,
-            seed=ctx.cfg.run.seed * 1000 + epoch,
-            drop_last=True,
-            shard=ctx.part,
-        )
-        bar = tqdm(
-            epoch_batches,
-            total=per_epoch,
-            desc=f"{name} epoch {epoch + 1}/{b.epochs}",
-            leave=False,
-            disable=not dist.is_main(),
-        )
+        desc = f"{name} epoch {epoch + 1}/{b.epochs}"
+        bar = epoch_bar(ctx.splits.train, b.batch_size, ctx.cfg.run.seed, epoch, desc, per_epoch)
         for batch in bar:
             batch = to_device(batch, ctx.device)
             yield batch["image"], batch

@@ -75,16 +75,8 @@ def train_shared(
     models = torch.nn.ModuleList(m for m in modules if m is not weighting)  # net, towers
     with parallel.global_batch(models, device):
         for epoch in range(epochs):
-            batches = iterate(
-                train_ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True,
-                shard=dist.shard(),
-            )  # fmt: skip
-            bar = tqdm(
-                batches,
-                total=per_epoch,
-                desc=f"{desc} {epoch + 1}/{epochs}",
-                leave=False,
-                disable=not dist.is_main(),
+            bar = epoch_bar(
+                train_ds, batch_size, seed, epoch, f"{desc} {epoch + 1}/{epochs}", per_epoch
             )
             sums, steps = torch.zeros(len(net.tasks), dtype=torch.float64), 0
             for batch in bar:
@@ -108,6 +100,16 @@ def train_shared(
         "seconds": round(seconds, 2),
         "images_per_s": round(images / max(seconds, 1e-9), 1),
     }
+
+
+def epoch_bar(train_ds, batch_size: int, seed: int, epoch: int, desc: str, total: int):
+    """This rank's part of one epoch's shuffle of ``train_ds`` (seed ``seed * 1000 +
+    epoch``, whole batches only), behind a progress bar that rank 0 shows."""
+    batches = iterate(
+        train_ds, batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True,
+        shard=dist.shard(),
+    )  # fmt: skip
+    return tqdm(batches, total=total, desc=desc, leave=False, disable=not dist.is_main())
 
 
 def _adamw(modules: list[torch.nn.Module], weighting: Weighting, lr: float):
