@@ -38,14 +38,7 @@ from tqdm.auto import tqdm
 from dymu import __version__
 from dymu.compile import aoti
 from dymu.compile.bundle import write_bundle_files
-from dymu.compile.latency import (
-    LatencyBudget,
-    device_name,
-    make_runner,
-    measure,
-    parse_target_ms,
-    read_table,
-)
+from dymu.compile.latency import LatencyBudget, load_budget, make_runner, measure
 from dymu.compile.materialize import materialize
 from dymu.compile.onnx_export import export_onnx, ort_parity
 from dymu.compile.trt_support import opset_for
@@ -57,7 +50,7 @@ from dymu.io import atomic_dir, clean_stale, ensure_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
 from dymu.space.derive import check_budget, derive_tree
-from dymu.space.graph import anchor_flops, space_shape
+from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.train.loop import evaluate
 
@@ -324,18 +317,11 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
 
 
 def _latency_budget(run: TrainedRun, path, target_ms: float, size) -> LatencyBudget:
-    """The target on the table at ``path``, refused in one line when the table was made
-    for another space or input size, or on another device than this machine (export
-    measures each tree here)."""
+    """The target on the table at ``path``, which must also have been measured on this
+    machine: export measures each tree here."""
     if path is None:
         raise UserError("a latency target needs the latency table of dymu profile (--latency)")
-    table = read_table(path)
-    _, num_layers = space_shape(run.space)
-    kind = "cpu" if table.device.startswith("cpu") else "cuda"
-    here = device_name(kind) if kind == "cpu" or torch.cuda.is_available() else "no CUDA device"
-    tasks = run.anchor.task_names
-    table.check(tasks=tasks, num_layers=num_layers, input_size=size, device=here, path=path)
-    return LatencyBudget(run.space, table, parse_target_ms(target_ms))
+    return load_budget(run.space, path, target_ms, list(size), here=True)
 
 
 def _settle_latency(run, served, alphas, lat, size, trt_version, dynamic_batch):

@@ -535,6 +535,30 @@ def parse_target_ms(text: Any) -> float:
     return value
 
 
+def load_budget(
+    G: nx.DiGraph, path: str | os.PathLike, target_ms: Any, input_size, *, here: bool = False
+) -> LatencyBudget:
+    """The latency target ``target_ms`` on the table at ``path`` for the space ``G``.
+
+    Refused in one line: a bad target, a missing or damaged table, one made for another
+    space or input size, or, with ``here`` (a caller that measures on this machine), on
+    another device; a target below the fastest tree (:class:`LatencyBudget`).
+    """
+    import torch
+
+    target = parse_target_ms(target_ms)
+    table = read_table(path)
+    _, num_layers = space_shape(G)
+    device = None
+    if here:
+        kind = "cpu" if table.device.startswith("cpu") else "cuda"
+        usable = kind == "cpu" or torch.cuda.is_available()
+        device = device_name(kind) if usable else "no CUDA device"
+    tasks = list(G.graph["tasks"])
+    table.check(tasks=tasks, num_layers=num_layers, input_size=input_size, device=device, path=path)
+    return LatencyBudget(G, table, target)
+
+
 class LatencyBudget:
     """A latency target on one table: derive trees by predicted latency, as FLOPs budgets do.
 

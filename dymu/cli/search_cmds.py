@@ -79,22 +79,17 @@ def latency_budget(args: argparse.Namespace, space, input_size):
     """The :class:`~dymu.compile.latency.LatencyBudget` of --latency-ms and --latency (None
     with --budget); one line for a missing, damaged or mismatched table or a target below
     the fastest tree."""
-    from dymu.compile.latency import LatencyBudget, parse_target_ms, read_table
+    from dymu.compile.latency import load_budget, parse_target_ms
     from dymu.errors import UserError
-    from dymu.space.graph import space_shape
 
     if args.latency_ms is None:
         if args.latency is not None:
             raise UserError("--latency goes with --latency-ms, not with --budget")
         return None
-    target = parse_target_ms(args.latency_ms)
+    parse_target_ms(args.latency_ms)  # a bad target is named before a missing table
     if args.latency is None:
         raise UserError("--latency-ms needs --latency FILE, a table made by dymu profile")
-    table = read_table(args.latency)
-    _, num_layers = space_shape(space)
-    tasks = list(space.graph["tasks"])
-    table.check(tasks=tasks, num_layers=num_layers, input_size=input_size, path=args.latency)
-    return LatencyBudget(space, table, target)
+    return load_budget(space, args.latency, args.latency_ms, input_size)
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
