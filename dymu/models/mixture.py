@@ -29,15 +29,16 @@ def path_weights(v: Tensor) -> Tensor:
     return torch.stack(q[::-1], dim=-3)
 
 
-def private_weights(v: Tensor) -> Tensor:
+def private_weights(v: Tensor, q: Tensor | None = None) -> Tensor:
     """[..., L, N]: the probability that node (l, j) is private (:meth:`TreeSpec.private`)
     given that task j's path runs through it, under independent parent choices ``v``
     [..., L-1, N, N]: every node below it on stream j picks its own stream's parent, and no
     other task's path visits stream j at or below layer l. One-hot ``v`` gives exactly
-    ``TreeSpec.private`` on the nodes of each task's own path.
+    ``TreeSpec.private`` on the nodes of each task's own path. ``q``: ``path_weights(v)``
+    when the caller has it already.
     """
     n = v.shape[-1]
-    q = path_weights(v)  # [..., L, N(tasks), N(nodes)]
+    q = path_weights(v) if q is None else q  # [..., L, N(tasks), N(nodes)]
     others = 1.0 - torch.eye(n, dtype=v.dtype, device=v.device)  # [N, N] k != j
     # Prod_{k != j} (1 - q[l, k, j]): no other task's path at node (l, j).
     alone = torch.prod(1.0 - q * others, dim=-2)  # [..., L, N]
@@ -81,11 +82,12 @@ class MixtureNet(nn.Module):
             raise ValueError(f"a batch of {batch} cannot be split into {groups} equal groups")
         v = v.repeat_interleave(batch // groups, dim=0)  # [B, L-1, N, N]: one set per image
         stacked = image.repeat(1, n, 1, 1)  # [B, N * 3, H, W]
+        q = path_weights(v)  # [B, L, N, N]
         feats0, rho = None, None
         if self.private is not None:
             with torch.no_grad():
                 feats0 = self.private_backbone(image)  # L x [B, N * C, H, W]
-            rho = private_weights(v)  # [B, L, N]
+            rho = private_weights(v, q)  # [B, L, N]
         y = self._private_mix(self.backbone.layers[0](stacked), 0, feats0, rho)
         feats = [y]
         for layer in range(1, len(self.backbone.layers)):
@@ -95,7 +97,6 @@ class MixtureNet(nn.Module):
             y = self.backbone.layers[layer](mixed.reshape(b, nc, h, w))
             y = self._private_mix(y, layer, feats0, rho)
             feats.append(y)
-        q = path_weights(v)  # [B, L, N, N]
         out = {}
         for j, task in enumerate(self.anchor.tasks):
             head = self.anchor.heads[task.name]
