@@ -39,6 +39,7 @@ backend, bad bundle, mismatched engine).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -769,8 +770,10 @@ def bench_switch(
     }
 
 
+@functools.lru_cache(maxsize=None)  # noqa: UP033 (functools.cache needs Python 3.9)
 def _device_name(backend: str) -> str:
-    """The GPU (TensorRT) or the CPU model and ONNX Runtime's provider a table holds for."""
+    """The GPU (TensorRT) or the CPU model and ONNX Runtime's provider a table holds for
+    (found once per backend: ``set(..., latency_ms=X)`` asks on every switch)."""
     if backend == "tensorrt":
         d = current_device()
         return f"{d['gpu_name']} (TensorRT {d['trt_version']})"
