@@ -34,6 +34,8 @@ TARGETS = {
     "0.75": (0.65, 0.75, -6.0, ("static", 0.95)),
     "0.5": (0.0, 0.5, -10.0, ("phn_bn", 1.2)),
 }
+CONTROLLED = ("0.5", "0.75")
+"""Budgets where every task's controllability must be > 0."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_adherence": search["budget_adherence"][key],
             "distinct_trees": search["distinct_trees"][key],
             "controllability": search["controllability"][key],
+            "control_range": search.get("control_range", {}).get(key),
         }
         if key in TARGETS:
             lo, hi, dm, (other, ratio) = TARGETS[key]
@@ -99,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 "delta_m": {"want": dm, "met": row["delta_m"] >= dm},
                 f"hv_vs_{other}": {"want": ratio, "met": got is not None and got >= ratio},
             }
+            if key in CONTROLLED:
+                scores = row["controllability"].values()
+                met = bool(scores) and all(v > 0 for v in scores)
+                row["targets"]["controllability"] = {"want": "> 0 for every task", "met": met}
         rows[key] = row
     out = {
         "command": "python benchmarks/search_quality.py "
@@ -110,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": rows,
     }
     heads = ("budget", "FLOPs", "delta_m", "weighted", "HV", "/static", "/PHN-BN")
-    print(" ".join(f"{h:>8}" for h in heads))
+    print(" ".join(f"{h:>8}" for h in heads), " controllability")
     for key, row in rows.items():
         w = row["delta_m_weighted"]
+        control = " ".join(f"{t}:{v:+.2f}" for t, v in row["controllability"].items())
         print(
             f"{key:>8} {row['flops_mean']:8.3f} {row['delta_m']:+8.2f} "
             f"{'-' if w is None else f'{w:+.2f}':>8} {row['hypervolume']:8.2f} "
             f"{row['hv_ratio_static'] or float('nan'):8.3f} "
-            f"{row['hv_ratio_phn_bn'] or float('nan'):8.3f}"
+            f"{row['hv_ratio_phn_bn'] or float('nan'):8.3f}  {control}"
         )
     for k in ("static", "phn_bn", "phn"):
         if k in hv:

@@ -347,6 +347,10 @@ class Stage2Config:
     the joint stage's (in stage 2, the evaluation, sample and export); so a task that
     shares nothing keeps its single-task quality. Stage 1 does the same, relaxed
     (``stage1.private``)."""
+    hflip: bool = True
+    """Random horizontal flips of the training batches (as stage 0 and the joint stage).
+    Without them the preference-dependent offsets fit the training images: on the default
+    config semseg then did worse on the test split the more weight it was given."""
     adapter_rank: int = 4
     """Rank of the per-edge low-rank adapter on the first convolution of every node fed by
     another stream (folded into that convolution at export; 0 = BatchNorm offsets only,
@@ -463,6 +467,7 @@ ADDED_LATER = {
     ("joint", "trunk"): "random",
     ("joint", "random_kind"): "uniform",
     ("stage1", "private"): False,
+    ("stage2", "hflip"): False,
 }
 """(section, key) -> the value that behaves as the config did before the key existed."""
 

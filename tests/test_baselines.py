@@ -78,6 +78,12 @@ def test_logs_hold_per_step_weights_and_per_epoch_hypervolume(run):
     assert set(speed) == {"static", "transfer"}
     assert speed["static"]["final_hv"] == pytest.approx(history[-1]["hv"])
     assert speed["static"]["own_final"]["epoch"] in (0, 1)
+    # The training curves of the step-based methods: steps 0, 10, ... and the last, once.
+    phn_steps = json.loads((run_dir / "baselines" / "phn_bn.json").read_text())["log"]["steps"]
+    for name, total in (("tensioner", steps), ("phn_bn", phn_steps)):
+        rows = [json.loads(x) for x in (run_dir / "baselines" / "logs" / f"{name}.jsonl").open()]
+        assert [r["step"] for r in rows] == sorted({*range(0, total, 10), total - 1})
+        assert all(np.isfinite(r["loss"]) for r in rows)
 
 
 def test_finished_methods_are_reused_and_a_foreign_config_is_refused(run, capsys):

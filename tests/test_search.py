@@ -69,6 +69,11 @@ def test_search_writes_every_artifact_and_the_report(searched):
         assert report["budget_adherence"][k] == 1.0
         assert report["flops"][k]["max"] <= b + 1e-9
         assert set(report["controllability"][k]) == set(report["tasks"])
+        for t, span in report["control_range"][k].items():  # the sweep's range of the metric
+            values = [
+                row["metrics"][t][span["metric"]] for row in report["rows"] if row["budget"] == b
+            ]
+            assert (span["min"], span["max"]) == (min(values), max(values))
     assert "reference_point" in report["hypervolume"]
     # The one-epoch anchor scores 0 on some metric (e.g. normals within 11.25 degrees):
     # exactly those metrics leave delta_m, and every delta_m stays finite.

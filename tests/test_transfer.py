@@ -355,6 +355,7 @@ def test_train_is_deterministic_and_independent_mode_has_no_matrix() -> None:
 def test_train_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
     """Stopped after epoch 1 and run again, the set ends exactly where one run ends."""
     import dymu.pareto.transfer as transfer_module
+    import dymu.train.engine as engine
 
     torch.manual_seed(0)
     template = TwoHeadNet()
@@ -372,13 +373,13 @@ def test_train_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
     straight = train_pareto_set(whole, PREFS, batches, two_task_loss, **kwargs)
 
     ckpt = tmp_path / "set.pt"
-    save = transfer_module.save_checkpoint
+    save = engine.save_checkpoint
 
     def save_then_stop(path, config_hash, step, *args, **extra):
         save(path, config_hash, step, *args, **extra)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transfer_module, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_pareto_set(
             ParetoSet(template, 3),
@@ -389,7 +390,7 @@ def test_train_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
             checkpoint_hash="h",
             **kwargs,
         )
-    monkeypatch.setattr(transfer_module, "save_checkpoint", save)
+    monkeypatch.setattr(engine, "save_checkpoint", save)
     steps = []
     step = transfer_module.pareto_step
     monkeypatch.setattr(

@@ -224,7 +224,7 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
             checkpoint_hash=h,
         )
     if dist.is_main():
-        checkpoint.unlink()  # the method's json, written next, now holds the result
+        checkpoint.unlink(missing_ok=True)  # the method's json, written next, now holds the result
     seconds = log["history"][-1]["elapsed_s"]
     points = [ctx.point(pset.model(k).eval(), f"r{k}", r) for k, r in enumerate(chosen)]
     cost = ctx.cost(pset.model(0))
@@ -282,13 +282,6 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
     model = phn_bn(target, num_tasks=n) if bn_only else ParetoHypernet(target, num_tasks=n)
     model.to(ctx.device)
     tick = time.perf_counter()
-    bar = tqdm(
-        total=ctx.steps(),
-        desc="phn_bn" if bn_only else "phn",
-        unit="step",
-        leave=False,
-        disable=not dist.is_main(),
-    )
     with parallel.global_batch(target, ctx.device):
         log = train_phn(
             model,
@@ -299,10 +292,10 @@ def _phn(ctx: _Context, bn_only: bool) -> dict[str, Any]:
             solver=b.phn_solver,
             alpha=b.phn_alpha,
             seed=ctx.cfg.run.seed,
-            on_step=lambda step, record: bar.update(1),
+            desc="phn_bn" if bn_only else "phn",
+            run_dir=ctx.run_dir / FOLDER,
         )
     seconds = time.perf_counter() - tick
-    bar.close()
     model.eval()
     points = []
     for k, r in enumerate(ctx.preferences):
@@ -341,6 +334,7 @@ def _weighting(ctx: _Context) -> dict[str, Any]:
             device=ctx.device,
             towers=towers,
             desc=name,
+            run_dir=ctx.run_dir / FOLDER,
         )
         seconds += log["seconds"]
         logs[name] = log

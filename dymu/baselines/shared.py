@@ -14,7 +14,7 @@ the single-process one.
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +23,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.data.batches import iterate, num_batches, to_device
+from dymu.data.batches import endless, iterate, num_batches, to_device
 from dymu.models.shared import SharedNet
 from dymu.models.towers import AuxTowers
 from dymu.train import parallel
+from dymu.train.engine import StepLoop
 from dymu.weighting import Weighting
 
 
@@ -43,6 +44,7 @@ def train_shared(
     device: torch.device,
     towers: AuxTowers | None = None,
     desc: str = "shared",
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``net`` in place; return the per-step weights, per-epoch losses and timing.
 
@@ -55,7 +57,9 @@ def train_shared(
         epochs, batch_size, lr, seed: Adam with a cosine schedule, like stage 0.
         device: where to train.
         towers: auxiliary towers on the shared representation, or None.
-        desc: progress-bar label.
+        desc: progress-bar label and the training log's name.
+        run_dir: where ``logs/<desc>.jsonl`` (losses and weights every 10 steps) goes;
+            None writes no log.
 
     Returns:
         ``weights`` ([steps][T], the strategy's weights of every step), ``epoch_losses``
@@ -66,39 +70,30 @@ def train_shared(
         m.to(device).train()
     opt = _adamw(modules, weighting, lr)
     per_epoch = num_batches(train_ds, batch_size, drop_last=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
+    steps = epochs * per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    # Epoch e is the shuffle seed * 1000 + e, as epoch_bar's (and stage 0's).
+    batches = endless(train_ds, batch_size, seed, shard=dist.shard())
     step = _SharedStep(net, weighting, towers, scales.to(device), opt, sched, device)
+    step.batches, step.per_epoch = batches, per_epoch
     torch.manual_seed(seed)
-    log_weights: list[list[float]] = []
-    epoch_losses: list[list[float]] = []
-    images, seconds = 0, 0.0
     models = torch.nn.ModuleList(m for m in modules if m is not weighting)  # net, towers
+    loop = StepLoop(
+        name=desc, label=desc, desc=desc, run_dir=run_dir, checkpoint=None, config_hash="",
+        steps=steps, every=steps, model=models, optimizer=opt, scheduler=sched, step=step,
+        show=("loss",),
+    )  # fmt: skip
     with parallel.global_batch(models, device):
-        for epoch in range(epochs):
-            bar = epoch_bar(
-                train_ds, batch_size, seed, epoch, f"{desc} {epoch + 1}/{epochs}", per_epoch
-            )
-            sums, steps = torch.zeros(len(net.tasks), dtype=torch.float64), 0
-            for batch in bar:
-                tick = time.perf_counter()
-                w, losses = step(batch)
-                seconds += time.perf_counter() - tick
-                images += dist.global_count(batch["image"].shape[0])
-                log_weights.append([round(float(x), 6) for x in w])
-                sums += losses.double().cpu()
-                steps += 1
-            bar.close()
-            sums = dist.all_reduce_mean(sums)  # the global batches' mean losses
-            mean = sums / max(steps, 1)
-            weighting.epoch_end(mean.float())
-            epoch_losses.append(mean.tolist())
+        loop.run()
     net.eval()
     return {
-        "weights": log_weights,
-        "weights_mean": np.mean(log_weights, axis=0).round(6).tolist() if log_weights else [],
-        "epoch_losses": epoch_losses,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(images / max(seconds, 1e-9), 1),
+        "weights": step.log_weights,
+        "weights_mean": np.mean(step.log_weights, axis=0).round(6).tolist()
+        if step.log_weights
+        else [],
+        "epoch_losses": step.epoch_losses,
+        "seconds": round(loop.seconds, 2),
+        "images_per_s": round(step.images / max(loop.seconds, 1e-9), 1),
     }
 
 
@@ -140,11 +135,45 @@ class _SharedStep:
         self.read = sorted({last, *lows})
         modules = [net, weighting] + ([towers] if towers is not None else [])
         self.trained = [p for m in modules for p in m.parameters()]
+        self.batches, self.per_epoch = None, 1  # set by train_shared
+        self.log_weights: list[list[float]] = []  # [steps][T]
+        self.epoch_losses: list[list[float]] = []  # [epochs][T]
+        self.sums = torch.zeros(len(net.tasks), dtype=torch.float64)
+        self.count = self.images = 0
 
-    def __call__(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def __call__(self, i: int, log: bool) -> dict[str, float] | None:
+        """One step on the next batch; at an epoch's end the weighting sees the epoch's
+        mean losses. Returns this rank's scaled task losses and the strategy's weights
+        when ``log``."""
+        batch = next(self.batches)
+        w, losses = self.descend(to_device(batch, self.device))
+        self.images += dist.global_count(batch["image"].shape[0])
+        self.log_weights.append([round(float(x), 6) for x in w])
+        self.sums += losses.double().cpu()
+        self.count += 1
+        if (i + 1) % self.per_epoch == 0:
+            mean = dist.all_reduce_mean(self.sums) / self.count  # the global batches' mean
+            self.weighting.epoch_end(mean.float())
+            self.epoch_losses.append(mean.tolist())
+            self.sums, self.count = torch.zeros_like(self.sums), 0
+        if not log:
+            return None
+        names = [t.name for t in self.net.tasks]
+        return {
+            "loss": float(losses.sum()),
+            **{f"loss_{n}": float(v) for n, v in zip(names, losses, strict=True)},
+            **{f"weight_{n}": float(v) for n, v in zip(names, w, strict=True)},
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {}  # train_shared keeps no checkpoint
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def descend(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Returns the strategy's weights [T] and the scaled task losses [T] (detached)."""
         net, tasks, towers = self.net, self.net.tasks, self.towers
-        batch = to_device(batch, self.device)
         image = batch["image"]
         size = (image.shape[-2], image.shape[-1])
         feats = net.features(image)

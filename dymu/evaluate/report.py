@@ -31,6 +31,7 @@ EXPLAIN = """\
   tree's FLOPs (the paper's c = 1) is evaluated beside the configured ones.
 - **controllability**: per task, Spearman correlation between the weight the task is given
   and its (normalised) primary metric over the sweep; positive = more weight, better task.
+  Spearman ranks, so it says nothing about size: the bracket gives the metric's range.
 - **flops**: statistics of the derived trees' FLOPs fraction over many preferences;
   **budget adherence**: the share of those trees within the budget (1.0 = always).
 """
@@ -93,6 +94,14 @@ def _plots(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> list[str
     return written
 
 
+def _control_cell(score: float | None, span: dict[str, Any] | None) -> str:
+    """``+0.64 (91.84-91.87 miou)``: a task's controllability and its metric's range."""
+    cell = "-" if score is None else f"{score:+.2f}"
+    if span is not None:
+        cell += f" ({span['min']:.4g}-{span['max']:.4g} {span['metric']})"
+    return cell
+
+
 def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> None:
     """``report.json``, ``report.md`` and the plots into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -126,15 +135,16 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
         )
     lines += [
         "",
-        "Controllability (Spearman, per task):",
+        "Controllability (Spearman, per task), with the range of the task's primary metric "
+        "over the sweep in brackets (how far the preference moves it):",
         "",
         "| budget | " + " | ".join(report["tasks"]) + " |",
         "| --- | " + " | ".join("---" for _ in report["tasks"]) + " |",
     ]
     for b in report["budgets"]:
         k = f"{b:g}"
-        scores = report["controllability"][k]
-        vals = " | ".join(f"{scores[t]:+.2f}" if t in scores else "-" for t in report["tasks"])
+        scores, ranges = report["controllability"][k], report.get("control_range", {}).get(k, {})
+        vals = " | ".join(_control_cell(scores.get(t), ranges.get(t)) for t in report["tasks"])
         lines.append(f"| {k} | {vals} |")
     lines += [
         "",

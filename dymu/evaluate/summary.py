@@ -70,6 +70,7 @@ def summarise(
         "controllability_excluded": [
             t for t, m in zip(names, primary, strict=True) if m not in directions.get(t, {})
         ],
+        "control_range": {},
         "flops": {},
         "budget_adherence": {},
         "distinct_trees": {},
@@ -98,6 +99,11 @@ def summarise(
         scores = controllability(perf[:, keep], prefs[:, keep], hib) if keep else []
         report["controllability"][key] = {
             names[k]: float(v) for k, v in zip(keep, scores, strict=True)
+        }
+        # How far the preference moves each task: its primary metric's range over the sweep.
+        report["control_range"][key] = {
+            t.name: {"metric": m, "min": float(perf[:, k].min()), "max": float(perf[:, k].max())}
+            for k, (t, m) in enumerate(zip(tasks, primary, strict=True))
         }
         report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
         (fractions, params), (extremes, specs) = trees[b]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from torch.func import functional_call
 from dymu import dist
 from dymu.errors import UserError
 from dymu.pareto.epo import SOLVERS, EPOSolver, linear_weights, task_gradients
+from dymu.train.engine import StepLoop
 
 __all__ = [
     "NORM_TYPES",
@@ -330,6 +332,8 @@ def train_phn(
     weight_decay: float = 0.0,
     inputs: Callable[[Any], Any] = default_inputs,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    desc: str = "phn",
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a Pareto hypernetwork: one Dirichlet ray per step, Adam on all trainable weights.
 
@@ -357,7 +361,10 @@ def train_phn(
         seed: seed of the ray draws (data order and weight init are the caller's).
         weight_decay: Adam weight decay.
         inputs: picks the network input out of a batch (:func:`default_inputs`).
-        on_step: called as ``on_step(step, record)`` after every step (progress, logging).
+        on_step: called as ``on_step(step, record)`` after every step.
+        desc: the progress bar's text and the training log's name.
+        run_dir: where ``logs/<desc>.jsonl`` (the scalarised and per-task losses every 10
+            steps) goes; None writes no log.
 
     Returns:
         ``{"solver", "steps", "lr", "alpha", "seed", "rays" [steps][T], "losses"
@@ -370,50 +377,80 @@ def train_phn(
         UserError: bad arguments, a loss vector of the wrong shape, or too few batches.
     """
     _check_phn(solver, steps, alpha, lr)
-    t = model.num_tasks
-    device = model.chunk_embed.device
-    rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    epo = EPOSolver() if solver == "epo" else None
-    history: dict[str, Any] = {"solver": solver, "steps": steps, "lr": lr, "alpha": alpha}
-    history.update(seed=seed, rays=[], losses=[], weights=[], step_s=[])
-    moves = {"balance": 0, "descent": 0, "fallback": 0}
-    stream = _cycle(batches, steps)
+    step = _PHNStep(
+        model, loss_fn, inputs, _cycle(batches, steps), np.random.default_rng(seed), alpha,
+        params, optimizer, EPOSolver() if solver == "epo" else None, on_step,
+    )  # fmt: skip
+    loop = StepLoop(
+        name=desc, label=desc, desc=desc, run_dir=run_dir, checkpoint=None, config_hash="",
+        steps=steps, every=steps, model=model, optimizer=optimizer, scheduler=None, step=step,
+        show=("loss",),
+    )  # fmt: skip
     model.train()
     start = time.perf_counter()
-    for step in range(steps):
+    loop.run()
+    history: dict[str, Any] = {"solver": solver, "steps": steps, "lr": lr, "alpha": alpha}
+    history.update(seed=seed, **step.history, total_s=time.perf_counter() - start)
+    if step.epo is not None:
+        history["epo_moves"] = step.moves
+    return history
+
+
+class _PHNStep:
+    """One step of :func:`train_phn` (a fresh ray, the scalarised loss, one Adam step),
+    called by its :class:`~dymu.train.engine.StepLoop`; keeps the per-step history."""
+
+    def __init__(self, model, loss_fn, inputs, stream, rng, alpha, params, optimizer, epo, on_step):
+        self.model, self.loss_fn, self.inputs, self.stream = model, loss_fn, inputs, stream
+        self.rng, self.alpha, self.params, self.optimizer = rng, alpha, params, optimizer
+        self.epo, self.on_step = epo, on_step
+        self.device = model.chunk_embed.device
+        self.history: dict[str, list] = {"rays": [], "losses": [], "weights": [], "step_s": []}
+        self.moves = {"balance": 0, "descent": 0, "fallback": 0}
+
+    def __call__(self, i: int, log: bool) -> dict[str, float] | None:
         tic = time.perf_counter()
-        batch = _to_device(next(stream), device)
-        ray = torch.as_tensor(rng.dirichlet([alpha] * t), dtype=torch.float32, device=device)
-        losses = loss_fn(model(inputs(batch), ray), batch)
+        t = self.model.num_tasks
+        batch = _to_device(next(self.stream), self.device)
+        ray = self.rng.dirichlet([self.alpha] * t)
+        ray = torch.as_tensor(ray, dtype=torch.float32, device=self.device)
+        losses = self.loss_fn(self.model(self.inputs(batch), ray), batch)
         if not isinstance(losses, Tensor) or losses.shape != (t,):
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise UserError(f"train_phn: loss_fn must return a tensor [{t}], got {got}")
-        optimizer.zero_grad(set_to_none=True)
-        if epo is not None:
-            weights = _epo_gradients(epo, losses, ray, params)
-            moves[epo.last_move] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.epo is not None:
+            weights = _epo_gradients(self.epo, losses, ray, self.params)
+            self.moves[self.epo.last_move] += 1
         else:
             weights = linear_weights(ray)
             (weights * losses).sum().backward()
-        dist.average_gradients(params)  # under torchrun: the global batch's gradient
-        optimizer.step()
+        dist.average_gradients(self.params)  # under torchrun: the global batch's gradient
+        self.optimizer.step()
         record = {
             "ray": ray.tolist(),
             "losses": losses.detach().tolist(),
             "weights": weights.tolist(),
             "step_s": time.perf_counter() - tic,
         }
-        history["rays"].append(record["ray"])
-        for key in ("losses", "weights", "step_s"):
-            history[key].append(record[key])
-        if on_step is not None:
-            on_step(step, record)
-    history["total_s"] = time.perf_counter() - start
-    if epo is not None:
-        history["epo_moves"] = moves
-    return history
+        for key, entry in (("rays", "ray"), ("losses", "losses"), ("weights", "weights")):
+            self.history[key].append(record[entry])
+        self.history["step_s"].append(record["step_s"])
+        if self.on_step is not None:
+            self.on_step(i, record)
+        if not log:
+            return None
+        # This rank's losses (the logged curve; the step itself used the global gradient).
+        scalarised = float((weights.detach() * losses.detach()).sum())
+        return {"loss": scalarised, **{f"loss_{k}": v for k, v in enumerate(record["losses"])}}
+
+    def state(self) -> dict[str, Any]:
+        return {}  # train_phn keeps no checkpoint
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def _check_phn(solver: str, steps: Any, alpha: float, lr: float) -> None:

@@ -45,7 +45,7 @@ from dymu.errors import UserError
 from dymu.evaluate.metrics import hypervolume
 from dymu.pareto.stacked import ParetoSet, select_output
 from dymu.registry import Registry
-from dymu.train.checkpoint import load_checkpoint, save_checkpoint
+from dymu.train.engine import StepLoop
 from dymu.train.loop import lr_lambda
 
 __all__ = [
@@ -406,26 +406,17 @@ def train_pareto_set(
     factor = lr_lambda(schedule, max(1, epochs * steps_per_epoch))  # step -> lr_t / lr_0
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     history = _History(pset, tuple(w.shape), eval_fn, ref, log)
+    step = _EpochStep(pset, opt, scheduler, batches, weights, base, lr, loss_fn, vmap_loss, history)
     ckpt = None if checkpoint is None else Path(checkpoint)
-    first, elapsed = history.resume(ckpt, checkpoint_hash, opt, scheduler)
+    loop = StepLoop(
+        name="pareto_set", label="Pareto set", desc="Pareto set", run_dir=None,
+        checkpoint=ckpt, config_hash=checkpoint_hash, steps=epochs, every=1, model=pset,
+        optimizer=opt, scheduler=scheduler, step=step, show=("hv",), log_every=1, unit="epoch",
+    )  # fmt: skip
+    if loop.resume(ckpt is not None) == 0:  # a fresh start: epoch 0 is the untrained set
+        history.record({"epoch": 0, "elapsed_s": 0.0})
     pset.train()
-    for epoch in range(first, epochs + 1):
-        start = time.perf_counter()
-        train_losses = _train_epoch(
-            pset, opt, scheduler, _epoch_batches(batches, epoch - 1), weights, base, lr,
-            loss_fn, vmap_loss,
-        )  # fmt: skip
-        if train_losses is None:
-            raise UserError(f"train_pareto_set: epoch {epoch} yielded no batches")
-        seconds = time.perf_counter() - start
-        elapsed += seconds
-        entry = {"epoch": epoch, "train_losses": train_losses, "epoch_s": seconds}
-        history.record({**entry, "elapsed_s": elapsed, "lr": opt.param_groups[0]["lr"]})
-        if ckpt is not None and dist.is_main():
-            save_checkpoint(
-                ckpt, checkpoint_hash, epoch, pset, opt, scheduler, history=history.entries,
-                elapsed=elapsed, torch_rng=torch.get_rng_state(),
-            )  # fmt: skip
+    loop.run()
     transferred = matrix is None and transfer
     settings = dict(
         num_models=k, preferences=w.tolist(), epochs=epochs, lr=lr, optimizer=optimizer,
@@ -528,17 +519,6 @@ class _History:
         self.pset, self.shape, self.eval_fn, self.ref, self.log = pset, shape, eval_fn, ref, log
         self.entries: list[dict[str, Any]] = []
 
-    def resume(self, ckpt: Path | None, config_hash: str, opt, scheduler) -> tuple[int, float]:
-        """Restore models, optimizer, schedule, history and RNG from ``ckpt`` when it exists
-        (else record epoch 0); return the first epoch to train and the seconds so far."""
-        if ckpt is None or not ckpt.is_file():
-            self.record({"epoch": 0, "elapsed_s": 0.0})
-            return 1, 0.0
-        state = load_checkpoint(ckpt, config_hash, "Pareto-set", self.pset, opt, scheduler)
-        torch.set_rng_state(state["torch_rng"])
-        self.entries.extend(state["history"])
-        return state["step"] + 1, float(state["elapsed"])
-
     def record(self, entry: dict[str, Any]) -> None:
         if self.eval_fn is not None:
             start = time.perf_counter()
@@ -555,6 +535,47 @@ class _History:
         self.entries.append(entry)
         if self.log is not None:
             self.log(entry)
+
+
+class _EpochStep:
+    """One epoch of :func:`train_pareto_set` as a step of its
+    :class:`~dymu.train.engine.StepLoop`: train, then record (and evaluate) the epoch.
+    Its checkpoint state is the history, the training seconds and torch's RNG."""
+
+    def __init__(self, pset, opt, scheduler, batches, weights, base, lr, loss_fn, vmap, history):
+        self.pset, self.opt, self.scheduler, self.batches = pset, opt, scheduler, batches
+        self.weights, self.base, self.lr, self.loss_fn = weights, base, lr, loss_fn
+        self.vmap_loss, self.history = vmap, history
+        self.elapsed = 0.0  # training seconds, evaluation excluded
+
+    def __call__(self, i: int, log: bool) -> dict[str, float]:
+        epoch = i + 1  # epoch 0 is the record before training
+        start = time.perf_counter()
+        train_losses = _train_epoch(
+            self.pset, self.opt, self.scheduler, _epoch_batches(self.batches, epoch - 1),
+            self.weights, self.base, self.lr, self.loss_fn, self.vmap_loss,
+        )  # fmt: skip
+        if train_losses is None:
+            raise UserError(f"train_pareto_set: epoch {epoch} yielded no batches")
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        lr = self.opt.param_groups[0]["lr"]
+        entry = {"epoch": epoch, "train_losses": train_losses, "epoch_s": seconds}
+        self.history.record({**entry, "elapsed_s": self.elapsed, "lr": lr})
+        hv = self.history.entries[-1]["hv"]
+        return {"lr": lr} if hv is None else {"hv": hv, "lr": lr}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "history": self.history.entries,
+            "elapsed": self.elapsed,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch_rng"])
+        self.history.entries.extend(state["history"])
+        self.elapsed = float(state["elapsed"])
 
 
 def time_to_fraction(

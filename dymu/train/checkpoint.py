@@ -23,14 +23,11 @@ from dymu.io import atomic_path, write_json
 def save_checkpoint(
     path: Path, config_hash: str, step: int, model, optimizer, scheduler, **extra: Any
 ) -> None:
-    """Write the model's, optimizer's and scheduler's state, ``extra`` (tensors, numbers,
-    RNG states), the step and the config hash."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        **extra,
-    }
+    """Write the model's, optimizer's and scheduler's (if any) state, ``extra`` (tensors,
+    numbers, RNG states), the step and the config hash."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     with atomic_path(path) as tmp:
         torch.save({**state, "step": int(step), "config_hash": config_hash}, tmp)
 
@@ -38,7 +35,7 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, config_hash: str, stage: str, model, optimizer, scheduler
 ) -> dict[str, Any]:
-    """Restore model, optimizer and scheduler from a checkpoint of ``stage`` written by
+    """Restore model, optimizer and scheduler (if any) from a checkpoint of ``stage`` written by
     :func:`save_checkpoint` for ``config_hash``; return the whole record (``step`` and
     the extras).
 
@@ -52,7 +49,8 @@ def load_checkpoint(
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     return state
 
 

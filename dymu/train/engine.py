@@ -1,18 +1,22 @@
-"""The loop every step-based training stage shares (the joint stage, stages 1 and 2).
+"""The loop every step-based trainer shares: the joint stage, stages 1 and 2, and the
+comparison methods (PHN, the shared models of the weighting strategies, the Pareto sets,
+whose "step" is one epoch).
 
-A stage supplies only its step, its extra checkpoint state and its artifacts; the loop
-owns what they all repeat: resuming from the stage's checkpoint, the progress bar, timing,
-a checkpoint every ``run.checkpoint_every`` steps (rank 0 writes it), and the training log
-(``RUN/logs/<stage>.jsonl``, :mod:`dymu.train.curves`). Hooks in the manner of detectron2's
-trainer, reduced to what the stages need:
+A trainer supplies only its step, its extra checkpoint state and its artifacts; the loop
+owns what they all repeat: resuming from the trainer's checkpoint, the progress bar,
+timing, a checkpoint every ``every`` steps (rank 0 writes it), and the training log
+(``<run_dir>/logs/<name>.jsonl``, :mod:`dymu.train.curves`). Library calls without a run
+directory or a checkpoint file leave those out. Hooks in the manner of detectron2's
+trainer, reduced to what the trainers need:
 
     loop = StepLoop(name="stage1", ..., step=step)  # step(i, log), step.state(), ...
     batches = loop.batches(train_ds, ...)  # resumes, then the batches still to come
     loop.run()                             # step(i, log) -> scalars when log, else None
     loop.finish(weights, record, ...)      # rank 0 writes the artifact and its record
 
-``step(i, log)`` does one optimisation step; when ``log`` is True (every 10 steps and the
-last) it returns the scalars to show and log, reduced over the ranks as the stage defines.
+``step(i, log)`` does one optimisation step; when ``log`` is True (every ``log_every``
+steps and the last) it returns the scalars to show and log, reduced over the ranks as the
+trainer defines.
 ``step.state()`` gives its extra checkpoint entries (random generators, counters) and
 ``step.load_state(state)`` restores them. A resumed run draws, steps and logs exactly as
 an uninterrupted one: the loop restores model, optimizer and scheduler, the step the rest.
@@ -55,14 +59,17 @@ class StepLoop:
     """Resume, run and checkpoint one step-based stage.
 
     Args:
-        name: the stage's log name (``joint``, ``stage1``, ``stage2``).
+        name: the trainer's log name (``joint``, ``stage1``, ``stage2``, ``phn_bn``...).
         label: how messages name it (``stage 1``); desc: the progress bar's text.
-        run_dir: the run directory; checkpoint: the stage's checkpoint file in it.
-        config_hash: the stage's hash, stored in and checked against its checkpoint.
-        steps: steps of the whole stage; every: steps between checkpoints.
-        model, optimizer, scheduler: what is trained and restored.
-        step: the stage's :class:`Step`.
+        run_dir: where ``logs/<name>.jsonl`` goes; None writes no log.
+        checkpoint: the trainer's checkpoint file; None never writes or reads one.
+        config_hash: the trainer's hash, stored in and checked against its checkpoint.
+        steps: steps of the whole training; every: steps between checkpoints.
+        model, optimizer, scheduler: what is trained and restored (scheduler may be None).
+        step: the trainer's :class:`Step`.
         show: the scalars the progress bar shows (all that are logged when None).
+        log_every: steps between logged scalars (the last step is always logged).
+        unit: what the progress bar counts.
     """
 
     def __init__(
@@ -71,8 +78,8 @@ class StepLoop:
         name: str,
         label: str,
         desc: str,
-        run_dir: Path,
-        checkpoint: Path,
+        run_dir: Path | None,
+        checkpoint: Path | None,
         config_hash: str,
         steps: int,
         every: int,
@@ -81,10 +88,13 @@ class StepLoop:
         scheduler,
         step: Step,
         show: tuple[str, ...] | None = None,
+        log_every: int = LOG_EVERY,
+        unit: str = "step",
     ) -> None:
-        self.name, self.label, self.desc = name, label, desc
-        self.run_dir, self.checkpoint, self.config_hash = Path(run_dir), checkpoint, config_hash
-        self.steps, self.every = steps, every
+        self.name, self.label, self.desc, self.unit = name, label, desc, unit
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.checkpoint, self.config_hash = checkpoint, config_hash
+        self.steps, self.every, self.log_every = steps, every, log_every
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.step, self.show = step, show
         self.main = dist.is_main()
@@ -95,7 +105,7 @@ class StepLoop:
     def resume(self, resume: bool) -> int:
         """Restore the stage from its checkpoint when ``resume`` and one exists; return the
         first step still to run (0 for a fresh start)."""
-        if resume and self.checkpoint.is_file():
+        if resume and self.checkpoint is not None and self.checkpoint.is_file():
             state = load_checkpoint(
                 self.checkpoint,
                 self.config_hash,
@@ -108,7 +118,7 @@ class StepLoop:
             self.first, self.seconds = state["step"], state.get("seconds", 0.0)
             if self.main:
                 print(
-                    f"{self.label}: resuming after step {self.first}/{self.steps} "
+                    f"{self.label}: resuming after {self.unit} {self.first}/{self.steps} "
                     f"from {self.checkpoint}"
                 )
         return self.first
@@ -156,15 +166,17 @@ class StepLoop:
             initial=self.first,
             total=self.steps,
             desc=self.desc,
-            unit="step",
+            unit=self.unit,
             leave=False,
             disable=not self.main,
         )
-        curve = StageLog(self.run_dir, self.name, self.first, enabled=self.main)
+        writes = self.main and self.run_dir is not None
+        curve = StageLog(self.run_dir or Path(), self.name, self.first, enabled=writes)
+        saves = self.main and self.checkpoint is not None
         try:
             for i in bar:
                 tick = time.perf_counter()
-                log = i % LOG_EVERY == 0 or i + 1 == self.steps
+                log = i % self.log_every == 0 or i + 1 == self.steps
                 scalars = self.step(i, log)
                 self.seconds += time.perf_counter() - tick
                 if log and scalars is not None:
@@ -172,7 +184,7 @@ class StepLoop:
                     keys = self.show or tuple(scalars)
                     bar.set_postfix({k: f"{scalars[k]:.3g}" for k in keys if k in scalars})
                     curve.log(i, **scalars)
-                if self.main and (i + 1) % self.every == 0 and i + 1 < self.steps:
+                if saves and (i + 1) % self.every == 0 and i + 1 < self.steps:
                     save_checkpoint(
                         self.checkpoint,
                         self.config_hash,

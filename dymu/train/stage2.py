@@ -25,7 +25,7 @@ import torch
 
 from dymu import dist
 from dymu.config import Config, Stage2Config, section_hash
-from dymu.data.batches import to_device
+from dymu.data.batches import random_hflip, to_device
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
@@ -100,6 +100,7 @@ class WeightStep:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     prec: Precision
     rng: np.random.Generator
+    flip_gen: torch.Generator
     device: torch.device
     batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
     hypernet: Any = None  # the weight hypernet or its DDP wrapper, set inside data_parallel
@@ -113,6 +114,8 @@ class WeightStep:
         )  # fmt: skip
         net = self.nets.setdefault(tree.hash(), TreeNet(self.anchor, tree, self.private))
         batch = to_device(next(self.batches), self.device)
+        if s2.hflip:
+            batch = random_hflip(batch, tasks, self.flip_gen, dist.shard())
         offsets = self.hypernet(r, b, tree)  # the hypernet runs in float32, the tree under autocast
         with prec.autocast():
             out = net(prec.to_input(batch["image"]), offsets)
@@ -133,11 +136,17 @@ class WeightStep:
         return {"loss": mean, "lr": self.scheduler.get_last_lr()[0]}
 
     def state(self) -> dict[str, Any]:
-        return {"numpy_rng": rng_state(self.rng), **self.prec.state_dict()}
+        return {
+            "numpy_rng": rng_state(self.rng),
+            "flip_rng": self.flip_gen.get_state(),
+            **self.prec.state_dict(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.prec.load_state_dict(state)
         set_rng_state(self.rng, state["numpy_rng"])
+        if "flip_rng" in state:  # checkpoints written before stage2.hflip existed lack it
+            self.flip_gen.set_state(state["flip_rng"])
 
 
 def train_stage2(
@@ -174,7 +183,8 @@ def train_stage2(
     low = min_flops(space) / anchor_flops(space)
     step = WeightStep(
         s2, edge, space, anchor, private, scales, low, opt, sched, prec,
-        np.random.default_rng(cfg.run.seed + 1), device,
+        np.random.default_rng(cfg.run.seed + 1),
+        torch.Generator().manual_seed(cfg.run.seed * 1000 + 2), device,
     )  # fmt: skip
     loop = StepLoop(
         name="stage2",
