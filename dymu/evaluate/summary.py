@@ -100,11 +100,7 @@ def summarise(
         report["controllability"][key] = {
             names[k]: float(v) for k, v in zip(keep, scores, strict=True)
         }
-        # How far the preference moves each task: its primary metric's range over the sweep.
-        report["control_range"][key] = {
-            t.name: {"metric": m, "min": float(perf[:, k].min()), "max": float(perf[:, k].max())}
-            for k, (t, m) in enumerate(zip(tasks, primary, strict=True))
-        }
+        report["control_range"][key] = control_range(tasks, primary, perf)
         report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
         (fractions, params), (extremes, specs) = trees[b]
         report["flops"][key] = {
@@ -115,3 +111,12 @@ def summarise(
         report["extreme_trees"][key] = extremes
         report.setdefault("extreme_tree_specs", {})[key] = specs
     return report
+
+
+def control_range(tasks, primary: list[str], perf: np.ndarray) -> dict[str, dict[str, Any]]:
+    """How far the preference moves each task: its primary metric's range over the sweep
+    (``perf`` [P, N]); Spearman's controllability alone says nothing about size."""
+    return {
+        t.name: {"metric": m, "min": float(perf[:, k].min()), "max": float(perf[:, k].max())}
+        for k, (t, m) in enumerate(zip(tasks, primary, strict=True))
+    }
