@@ -242,17 +242,20 @@ def _static_or_transfer(ctx: _Context, transfer: bool) -> dict[str, Any]:
 
 
 def _keep_if_matching(checkpoint: Path, config_hash: str, name: str) -> None:
-    """Keep a Pareto set's checkpoint of the same settings (rank 0 says it goes on from
-    there); remove a damaged one or one that other ``baselines.*`` settings left."""
+    """Keep a Pareto set's checkpoint of the same settings (its training loop says that it
+    goes on from there); remove a damaged one or one that other ``baselines.*`` settings
+    left."""
     if not (checkpoint.is_file() and dist.is_main()):
         return
     try:
         kept = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception:  # a damaged file: train from the start
         kept = {}
-    if isinstance(kept, dict) and kept.get("config_hash") == config_hash:
-        print(f"baselines: {name} goes on after epoch {kept['step']} ({checkpoint})")
-    else:
+    if not (isinstance(kept, dict) and kept.get("config_hash") == config_hash):
+        print(
+            f"baselines: {name}'s checkpoint {checkpoint} was made with other settings or "
+            "is damaged; training from the start"
+        )
         checkpoint.unlink()
 
 

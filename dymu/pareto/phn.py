@@ -435,9 +435,9 @@ class _PHNStep:
             "weights": weights.tolist(),
             "step_s": time.perf_counter() - tic,
         }
-        for key, entry in (("rays", "ray"), ("losses", "losses"), ("weights", "weights")):
-            self.history[key].append(record[entry])
-        self.history["step_s"].append(record["step_s"])
+        self.history["rays"].append(record["ray"])
+        for key in ("losses", "weights", "step_s"):
+            self.history[key].append(record[key])
         if self.on_step is not None:
             self.on_step(i, record)
         if not log:
