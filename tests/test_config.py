@@ -97,6 +97,17 @@ def test_shipped_configs_load(path):
     assert cfg.data.name
 
 
+def test_the_default_config_file_is_the_built_in_default():
+    """configs/default.yaml says it only spells out the defaults: a run with it must have
+    the same config, so the same stage hashes, as one without it."""
+    from dymu.config import section_hash
+
+    shipped = load_config(CONFIGS / "default.yaml")
+    assert shipped == Config()
+    for section in ("data", "model", "stage0", "affinity", "joint", "stage1", "stage2"):
+        assert section_hash(shipped, section) == section_hash(Config(), section)
+
+
 def test_stage1_batch_must_split_into_its_draws():
     assert load_config(None, ["stage1.batch_size=12", "stage1.draws=3"]).stage1.draws == 3
     with pytest.raises(UserError, match=r"multiple of stage1\.draws"):
