@@ -74,8 +74,9 @@ def train_shared(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     # Epoch e is the shuffle seed * 1000 + e, as epoch_bar's (and stage 0's).
     batches = endless(train_ds, batch_size, seed, shard=dist.shard())
-    step = _SharedStep(net, weighting, towers, scales.to(device), opt, sched, device)
-    step.batches, step.per_epoch = batches, per_epoch
+    step = _SharedStep(
+        net, weighting, towers, scales.to(device), opt, sched, device, batches, per_epoch
+    )
     torch.manual_seed(seed)
     models = torch.nn.ModuleList(m for m in modules if m is not weighting)  # net, towers
     loop = StepLoop(
@@ -124,7 +125,9 @@ class _SharedStep:
     """One optimisation step of :func:`train_shared` on a batch: the scaled task losses
     (plus the auxiliary towers'), combined by the weighting strategy."""
 
-    def __init__(self, net, weighting, towers, scales, opt, sched, device) -> None:
+    def __init__(
+        self, net, weighting, towers, scales, opt, sched, device, batches, per_epoch
+    ) -> None:
         self.net, self.weighting, self.towers = net, weighting, towers
         self.scales, self.opt, self.sched, self.device = scales, opt, sched, device
         self.shared = [p for p in net.backbone.parameters() if p.requires_grad]
@@ -135,7 +138,7 @@ class _SharedStep:
         self.read = sorted({last, *lows})
         modules = [net, weighting] + ([towers] if towers is not None else [])
         self.trained = [p for m in modules for p in m.parameters()]
-        self.batches, self.per_epoch = None, 1  # set by train_shared
+        self.batches, self.per_epoch = batches, per_epoch  # endless; steps in one epoch
         self.log_weights: list[list[float]] = []  # [steps][T]
         self.epoch_losses: list[list[float]] = []  # [epochs][T]
         self.sums = torch.zeros(len(net.tasks), dtype=torch.float64)

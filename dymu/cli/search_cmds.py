@@ -174,8 +174,9 @@ def run_sample(args: argparse.Namespace) -> int:
     if lat is not None:
         t = lat.table
         print(
-            f"latency {lat.predicted_ms(tree):.3f} ms predicted for a {lat.target_ms:g} ms "
-            f"target ({t.backend}, batch {t.batch}, {t.device}; the edge hypernet asked at "
+            f"latency {record['latency']['predicted_ms']:.3f} ms predicted for a "
+            f"{lat.target_ms:g} ms target ({t.backend}, batch {t.batch}, {t.device}; the edge "
+            f"hypernet asked at "
             f"FLOPs budget {record['budget']:.3f})"
         )
     return 0
