@@ -1,0 +1,183 @@
+"""Why a task does or does not follow the preference at one budget: a probe of a finished run.
+
+Controllability (``report.json``) says *whether* a task gets better as it gets more weight;
+this script shows *where the lever is* at one budget, with the two things that can follow a
+preference there:
+
+1. **The weights.** For the uniform preference and each task's corner (0.95 on the task,
+   the rest spread evenly), the derived tree with the weight hypernet's adaptation, on the
+   test split and on a subset of the training split: every task's loss and primary metric.
+   A task whose loss is not lowest at its own corner, even on the training images, has
+   nothing to gain from the adaptation on that tree.
+2. **The tree.** For each task, the tree that gives it its own node one layer lower than
+   the tree derived for the uniform preference (its path leaves the shared part one layer
+   earlier), if that fits the budget: every task's change in loss and primary metric at
+   the uniform preference and at the task's corner. This is what a preference-dependent
+   tree could buy the task at this budget.
+
+    python benchmarks/control_probe.py --run runs/default --budget 0.5 \
+        --out benchmarks/results/control_probe_default_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dymu.data import get_builder
+from dymu.evaluate.search import evaluate_net
+from dymu.search import load_run
+from dymu.space.derive import check_budget, derive_tree
+from dymu.space.graph import anchor_flops
+from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
+
+CORNER = 0.95
+"""The weight a task's corner preference puts on it."""
+
+
+def corner(n: int, k: int | None) -> np.ndarray:
+    """The uniform preference (``k`` None) or task k's corner."""
+    if k is None:
+        return np.full(n, 1.0 / n)
+    r = np.full(n, (1.0 - CORNER) / (n - 1))
+    r[k] = CORNER
+    return r
+
+
+def split_earlier(tree: TreeSpec, k: int) -> TreeSpec | None:
+    """``tree`` with task k's path on its own node one layer lower, or None.
+
+    Let ``l`` be the last layer where task k's path runs a node another task also runs.
+    The new tree runs ``(l, k)`` instead for task k, fed by the shared node below it, so k
+    leaves the shared part one layer earlier and the other tasks keep their paths. None when
+    k shares nothing, or when ``(l, k)`` is already used (k's own stream carries the
+    shared part: splitting k off would move the others instead).
+    """
+    n, num_layers = tree.num_tasks, tree.num_layers
+    paths = [tree.path(j) for j in range(n)]
+    shared = [
+        layer
+        for layer in range(num_layers - 1)
+        if any(paths[j][layer] == paths[k][layer] for j in range(n) if j != k)
+    ]
+    if not shared:
+        return None
+    layer = shared[-1]
+    if tree.used()[layer][k]:
+        return None
+    rows = [list(row) for row in tree.parents]  # [L-1][N]: rows[l - 1][j] = parent of (l, j)
+    rows[layer][paths[k][layer + 1]] = k  # the first node k runs alone now reads (layer, k)
+    if layer >= 1:
+        rows[layer - 1][k] = paths[k][layer - 1]  # (layer, k) reads the shared node below
+    return TreeSpec(rows).canonical()
+
+
+def measure(run, tree: TreeSpec, r: np.ndarray, budget: float, ds, device) -> dict:
+    """Every task's loss and primary metric on ``ds`` for ``tree`` adapted to (r, budget)."""
+    rt = torch.tensor(r, dtype=torch.float32)
+    net = TreeNet(run.anchor, tree, run.private).eval()
+    metrics, losses = evaluate_net(
+        net, run.weights(rt, budget, tree), ds, run.anchor.tasks, 64, device
+    )
+    return {
+        "losses": dict(zip(run.anchor.task_names, losses, strict=True)),
+        "metrics": {t.name: metrics[t.name][t.PRIMARY] for t in run.anchor.tasks},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a finished dymu search run")
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    run = load_run(args.run)
+    budget = check_budget(args.budget, run.space)
+    builder = get_builder(run.cfg.data.name)
+    test = builder.load(run.cfg.data, "test")
+    train = builder.load(run.cfg.data, "train")
+    every = max(1, len(train) // args.train_images)
+    train = torch.utils.data.Subset(train, range(0, len(train), every))
+    device, names, full = torch.device("cpu"), run.anchor.task_names, anchor_flops(run.space)
+    n = len(names)
+
+    def tree_for(r: np.ndarray) -> TreeSpec:
+        alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
+        return derive_tree(alpha.detach(), run.space, budget)
+
+    out = {"command": "python " + " ".join(sys.argv), "run": str(args.run), "budget": budget}
+    with torch.no_grad():
+        out["corners"] = []
+        for k in [None, *range(n)]:
+            r = corner(n, k)
+            tree = tree_for(r)
+            out["corners"].append(
+                {
+                    "corner": "uniform" if k is None else names[k],
+                    "preference": r.tolist(),
+                    "tree": tree.hash(),
+                    "flops_fraction": tree.flops(run.space) / full,
+                    "test": measure(run, tree, r, budget, test, device),
+                    "train": measure(run, tree, r, budget, train, device),
+                }
+            )
+        base = tree_for(corner(n, None))
+        out["splits"] = []
+        for k in range(n):
+            tree = split_earlier(base, k)
+            row = {"task": names[k], "tree": None if tree is None else tree.hash()}
+            if tree is not None:
+                row["flops_fraction"] = tree.flops(run.space) / full
+                row["fits"] = row["flops_fraction"] <= budget
+                for label, r in (("uniform", corner(n, None)), ("corner", corner(n, k))):
+                    row[label] = {
+                        "base": measure(run, base, r, budget, test, device),
+                        "split": measure(run, tree, r, budget, test, device),
+                    }
+            out["splits"].append(row)
+    out["seconds"] = time.perf_counter() - start
+    _print(out, names)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+def _print(out: dict, names: list[str]) -> None:
+    print(f"budget {out['budget']}: the derived tree at each corner (test | train)")
+    for c in out["corners"]:
+        cells = "  ".join(
+            f"{t} {c['test']['losses'][t]:.5f} {c['test']['metrics'][t]:.4f} | "
+            f"{c['train']['losses'][t]:.5f} {c['train']['metrics'][t]:.4f}"
+            for t in names
+        )
+        print(f"  {c['corner']:8s} {c['tree']} {c['flops_fraction']:.3f}  {cells}")
+    print("one layer more of its own for each task (test; change of loss, of metric)")
+    for s in out["splits"]:
+        if s["tree"] is None:
+            print(f"  {s['task']:8s} no split (it shares nothing, or its stream carries the trunk)")
+            continue
+        for label in ("uniform", "corner"):
+            base, split = s[label]["base"], s[label]["split"]
+            cells = "  ".join(
+                f"{t} {split['losses'][t] - base['losses'][t]:+.5f} "
+                f"{split['metrics'][t] - base['metrics'][t]:+.4f}"
+                for t in names
+            )
+            print(
+                f"  {s['task']:8s} {s['tree']} {s['flops_fraction']:.3f} "
+                f"{'fits' if s['fits'] else 'over'} at {label:7s}: {cells}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
