@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from dymu.compile.bench import process_memory_mib
 from dymu.config import ModelConfig, Stage0Config, Stage1Config, Stage2Config
 from dymu.data.nyuv2 import NYUV2_INFO
 from dymu.dist import WHOLE
@@ -512,22 +513,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_mib(key: str) -> float | None:
-    """``VmRSS`` (resident set size) or ``VmHWM`` (its peak) of this process, MiB; None
-    without Linux's /proc.
-
-    Not getrusage's ``ru_maxrss``: Linux carries it over from the parent across fork and
-    exec, so a worker would start at its parent's peak and report nothing of its own.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def time_steps(step: Step, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Wall time of ``steps`` steps after ``warmup`` untimed ones (CUDA synchronised)."""
     for _ in range(warmup):
@@ -546,7 +531,7 @@ def time_steps(step: Step, device: torch.device, steps: int, warmup: int) -> dic
 def measure(args: argparse.Namespace, stage: int, impl: str, space: nx.DiGraph) -> dict:
     """images/s and peak memory of one (stage, implementation), from a fresh model."""
     device = torch.device(args.device)
-    rss_before = _status_mib("VmRSS")
+    rss_before = process_memory_mib("VmRSS")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -568,7 +553,7 @@ def measure(args: argparse.Namespace, stage: int, impl: str, space: nx.DiGraph) 
         peak = torch.cuda.max_memory_allocated(device) - allocated_before
         result["peak_memory_mib"] = round(peak / 2**20, 1)
     else:
-        peak = _status_mib("VmHWM")
+        peak = process_memory_mib("VmHWM")
         # In-process, the peak may come from an earlier measurement: not reported.
         fresh = not args.in_process and peak is not None and rss_before is not None
         result["peak_memory_mib"] = round(peak - rss_before, 1) if fresh else None

@@ -1,8 +1,8 @@
 """``dymu bench``: latency, throughput and peak memory of exported trees per backend.
 
 Each (tree, backend) is measured in its own subprocess, so its peak resident memory
-(``ru_maxrss``) and, on a GPU, its peak CUDA memory belong to that measurement alone and one
-backend's allocations cannot slow the next. Backends:
+(:func:`process_memory_mib`) and, on a GPU, its peak CUDA memory belong to that
+measurement alone and one backend's allocations cannot slow the next. Backends:
 
 - ``eager``: the materialized tree in PyTorch (needs the run directory);
 - ``compiled``: the same through ``torch.compile`` (on a GPU with CUDA graphs,
@@ -151,15 +151,13 @@ def _torch_runner(bundle: Path, run: Path, entry: dict, compiled: bool, device: 
 
 
 def _ort_runner(bundle: Path, entry: dict):
-    import onnxruntime as ort
     import torch
 
-    # As many threads as PyTorch's backends use (the row's ``threads``), so rows compare.
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(
-        str(bundle / entry["hash"] / "model.onnx"), options, providers=["CPUExecutionProvider"]
-    )
+    from dymu.compile.latency import ort_session
+
+    # As many threads as PyTorch's backends use (the row's ``threads``), so rows compare;
+    # threads that do not spin, as the latency tables measure.
+    session = ort_session(bundle / entry["hash"] / "model.onnx", torch.get_num_threads())
 
     def call(x: np.ndarray) -> None:
         session.run(None, {"image": x})
@@ -252,10 +250,36 @@ def measure_one(
         "latency_ms_p50": 1e3 * float(np.percentile(lat, 50)),
         "latency_ms_p90": 1e3 * float(np.percentile(lat, 90)),
         "throughput_img_s": THROUGHPUT_BATCH / batch_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mib(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
         "threads": torch.get_num_threads(),
     }
+
+
+def process_memory_mib(key: str) -> float | None:
+    """``VmRSS`` (resident set size) or ``VmHWM`` (its peak) of this process, MiB; None
+    without Linux's /proc.
+
+    Not getrusage's ``ru_maxrss``: Linux carries it over from the parent across fork and
+    exec, so a child process would start at its parent's peak and report nothing of its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB: ``VmHWM`` where /proc exists, else
+    ``ru_maxrss`` (kilobytes, bytes on macOS), which may include the parent's."""
+    peak = process_memory_mib("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
 def bench_bundles(
@@ -266,11 +290,13 @@ def bench_bundles(
     out: Path,
     warmup: int = 10,
     iters: int = 50,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Measure every tree of every bundle on every backend; write ``out`` (JSON) and a plot.
 
     ``backends`` None: each bundle's :func:`available_backends`. Every (bundle, backend) is
-    checked (:func:`check_backend`) before the first measurement.
+    checked (:func:`check_backend`) before the first measurement. ``command``, the command
+    line that asked for it, is saved with the rows.
     """
     plan = []
     for bundle in bundles:
@@ -288,6 +314,8 @@ def bench_bundles(
                 rows.append(_measure_in_child(bundle, run, entry["hash"], backend, warmup, iters))
                 print(_row_text(rows[-1]), flush=True)
     result = {"rows": rows, "warmup": warmup, "iters": iters, "batch": THROUGHPUT_BATCH}
+    if command is not None:
+        result["command"] = command
     write_json(out, result)
     _plot(rows, out.with_suffix(".png"))
     return result

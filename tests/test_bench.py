@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tiny import TINY
@@ -26,7 +29,12 @@ def test_bench_measures_each_backend_in_its_own_process(exported, tmp_path, caps
     argv = ["bench", "--bundle", str(bundle), "--run", str(run), "--out", str(out)]
     argv += ["--backend", "eager", "--backend", "onnxruntime", "--iters", "4"]
     assert main(argv) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["command"] == (
+        f"dymu bench --bundle {bundle} --run {run} --backend eager --backend onnxruntime "
+        f"--iters 4 --out {out}"
+    )
     assert [r["backend"] for r in rows] == ["eager", "onnxruntime"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     for row in rows:
@@ -34,6 +42,18 @@ def test_bench_measures_each_backend_in_its_own_process(exported, tmp_path, caps
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p90"]
         assert row["throughput_img_s"] > 0 and row["peak_rss_mb"] > 0
     assert out.with_suffix(".png").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's /proc")
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    # getrusage's ru_maxrss survives fork and exec: a child of a 512 MiB parent would
+    # report at least 512 MiB whatever it used itself.
+    ballast = bytearray(512 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident
+    code = "from dymu.compile.bench import _peak_rss_mib; print(_peak_rss_mib())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < float(out.stdout) < 256
+    del ballast
 
 
 @pytest.mark.parametrize(

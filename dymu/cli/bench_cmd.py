@@ -71,9 +71,25 @@ def run_bench(args: argparse.Namespace) -> int:
                 n = len(_tasks(run))
                 export_bundle(run, bundle, budget=b, preferences=[[1.0 / n] * n])
                 bundles.append(bundle)
-        bench_bundles(bundles, run=run, backends=args.backend, out=out, iters=args.iters)
+        bench_bundles(
+            bundles, run=run, backends=args.backend, out=out, iters=args.iters,
+            command=_command(args),
+        )  # fmt: skip
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that makes the same measurement, for the JSON it writes."""
+    parts = ["dymu bench"]
+    parts += [f"--bundle {b}" for b in args.bundle or []]
+    if args.run:
+        parts.append(f"--run {args.run}")
+    if not args.bundle:
+        parts.append(f"--budgets {args.budgets}")
+    parts += [f"--backend {b}" for b in args.backend or []]
+    parts += [f"--iters {args.iters}", f"--out {args.out}"]
+    return " ".join(parts)
 
 
 def _tasks(run) -> list[str]:
