@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny import TINY
+from tiny import TINY, load_script
 
 from dymu.cli.main import main
 
@@ -35,12 +35,7 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rt(bundle):
     """The bundle's own dymu_runtime.py, imported by path (as a device would use it)."""
-    path = bundle / "dymu_runtime.py"
-    spec = importlib.util.spec_from_file_location("dymu_runtime_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass/typing lookups need the module registered
-    spec.loader.exec_module(module)
-    return module
+    return load_script(bundle / "dymu_runtime.py", "dymu_runtime_under_test")
 
 
 BLOCK_DYMU = (

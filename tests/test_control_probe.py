@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from tiny import load_script
 
 from dymu.space.tree import TreeSpec
 
@@ -15,10 +15,7 @@ PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "control_probe.py
 @pytest.fixture(scope="module")
 def probe():
     """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("control_probe_under_test", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PATH, "control_probe_under_test")
 
 
 def test_split_moves_one_task_off_the_trunk_one_layer_earlier(probe):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tiny import load_script
 
 PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_scale.py"
 SMALL = ["--backbone", "tiny_resnet", "--width", "4", "--head", "deeplabv3plus_light"]
@@ -17,10 +17,7 @@ SMALL += ["--size", "32x32", "--check-size", "32x32", "--threads", "1"]
 @pytest.fixture(scope="module")
 def bench():
     """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("paper_scale_under_test", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PATH, "paper_scale_under_test")
 
 
 def test_json_has_every_stage_with_positive_throughput(bench, tmp_path):

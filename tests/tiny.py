@@ -91,3 +91,17 @@ def mobilenet_anchor(specs):
     anchor = Anchor(tasks, streams, heads)
     randomise_batchnorms(anchor, seed=1)
     return anchor.eval()
+
+
+def load_script(path, name: str):
+    """A script that is not part of a package (a benchmark, the bundle's runtime) imported
+    by path as module ``name``; registered in ``sys.modules``, which dataclasses and typing
+    lookups inside it need."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
