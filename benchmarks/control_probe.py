@@ -14,6 +14,9 @@ preference there:
    earlier), if that fits the budget: every task's change in loss and primary metric at
    the uniform preference and at the task's corner. This is what a preference-dependent
    tree could buy the task at this budget.
+3. **The pull.** Each task's gradient norm on the weight hypernetwork, of its scaled loss
+   ``w_i L_i`` (stage 2's scales) on one training batch at the uniform preference: a task
+   with a much smaller norm than the others would be drowned out in stage 2.
 
     python benchmarks/control_probe.py --run runs/default --budget 0.5 \
         --out benchmarks/results/control_probe_default_cpu.json
@@ -31,12 +34,14 @@ import numpy as np
 import torch
 
 from dymu.data import get_builder
+from dymu.data.batches import iterate
 from dymu.evaluate.search import evaluate_net
 from dymu.search import load_run
 from dymu.space.derive import check_budget, derive_tree
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
+from dymu.train.scales import loss_scales
 
 CORNER = 0.95
 """The weight a task's corner preference puts on it."""
@@ -92,6 +97,23 @@ def measure(run, tree: TreeSpec, r: np.ndarray, budget: float, ds, device) -> di
     }
 
 
+def gradient_norms(run, tree: TreeSpec, budget: float, batch: dict, scales) -> dict:
+    """Per task, the norm of d(w_i L_i)/d(weight hypernet) at the uniform preference."""
+    tasks = run.anchor.tasks
+    r = torch.full((len(tasks),), 1.0 / len(tasks))
+    params = [p for p in run.weights.parameters() if p.requires_grad]
+    net = TreeNet(run.anchor, tree, run.private).eval()
+    out = net(batch["image"], run.weights(r, budget, tree))
+    norms = {}
+    for k, t in enumerate(tasks):
+        grads = torch.autograd.grad(
+            scales[k] * t.loss(out[t.name], batch[t.name]), params, retain_graph=True,
+            allow_unused=True,
+        )  # fmt: skip
+        norms[t.name] = float(torch.sqrt(sum((g * g).sum() for g in grads if g is not None)))
+    return norms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished dymu search run")
@@ -104,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = check_budget(args.budget, run.space)
     builder = get_builder(run.cfg.data.name)
     test = builder.load(run.cfg.data, "test")
-    train = builder.load(run.cfg.data, "train")
-    every = max(1, len(train) // args.train_images)
-    train = torch.utils.data.Subset(train, range(0, len(train), every))
+    train_all = builder.load(run.cfg.data, "train")
+    every = max(1, len(train_all) // args.train_images)
+    train = torch.utils.data.Subset(train_all, range(0, len(train_all), every))
     device, names, full = torch.device("cpu"), run.anchor.task_names, anchor_flops(run.space)
     n = len(names)
 
@@ -144,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         "split": measure(run, tree, r, budget, test, device),
                     }
             out["splits"].append(row)
+    scales = loss_scales(run.anchor, builder.load(run.cfg.data, "val"), 32, device)
+    batch = next(iterate(train_all, 64, shuffle=False))
+    out["gradient_norms"] = gradient_norms(run, base, budget, batch, scales)
     out["seconds"] = time.perf_counter() - start
     _print(out, names)
     if args.out is not None:
@@ -161,6 +186,8 @@ def _print(out: dict, names: list[str]) -> None:
             for t in names
         )
         print(f"  {c['corner']:8s} {c['tree']} {c['flops_fraction']:.3f}  {cells}")
+    norms = "  ".join(f"{t} {v:.3f}" for t, v in out["gradient_norms"].items())
+    print(f"gradient norm of w_i L_i on the weight hypernet (uniform preference): {norms}")
     print("one layer more of its own for each task (test; change of loss, of metric)")
     for s in out["splits"]:
         if s["tree"] is None:
