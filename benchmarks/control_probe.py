@@ -1,8 +1,8 @@
 """Why a task does or does not follow the preference at one budget: a probe of a finished run.
 
 Controllability (``report.json``) says *whether* a task gets better as it gets more weight;
-this script shows *where the lever is* at one budget, with the two things that can follow a
-preference there:
+this script shows *where the lever is* at one budget: the two things that can follow a
+preference there, and how hard each task pulls on the adaptation:
 
 1. **The weights.** For the uniform preference and each task's corner (0.95 on the task,
    the rest spread evenly), the derived tree with the weight hypernet's adaptation, on the
@@ -25,7 +25,6 @@ preference there:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,9 @@ import torch
 
 from dymu.data import get_builder
 from dymu.data.batches import iterate
+from dymu.errors import UserError
 from dymu.evaluate.search import evaluate_net
+from dymu.io import write_json
 from dymu.search import load_run
 from dymu.space.derive import check_budget, derive_tree
 from dymu.space.graph import anchor_flops
@@ -115,6 +116,14 @@ def gradient_norms(run, tree: TreeSpec, budget: float, batch: dict, scales) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _probe(argv)
+    except UserError as exc:  # a run that is not finished, a budget below the cheapest tree
+        print(f"control_probe: {exc}", file=sys.stderr)
+        return 2
+
+
+def _probe(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished dymu search run")
     parser.add_argument("--budget", type=float, default=0.5)
@@ -172,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"] = time.perf_counter() - start
     _print(out, names)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.out, out)
     return 0
 
 

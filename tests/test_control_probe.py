@@ -38,3 +38,11 @@ def test_corners_put_the_weight_on_one_task(probe):
     assert probe.corner(4, None).tolist() == [0.25] * 4
     r = probe.corner(4, 2)
     assert r[2] == pytest.approx(0.95) and r.sum() == pytest.approx(1.0)
+
+
+def test_a_folder_that_is_not_a_finished_run_is_one_line_and_status_2(probe, tmp_path, capsys):
+    assert probe.main(["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"control_probe: {tmp_path} is not a finished search run: config.yaml is missing"
+    ]
