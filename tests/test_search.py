@@ -11,6 +11,7 @@ import torch
 from tiny import TINY
 
 from dymu.cli.main import main
+from dymu.evaluate.metrics import controllability
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,15 @@ def test_search_writes_every_artifact_and_the_report(searched):
                 row["metrics"][t][span["metric"]] for row in report["rows"] if row["budget"] == b
             ]
             assert (span["min"], span["max"]) == (min(values), max(values))
+        rows = [row for row in report["rows"] if row["budget"] == b]  # the same on the losses
+        on_loss = controllability(
+            np.array([row["losses"] for row in rows]),
+            np.array([row["preference"] for row in rows]),
+            [False] * len(report["tasks"]),
+        )
+        expected = dict(zip(report["tasks"], on_loss.tolist(), strict=True))
+        assert report["controllability_loss"][k] == pytest.approx(expected)
+        assert f", loss {on_loss[0]:+.2f}" in (run / "report.md").read_text()
     assert "reference_point" in report["hypervolume"]
     # The one-epoch anchor scores 0 on some metric (e.g. normals within 11.25 degrees):
     # exactly those metrics leave delta_m, and every delta_m stays finite.

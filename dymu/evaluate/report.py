@@ -32,6 +32,9 @@ EXPLAIN = """\
 - **controllability**: per task, Spearman correlation between the weight the task is given
   and its (normalised) primary metric over the sweep; positive = more weight, better task.
   Spearman ranks, so it says nothing about size: the bracket gives the metric's range.
+  **loss**: the same on the task's test loss (lower = better), what the hypernetworks were
+  trained on; where a metric moves by hundredths of a point, its rank order is noise and
+  the loss shows whether the preference moves the task at all.
 - **flops**: statistics of the derived trees' FLOPs fraction over many preferences;
   **budget adherence**: the share of those trees within the budget (1.0 = always).
 """
@@ -94,11 +97,16 @@ def _plots(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> list[str
     return written
 
 
-def _control_cell(score: float | None, span: dict[str, Any] | None) -> str:
-    """``+0.64 (91.84-91.87 miou)``: a task's controllability and its metric's range."""
+def _control_cell(
+    score: float | None, span: dict[str, Any] | None, on_loss: float | None = None
+) -> str:
+    """``+0.64 (91.84-91.87 miou), loss +0.70``: a task's controllability, its metric's
+    range and its controllability on the loss."""
     cell = "-" if score is None else f"{score:+.2f}"
     if span is not None:
         cell += f" ({span['min']:.4g}-{span['max']:.4g} {span['metric']})"
+    if on_loss is not None:
+        cell += f", loss {on_loss:+.2f}"
     return cell
 
 
@@ -136,7 +144,8 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
     lines += [
         "",
         "Controllability (Spearman, per task), with the range of the task's primary metric "
-        "over the sweep in brackets (how far the preference moves it):",
+        "over the sweep in brackets (how far the preference moves it) and the same Spearman "
+        "on the task's test loss:",
         "",
         "| budget | " + " | ".join(report["tasks"]) + " |",
         "| --- | " + " | ".join("---" for _ in report["tasks"]) + " |",
@@ -144,7 +153,10 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
     for b in report["budgets"]:
         k = f"{b:g}"
         scores, ranges = report["controllability"][k], report.get("control_range", {}).get(k, {})
-        vals = " | ".join(_control_cell(scores.get(t), ranges.get(t)) for t in report["tasks"])
+        on_loss = report.get("controllability_loss", {}).get(k, {})
+        vals = " | ".join(
+            _control_cell(scores.get(t), ranges.get(t), on_loss.get(t)) for t in report["tasks"]
+        )
         lines.append(f"| {k} | {vals} |")
     lines += [
         "",

@@ -71,6 +71,7 @@ def summarise(
             t for t, m in zip(names, primary, strict=True) if m not in directions.get(t, {})
         ],
         "control_range": {},
+        "controllability_loss": {},
         "flops": {},
         "budget_adherence": {},
         "distinct_trees": {},
@@ -101,6 +102,12 @@ def summarise(
             names[k]: float(v) for k, v in zip(keep, scores, strict=True)
         }
         report["control_range"][key] = control_range(tasks, primary, perf)
+        # The same on the test losses, what the hypernetworks were trained on: it shows
+        # whether the preference moves a task where its metric's range is too small to rank.
+        losses = np.array([rows[i]["losses"] for i in idx])  # [P, N]
+        report["controllability_loss"][key] = dict(
+            zip(names, controllability(losses, prefs, [False] * len(names)).tolist(), strict=True)
+        )
         report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
         (fractions, params), (extremes, specs) = trees[b]
         report["flops"][key] = {
