@@ -27,12 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dymu.evaluate.metrics import (
-    controllability,
-    hypervolume,
-    normalised_losses,
-    reference_point,
-)
+from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
+from dymu.evaluate.summary import loss_controllability
 
 # The search-quality targets on the default config: budget -> (min mean FLOPs, max mean
 # FLOPs, min delta_m %, (baseline, min HV ratio)).
@@ -48,14 +44,12 @@ CONTROLLED = ("0.5", "0.75")
 
 
 def _loss_controllability(search: dict, budget: float) -> dict[str, float]:
-    """Controllability on the test losses instead of the primary metrics: whether the
-    preference moves what the hypernetworks were trained on, even where a metric's range
-    is too small for its ranks to mean anything."""
+    """The report's ``controllability_loss`` at ``budget``, computed from its rows, so that
+    reports written before the key existed get it too."""
     rows = [r for r in search["rows"] if r["budget"] == budget]
     losses = np.array([r["losses"] for r in rows])  # [P, N]
     prefs = np.array([r["preference"] for r in rows])  # [P, N]
-    scores = controllability(losses, prefs, [False] * losses.shape[1])
-    return dict(zip(search["tasks"], scores.tolist(), strict=True))
+    return loss_controllability(search["tasks"], losses, prefs)
 
 
 def main(argv: list[str] | None = None) -> int:

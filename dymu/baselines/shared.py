@@ -27,7 +27,7 @@ from dymu.data.batches import endless, iterate, num_batches, to_device
 from dymu.models.shared import SharedNet
 from dymu.models.towers import AuxTowers
 from dymu.train import parallel
-from dymu.train.engine import StepLoop
+from dymu.train.engine import Stateless, StepLoop
 from dymu.weighting import Weighting
 
 
@@ -121,7 +121,7 @@ def _adamw(modules: list[torch.nn.Module], weighting: Weighting, lr: float):
     )
 
 
-class _SharedStep:
+class _SharedStep(Stateless):
     """One optimisation step of :func:`train_shared` on a batch: the scaled task losses
     (plus the auxiliary towers'), combined by the weighting strategy."""
 
@@ -167,12 +167,6 @@ class _SharedStep:
             **{f"loss_{n}": float(v) for n, v in zip(names, losses, strict=True)},
             **{f"weight_{n}": float(v) for n, v in zip(names, w, strict=True)},
         }
-
-    def state(self) -> dict[str, Any]:
-        return {}  # train_shared keeps no checkpoint
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def descend(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Returns the strategy's weights [T] and the scaled task losses [T] (detached)."""

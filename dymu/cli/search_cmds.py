@@ -176,8 +176,7 @@ def run_sample(args: argparse.Namespace) -> int:
         print(
             f"latency {record['latency']['predicted_ms']:.3f} ms predicted for a "
             f"{lat.target_ms:g} ms target ({t.backend}, batch {t.batch}, {t.device}; the edge "
-            f"hypernet asked at "
-            f"FLOPs budget {record['budget']:.3f})"
+            f"hypernet asked at FLOPs budget {record['budget']:.3f})"
         )
     return 0
 

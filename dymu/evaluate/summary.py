@@ -105,9 +105,7 @@ def summarise(
         # The same on the test losses, what the hypernetworks were trained on: it shows
         # whether the preference moves a task where its metric's range is too small to rank.
         losses = np.array([rows[i]["losses"] for i in idx])  # [P, N]
-        report["controllability_loss"][key] = dict(
-            zip(names, controllability(losses, prefs, [False] * len(names)).tolist(), strict=True)
-        )
+        report["controllability_loss"][key] = loss_controllability(names, losses, prefs)
         report["distinct_trees"][key] = len({rows[i]["tree"] for i in idx})
         (fractions, params), (extremes, specs) = trees[b]
         report["flops"][key] = {
@@ -118,6 +116,14 @@ def summarise(
         report["extreme_trees"][key] = extremes
         report.setdefault("extreme_tree_specs", {})[key] = specs
     return report
+
+
+def loss_controllability(names: list[str], losses: np.ndarray, prefs: np.ndarray) -> dict:
+    """Controllability on the test losses (``losses``, ``prefs`` [P, N]; lower = better),
+    task name -> Spearman: whether the preference moves what the hypernetworks were trained
+    on, even where a metric's range is too small for its ranks to mean anything."""
+    scores = controllability(losses, prefs, [False] * len(names))
+    return dict(zip(names, scores.tolist(), strict=True))
 
 
 def control_range(tasks, primary: list[str], perf: np.ndarray) -> dict[str, dict[str, Any]]:

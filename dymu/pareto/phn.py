@@ -31,7 +31,7 @@ from torch.func import functional_call
 from dymu import dist
 from dymu.errors import UserError
 from dymu.pareto.epo import SOLVERS, EPOSolver, linear_weights, task_gradients
-from dymu.train.engine import StepLoop
+from dymu.train.engine import Stateless, StepLoop
 
 __all__ = [
     "NORM_TYPES",
@@ -398,7 +398,7 @@ def train_phn(
     return history
 
 
-class _PHNStep:
+class _PHNStep(Stateless):
     """One step of :func:`train_phn` (a fresh ray, the scalarised loss, one Adam step),
     called by its :class:`~dymu.train.engine.StepLoop`; keeps the per-step history."""
 
@@ -445,12 +445,6 @@ class _PHNStep:
         # This rank's losses (the logged curve; the step itself used the global gradient).
         scalarised = float((weights.detach() * losses.detach()).sum())
         return {"loss": scalarised, **{f"loss_{k}": v for k, v in enumerate(record["losses"])}}
-
-    def state(self) -> dict[str, Any]:
-        return {}  # train_phn keeps no checkpoint
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _check_phn(solver: str, steps: Any, alpha: float, lr: float) -> None:

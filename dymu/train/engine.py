@@ -50,6 +50,17 @@ class Step(Protocol):
     def load_state(self, state: dict[str, Any]) -> None: ...
 
 
+class Stateless:
+    """Base of a step that adds nothing to a checkpoint: the trainers that keep none
+    (``checkpoint=None``), whose loop never asks for it."""
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def frozen(module: nn.Module, device) -> nn.Module:
     """``module`` on ``device``, in eval mode, with no parameter that trains (in place)."""
     return module.to(device).eval().requires_grad_(False)
