@@ -88,7 +88,7 @@ def split_earlier(tree: TreeSpec, k: int) -> TreeSpec | None:
 def measure(run, tree: TreeSpec, r: np.ndarray, budget: float, ds, device) -> dict:
     """Every task's loss and primary metric on ``ds`` for ``tree`` adapted to (r, budget)."""
     rt = torch.tensor(r, dtype=torch.float32)
-    net = TreeNet(run.anchor, tree, run.private).eval()
+    net = TreeNet(run.streams, tree).eval()
     metrics, losses = evaluate_net(
         net, run.weights(rt, budget, tree), ds, run.anchor.tasks, 64, device
     )
@@ -103,7 +103,7 @@ def gradient_norms(run, tree: TreeSpec, budget: float, batch: dict, scales) -> d
     tasks = run.anchor.tasks
     r = torch.full((len(tasks),), 1.0 / len(tasks))
     params = [p for p in run.weights.parameters() if p.requires_grad]
-    net = TreeNet(run.anchor, tree, run.private).eval()
+    net = TreeNet(run.streams, tree).eval()
     out = net(batch["image"], run.weights(r, budget, tree))
     norms = {}
     for k, t in enumerate(tasks):
@@ -175,7 +175,7 @@ def _probe(argv: list[str] | None) -> int:
                         "split": measure(run, tree, r, budget, test, device),
                     }
             out["splits"].append(row)
-    scales = loss_scales(run.anchor, builder.load(run.cfg.data, "val"), 32, device)
+    scales = loss_scales(run.baseline, builder.load(run.cfg.data, "val"), device)
     batch = next(iterate(train_all, 64, shuffle=False))
     out["gradient_norms"] = gradient_norms(run, base, budget, batch, scales)
     out["seconds"] = time.perf_counter() - start

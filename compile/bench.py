@@ -137,9 +137,8 @@ def _torch_runner(bundle: Path, run: Path, entry: dict, compiled: bool, device: 
         raise UserError(f"{bundle} does not come from {run}: tree {entry['hash']} differs")
     r = torch.tensor(entry["weights_at"], dtype=torch.float32)
     with torch.no_grad():
-        net = materialize(
-            trained.anchor, tree, trained.weights(r, entry["budget"], tree), trained.private
-        ).to(device)
+        net = materialize(trained.streams, tree, trained.weights(r, entry["budget"], tree))
+        net = net.to(device)
     if compiled:
         net = torch.compile(net, mode="reduce-overhead" if device == "cuda" else "default")
 

@@ -3,7 +3,7 @@
 :class:`~dymu.space.treenet.TreeNet` runs any tree on the anchor's shared weights: it walks
 the parent table on every call and applies the weight hypernet's BatchNorm offsets through
 ``functional_call``. That flexibility costs Python work and separate BatchNorm ops on every
-call, and keeps the whole anchor alive. :func:`materialize` turns one (anchor, tree,
+call, and keeps the whole anchor alive. :func:`materialize` turns one (streams, tree,
 offsets) into a self-contained module for export and deployment:
 
 1. copy only the used nodes (stream ``j``'s layer ``l`` for node ``(l, j)``) and every head;
@@ -28,6 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dymu.models.anchor import Anchor
 from dymu.models.backbones import BasicBlock
+from dymu.models.streams import TreeStreams
 from dymu.space.tree import TreeSpec
 
 Node = tuple[int, int]
@@ -173,42 +174,39 @@ class MaterializedTree(nn.Module):
 
 
 def materialize(
-    anchor: Anchor,
+    streams: TreeStreams | Anchor,
     tree: TreeSpec,
     bn_offsets: BNOffsets | None = None,
-    private: Anchor | None = None,
 ) -> MaterializedTree:
-    """The inference module of ``tree`` on ``anchor``, offsets baked in and BN folded.
+    """The inference module of ``tree`` on ``streams``, offsets baked in and BN folded.
 
-    In eval mode its outputs equal ``TreeNet(anchor, tree).eval()(image, bn_offsets)``
+    In eval mode its outputs equal ``TreeNet(streams, tree).eval()(image, bn_offsets)``
     (up to float rounding from folding).
 
     Args:
-        anchor: the trained anchor (read only; its running statistics are used).
+        streams: the trained weights and the private-node rule
+            (:class:`~dymu.models.streams.TreeStreams`), or one anchor for every node (read
+            only; the running statistics are used).
         tree: the tree to build; only its used nodes are copied.
         bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
             inside the layer: delta}}``; offsets of unused nodes are ignored.
-        private: the stage-0 streams, run by the tree's private nodes and the heads above
-            them, as in :class:`~dymu.space.treenet.TreeNet`.
 
     Returns:
         A :class:`MaterializedTree` in eval mode with frozen parameters.
     """
-    if (tree.num_tasks, tree.num_layers) != (len(anchor.tasks), anchor.num_layers):
+    streams = TreeStreams.of(streams)
+    if (tree.num_tasks, tree.num_layers) != (len(streams.tasks), streams.num_layers):
         raise ValueError(
             f"tree for {tree.num_tasks} tasks x {tree.num_layers} layers does not fit an "
-            f"anchor of {len(anchor.tasks)} x {anchor.num_layers}"
+            f"anchor of {len(streams.tasks)} x {streams.num_layers}"
         )
     tree = tree.canonical()
-    mine = tree.private() if private is not None else None
-
-    def source(layer: int, stream: int) -> Anchor:
-        return private if mine is not None and mine[layer][stream] else anchor
+    sources = streams.sources(tree)  # [L][N]: the weights each node (and head) runs
 
     nodes: dict[str, nn.Module] = {}
     steps: list[tuple[str, str]] = []
     for layer, stream in tree.used_nodes():  # layer-major: parents come before children
-        module = _frozen_copy(source(layer, stream).streams[stream].layers[layer])
+        module = _frozen_copy(sources[layer][stream].streams[stream].layers[layer])
         deltas = bn_offsets.get((layer, stream)) if bn_offsets is not None else None
         if deltas:
             _bake_offsets(module, deltas, (layer, stream))
@@ -219,8 +217,8 @@ def materialize(
 
     heads: dict[str, nn.Module] = {}
     head_inputs: list[tuple[str, str, str | None]] = []
-    for j, task in enumerate(anchor.tasks):
-        head = _frozen_copy(source(tree.num_layers - 1, j).heads[task.name])
+    for j, task in enumerate(streams.tasks):
+        head = _frozen_copy(sources[tree.num_layers - 1][j].heads[task.name])
         path = tree.path(j)  # stream of task j's node at each layer
         low = head.low_layer
         heads[task.name] = head

@@ -239,11 +239,16 @@ class JointConfig:
     so the trees of tight budgets get every step), or ``random``, a new one every step."""
     distill: float = 1.0
     """Weight of the in-place distillation towards the stage-0 anchor's outputs."""
-    private: bool = True
-    """Train as the trees run with ``stage2.private_nodes``: private nodes on stage 0's
-    weights, and the anchor tree (all private, nothing to train) left out of the sandwich.
-    Needs ``stage2.private_nodes`` (false: the anchor tree trains too, as the first
-    version of this stage did)."""
+    private_nodes: bool = True
+    """The private-node rule (:class:`~dymu.models.streams.TreeStreams`), in every stage
+    after this one: a tree's private nodes (on their own stream's path, for their own task
+    alone) and the heads above them keep stage 0's weights, the other nodes run this
+    stage's; so a task that shares nothing keeps its single-task network. This stage then
+    trains as the trees run (the anchor tree, all private, has nothing to train and leaves
+    the sandwich), stage 1 mixes stage 0's outputs in by the probability that a node is
+    private (:class:`~dymu.models.mixture.MixtureNet`), and stage 2, the evaluation and
+    export run them. False: every node runs this stage's weights, the anchor tree trains
+    in the sandwich too."""
     hflip: bool = True
 
     def check(self, prefix: str) -> None:
@@ -299,12 +304,6 @@ class Stage1Config:
     """Weight of dymu's expected-FLOPs budget penalty."""
     self_bias: float = 2.0
     """Initial logit bonus of a node's own stream as parent (start near the anchor)."""
-    private: bool = True
-    """Where the joint stage ran and ``stage2.private_nodes`` holds: run trees as stage 2,
-    the evaluation and export do, private nodes on stage 0's weights (relaxed: each node
-    mixes stage 0's output in by the probability that it is private,
-    :class:`~dymu.models.mixture.MixtureNet`). Off, every node runs the joint weights, and
-    the anchor tree looks worse to stage 1 than it is."""
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "lr_every", "temperature_every", "draws"):
@@ -341,12 +340,6 @@ class Stage2Config:
     task_floor: float = 0.2
     """Loss weights (1 - floor) * r + floor / N instead of r: every task keeps a gradient,
     so the trees serve tasks the preference weighs little (0 = the paper's r alone)."""
-    private_nodes: bool = True
-    """Where the joint stage ran: a tree's private nodes (on their own stream's path, for
-    their own task alone) and the heads above them keep the stage-0 weights, the others run
-    the joint stage's (in stage 2, the evaluation, sample and export); so a task that
-    shares nothing keeps its single-task quality. Stage 1 does the same, relaxed
-    (``stage1.private``)."""
     hflip: bool = True
     """Random horizontal flips of the training batches (as stage 0 and the joint stage).
     Without them the preference-dependent offsets fit the training images: on the default
@@ -461,17 +454,6 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
-ADDED_LATER = {
-    ("joint", "optimizer"): "adam",
-    ("joint", "private"): False,
-    ("joint", "trunk"): "random",
-    ("joint", "random_kind"): "uniform",
-    ("stage1", "private"): False,
-    ("stage2", "hflip"): False,
-}
-"""(section, key) -> the value that behaves as the config did before the key existed."""
-
-
 def section_hash(cfg: Config, *sections: str) -> str:
     """A stable 12-hex hash of the named config sections: an artifact records it, so a
     later run can tell whether the artifact still matches its config."""
@@ -483,10 +465,6 @@ def section_hash(cfg: Config, *sections: str) -> str:
         # Towers that are off change nothing: artifacts made before towers existed stay valid.
         if values.get("towers", {}).get("gamma") == 0:
             del values["towers"]
-    for (section, key), before in ADDED_LATER.items():
-        # A setting added after artifacts existed, at the value that reproduces them.
-        if section in blob and blob[section].get(key) == before:
-            del blob[section][key]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 

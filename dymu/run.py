@@ -109,13 +109,35 @@ def check_names(cfg: Config, need_data: bool = True) -> None:
 
 
 def read_run_config(run_dir: str | os.PathLike) -> Config:
-    """The ``config.yaml`` a run directory holds; an error in it names the file."""
-    from dymu.config import load_config
+    """The ``config.yaml`` a run directory holds; an error in it names the file.
+
+    A run written by another version of dymu, whose file lacks keys dymu has now or holds
+    keys it no longer has, is refused with one line: what its artifacts were made from
+    cannot be told from today's defaults, so nothing is guessed.
+    """
+    import yaml
+
+    from dymu.config import load_config, to_dict
 
     path = Path(run_dir) / "config.yaml"
     fix = f"rerun dymu search --run {run_dir}"
     if not read_text(path, "run config", fix).strip():
         raise UserError(f"run config {path} is damaged (empty); {fix}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        raw = None  # load_config names the problem
+    if isinstance(raw, dict):
+        want, have = _keys(to_dict(Config())), _keys(raw)
+        drift = [f"lacks {k}" for k in sorted(want - have)]
+        drift += [f"has {k}, which dymu no longer has" for k in sorted(have - want)]
+        if drift:
+            more = f" and {len(drift) - 1} more" if len(drift) > 1 else ""
+            raise UserError(
+                f"{run_dir} was made by another version of dymu (its config.yaml "
+                f"{drift[0]}{more}); {fix} (its stages are retrained where their inputs "
+                "changed)"
+            )
     try:
         cfg = load_config(path)
     except UserError as exc:
@@ -125,22 +147,16 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         raise UserError(
             f"run config {path} is damaged ({text.removeprefix('config: ')}); {fix}"
         ) from None
-    return _as_written(cfg, path)
-
-
-def _as_written(cfg: Config, path: Path) -> Config:
-    """A run's config with every setting its ``config.yaml`` lacks (added to dymu after the
-    run was made) at the value that behaves as dymu did then, not at today's default: a
-    finished run stays loadable, its artifacts' config hashes unchanged."""
-    import yaml
-
-    from dymu.config import ADDED_LATER
-
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for (section, key), before in ADDED_LATER.items():
-        if key not in (raw.get(section) or {}):
-            setattr(getattr(cfg, section), key, before)
     return cfg
+
+
+def _keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys of a nested config mapping (sections are walked, values are not)."""
+    out = set()
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out |= _keys(value, f"{name}.") if isinstance(value, dict) else {name}
+    return out
 
 
 def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:

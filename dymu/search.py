@@ -20,7 +20,7 @@ from dymu.affinity.estimate import estimate_affinity
 from dymu.affinity.plot import affinity_png
 from dymu.affinity.result import AffinityResult
 from dymu.artifacts import load_into, read_json, rerun_fix
-from dymu.config import Config, section_hash
+from dymu.config import Config
 from dymu.data import get_builder
 from dymu.errors import UserError
 from dymu.evaluate.report import write_report
@@ -29,12 +29,15 @@ from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.lock import run_lock, unlock_run
 from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
+from dymu.models.streams import TreeStreams
 from dymu.run import read_run_config, resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import load_space, save_space
 from dymu.train.checkpoint import record_matches
-from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, joint_hash, load_joint
-from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor, stage0_hash
+from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, load_joint
+from dymu.train.scales import loss_scales
+from dymu.train.spec import resolve_specs
+from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
 
@@ -57,19 +60,33 @@ class TrainedRun:
     """Everything a finished search leaves that later stages (sample, export) need."""
 
     cfg: Config
-    anchor: Anchor
-    """The streams every tree runs on: the joint stage's when it ran, else stage 0's."""
+    streams: TreeStreams
+    """The weights every tree runs, with the private-node rule (:class:`TreeStreams`)."""
     space: nx.DiGraph
     edge: EdgeHypernet
     weights: WeightHypernet
-    private: Anchor | None = None
-    """The stage-0 streams that the trees' private nodes run (``stage2.private_nodes``)."""
+    baseline: Anchor
+    """The stage-0 streams: the single-task yardstick of delta_m and of the loss scales."""
+
+    @property
+    def anchor(self) -> Anchor:
+        """The tuned streams (the joint stage's, else stage 0's): tasks, layers, heads."""
+        return self.streams.tuned
+
+
+ARTIFACTS = {  # stage -> (weights, record) in the run directory
+    "stage0": (ANCHOR_WEIGHTS, ANCHOR_JSON),
+    "joint": (JOINT_WEIGHTS, JOINT_JSON),
+    "stage1": (EDGE_WEIGHTS, EDGE_JSON),
+    "stage2": (WEIGHT_WEIGHTS, WEIGHT_JSON),
+}
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
     """Load a finished ``dymu search`` run; one clear line when an artifact is missing,
-    damaged, or was made with another config than the run's ``config.yaml`` (two runs
-    written into one folder, or a file copied in from another run)."""
+    damaged, or was made from other inputs than the run's ``config.yaml`` resolves to (two
+    runs written into one folder, a file copied in from another run, a run made by an
+    earlier dymu)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a finished search run: config.yaml is missing")
@@ -77,41 +94,58 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         return _load_run(run)
 
 
+def check_artifacts(run: Path, cfg: Config, stages: tuple[str, ...] = tuple(ARTIFACTS)) -> None:
+    """Every training stage of ``stages`` has its files, and its record carries the hash of
+    the spec ``cfg`` resolves to; else one line that says what to rerun. (A stage's spec
+    names the hashes of those it builds on, so one record vouches for its whole chain.)"""
+    rerun = f"rerun dymu search --run {run}"
+    for stage, spec in resolve_specs(cfg).items():
+        if stage not in ARTIFACTS or stage not in stages:
+            continue
+        weights, name = ARTIFACTS[stage]
+        for f in (weights, name):
+            if not (run / f).is_file():
+                raise UserError(f"{run} is not a finished search run: {f} is missing; {rerun}")
+        record = read_json(run / name, "record", rerun_fix(run))
+        if "spec" not in record:
+            raise UserError(
+                f"{run / name} was written by an earlier dymu (it records no stage spec); "
+                f"{rerun} (it retrains from {stage} on)"
+            )
+        if record.get("config_hash") != spec.hash:
+            raise UserError(
+                f"{run / weights} was made from other inputs than {run / 'config.yaml'} "
+                f"resolves to (its record {name} says so); {rerun}"
+            )
+
+
 def _load_run(run: Path) -> TrainedRun:
     cfg = read_run_config(run)
-    records = [  # (weights, record, the config hash the record must carry)
-        (ANCHOR_WEIGHTS, ANCHOR_JSON, stage0_hash(cfg)),
-        (EDGE_WEIGHTS, EDGE_JSON, stage1_hash(cfg)),
-        (WEIGHT_WEIGHTS, WEIGHT_JSON, stage2_hash(cfg)),
-    ]
-    if cfg.joint.steps > 0:
-        records.insert(1, (JOINT_WEIGHTS, JOINT_JSON, joint_hash(cfg)))
-    for name in [*(w for w, _, _ in records), "space.json"]:
-        if not (run / name).is_file():
-            raise UserError(f"{run} is not a finished search run: {name} is missing")
-    for weights, name, expected in records:
-        record = read_json(run / name, "record", rerun_fix(run))
-        if record.get("config_hash") != expected:
-            raise UserError(
-                f"{run / weights} was made with another config than {run / 'config.yaml'} "
-                f"(its record {name} says so); rerun dymu search --run {run}"
-            )
+    check_artifacts(run, cfg)
+    if not (run / "space.json").is_file():
+        raise UserError(f"{run} is not a finished search run: space.json is missing")
     specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
-    private = None
-    if cfg.joint.steps > 0:
-        private = anchor.eval() if cfg.stage2.private_nodes else None
-        anchor = load_joint(anchor, run / JOINT_WEIGHTS)
+    joint = load_joint(anchor, run / JOINT_WEIGHTS) if cfg.joint.steps > 0 else None
+    streams = tree_streams(cfg, anchor.eval(), joint)
     space = load_space(run / "space.json")
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
-    weights = load_weights(run, anchor, cfg).eval()
-    return TrainedRun(cfg, anchor.eval(), space, edge, weights, private)
+    weights = load_weights(run, streams.tuned, cfg).eval()
+    return TrainedRun(cfg, streams.eval(), space, edge, weights, anchor.eval())
+
+
+def tree_streams(cfg: Config, stage0: Anchor, joint: Anchor | None) -> TreeStreams:
+    """The weights trees run (the one place that decides): the joint stage's where it ran,
+    with stage 0's for private nodes under ``joint.private_nodes``; else stage 0's alone."""
+    if cfg.joint.steps == 0:
+        return TreeStreams(stage0)
+    return TreeStreams(joint, stage0 if cfg.joint.private_nodes else None)
 
 
 def affinity_hash(cfg: Config) -> str:
-    """What affinity.json depends on: the affinity settings and the anchor."""
-    return section_hash(cfg, "affinity") + "-" + stage0_hash(cfg)
+    """What affinity.json depends on: the hash of its spec (:mod:`dymu.train.spec`)."""
+    return resolve_specs(cfg)["affinity"].hash
 
 
 def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -121,8 +155,6 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     affinity estimate and the evaluation, short and written once, run on rank 0 while the
     others wait, then read its files, so every rank returns the same report.
     """
-    if cfg.joint.steps > 0 and cfg.joint.private and not cfg.stage2.private_nodes:
-        raise UserError("config: joint.private=true needs stage2.private_nodes=true")
     run = start_run(cfg, run_dir)  # takes the run directory's lock
     try:
         return _search(cfg, run, resume)
@@ -151,9 +183,10 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
         result = result if main else AffinityResult.load(path)
     affinity = torch.tensor(result.mean, dtype=torch.float32)
 
-    # The streams the trees run on; `anchor` stays the single-task baseline of delta_m.
-    streams = ensure_joint(cfg, run, anchor, train, val, resume=resume)
-    private = anchor if streams is not anchor and cfg.stage2.private_nodes else None
+    # The weights the trees run; `anchor` stays the single-task baseline of delta_m.
+    joint = ensure_joint(cfg, run, anchor, train, val, resume=resume)
+    streams = tree_streams(cfg, anchor, joint)
+    scales = loss_scales(anchor, val, device)  # [N] w_i, one definition for every stage
 
     info = builder.info_for(cfg.data)
     size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
@@ -166,27 +199,15 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
         print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
         edge = load_edge(run, n, num_layers, cfg)
     else:
-        edge, _ = train_stage1(
-            cfg, run, streams, space, affinity, train, val, resume=resume, private=private
-        )
+        edge, _ = train_stage1(cfg, run, streams, space, affinity, train, scales, resume=resume)
     if record_matches(run / WEIGHT_JSON, stage2_hash(cfg)):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
-        weights = load_weights(run, streams, cfg)
+        weights = load_weights(run, streams.tuned, cfg)
     else:
-        weights, _ = train_stage2(
-            cfg, run, streams, space, edge, train, val, resume=resume, private=private
-        )
+        weights, _ = train_stage2(cfg, run, streams, space, edge, train, scales, resume=resume)
     if main:
         report = evaluate_search(
-            cfg.evaluate,
-            streams,
-            space,
-            edge,
-            weights,
-            test,
-            device,
-            baseline=anchor,
-            private=private,
+            cfg.evaluate, streams, space, edge, weights, test, device, baseline=anchor, val_ds=val
         )
         write_report(run, report, space)
     dist.barrier()

@@ -16,6 +16,7 @@ from dymu.config import ModelConfig
 from dymu.hypernet.weight import WeightHypernet, bn_layout
 from dymu.models.anchor import Anchor, build_anchor
 from dymu.models.flops import count_flops, count_params
+from dymu.models.streams import TreeStreams
 from dymu.space.anchor_space import anchor_space
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -264,21 +265,22 @@ def test_edge_adapters_fold_exactly_into_the_convolutions(anchor, space, index):
 
 
 def test_private_nodes_run_the_private_weights_in_treenet_and_materialized(anchor, offsets):
-    """With ``private`` streams (stage 0's beside the joint stage's), the anchor tree is the
-    private anchor exactly, and every tree materializes to what TreeNet computes."""
+    """With the private-node rule (stage 0's streams beside the joint stage's), the anchor
+    tree is the private anchor exactly, and every tree materializes to what TreeNet computes."""
     other = build_anchor(ModelConfig(width=4), SPECS, seed=5)
     randomise_batchnorms(other, seed=5)
     other = other.eval()
     x = torch.rand(2, 3, *SIZE)
     no_sharing = TreeSpec.no_sharing(len(SPECS), anchor.num_layers)
     with torch.no_grad():
-        got = TreeNet(anchor, no_sharing, private=other)(x)
+        streams = TreeStreams(anchor, other)
+        got = TreeNet(streams, no_sharing)(x)
         want = TreeNet(other, no_sharing)(x)
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
         for tree in _trees(len(SPECS), anchor.num_layers)[1:]:
-            net = materialize(anchor, tree, offsets, private=other)
-            ref = TreeNet(anchor, tree, private=other).eval()(x, offsets)
+            net = materialize(streams, tree, offsets)
+            ref = TreeNet(streams, tree).eval()(x, offsets)
             mixed = net(x)
             for k in ref:
                 torch.testing.assert_close(mixed[k], ref[k], atol=1e-5, rtol=0)

@@ -11,6 +11,7 @@ from tiny import randomise_batchnorms
 from dymu.config import ModelConfig
 from dymu.models.anchor import build_anchor
 from dymu.models.mixture import MixtureNet, path_weights, private_weights
+from dymu.models.streams import TreeStreams
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.tasks import TaskSpec
@@ -55,7 +56,8 @@ def test_one_hot_weights_with_private_streams_equal_the_tree_with_private_nodes(
     randomise_batchnorms(private, seed=3)  # other weights than the tuned streams
     for p in private.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
-    net = MixtureNet(anchor, private).eval()
+    streams = TreeStreams(anchor, private)
+    net = MixtureNet(streams).eval()
     x = torch.rand(2, 3, 32, 32)
     rng = np.random.default_rng(4)
     num_layers = anchor.num_layers
@@ -64,7 +66,7 @@ def test_one_hot_weights_with_private_streams_equal_the_tree_with_private_nodes(
     trees += [TreeSpec.random(3, num_layers, rng) for _ in range(4)]
     with torch.no_grad():
         for tree in trees:
-            got, want = net(x, _one_hot(tree)), TreeNet(anchor, tree, private)(x)
+            got, want = net(x, _one_hot(tree)), TreeNet(streams, tree)(x)
             for k in want:
                 torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
         # the anchor tree is the stage-0 anchor itself

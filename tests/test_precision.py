@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny import TINY
 
 import dymu.train.stage0 as stage0
-from dymu.config import load_config, section_hash
+from dymu.config import load_config
 from dymu.data import get_builder
 from dymu.errors import UserError
 from dymu.models.anchor import StackedAnchor, build_anchor
@@ -28,6 +28,13 @@ from dymu.train.stage2 import train_stage2
 # five ulps of bf16) is loose enough for that and still fails on a wrong cast, a missing
 # fp32 loss or a broken scaler, which move the loss by O(1).
 BF16_RTOL = 1e-2
+
+
+def _scales(anchor, val):
+    """[N] w_i as dymu search computes them (dymu.train.scales)."""
+    from dymu.train.scales import loss_scales
+
+    return loss_scales(anchor, val, torch.device("cpu"))
 
 
 def _cfg(tmp_path, *extra):
@@ -63,11 +70,12 @@ def test_bf16_losses_of_stages_0_to_2_track_fp32(tmp_path, step_losses):
         space = anchor_space(anchor, (32, 32))
         builder = get_builder("synthscenes")
         train, val = builder.load(cfg.data, "train"), builder.load(cfg.data, "val")
+        w = _scales(anchor, val)  # [N] loss scales
         step_losses.clear()
-        edge, rec1 = train_stage1(cfg, tmp_path / kind, anchor, space, torch.eye(3), train, val)
+        edge, rec1 = train_stage1(cfg, tmp_path / kind, anchor, space, torch.eye(3), train, w)
         s1 = list(step_losses)
         step_losses.clear()
-        _, rec2 = train_stage2(cfg, tmp_path / kind, anchor, space, edge, train, val)
+        _, rec2 = train_stage2(cfg, tmp_path / kind, anchor, space, edge, train, w)
         runs[kind] = (s0, s1, list(step_losses), record, rec1, rec2)
 
     fp32, bf16 = runs["fp32"], runs["bf16"]
@@ -79,12 +87,11 @@ def test_bf16_losses_of_stages_0_to_2_track_fp32(tmp_path, step_losses):
     for kind, (*_, rec0, rec1, rec2) in runs.items():
         for rec in (rec0, rec1, rec2):
             assert rec["precision"] == {"dtype": kind, "channels_last": False}
-    # A default run's hash is what it was before precision existed; bf16 gets its own,
-    # which the later stages inherit.
-    cfg = _cfg(tmp_path, "stage0.epochs=2")
-    assert fp32[3]["config_hash"] == section_hash(cfg, "data", "model", "stage0") + "-s0"
-    assert bf16[3]["config_hash"] == fp32[3]["config_hash"] + "-bf16"
-    assert bf16[4]["config_hash"].endswith("-bf16") and bf16[5]["config_hash"].endswith("-bf16")
+    # bf16 artifacts are other artifacts than fp32 ones, at every stage: the precision is in
+    # each stage's spec.
+    for k, stage in ((3, "stage0"), (4, "stage1"), (5, "stage2")):
+        assert bf16[k]["config_hash"] != fp32[k]["config_hash"], stage
+        assert bf16[k]["spec"]["precision"] == "bf16" and fp32[k]["spec"]["precision"] == "fp32"
     saved = json.loads((tmp_path / "bf16" / stage0.ANCHOR_JSON).read_text())
     assert saved["precision"]["dtype"] == "bf16"
 

@@ -199,7 +199,7 @@ def test_a_task_without_a_primary_baseline_is_listed_not_a_crash(tmp_path, monke
     _, splits = load_splits(cfg)
     report = search_eval.evaluate_search(
         cfg.evaluate,
-        trained.anchor,
+        trained.streams,
         trained.space,
         trained.edge,
         trained.weights,
@@ -209,10 +209,3 @@ def test_a_task_without_a_primary_baseline_is_listed_not_a_crash(tmp_path, monke
     assert report["controllability_excluded"] == ["depth"]
     for scores in report["controllability"].values():
         assert set(scores) == {"semseg", "normals"}
-
-
-def test_private_joint_training_without_private_nodes_is_refused_before_any_work(tmp_path, capsys):
-    argv = ["search", "--run", str(tmp_path / "r"), *TINY, "stage2.private_nodes=false"]
-    assert main(argv) == 2
-    assert "needs stage2.private_nodes=true" in capsys.readouterr().err
-    assert not (tmp_path / "r" / "anchor.safetensors").exists()

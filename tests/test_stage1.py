@@ -29,6 +29,13 @@ from dymu.train.stage2 import WEIGHT_WEIGHTS, train_stage2
 TINY = [*_TINY, "stage1.steps=40", "stage1.lr=0.01", "stage2.steps=8", "stage1.lambda_budget=100"]
 
 
+def _scales(anchor, val):
+    """[N] w_i as dymu search computes them (dymu.train.scales)."""
+    from dymu.train.scales import loss_scales
+
+    return loss_scales(anchor, val, torch.device("cpu"))
+
+
 def _expected_fraction(edge, space, r, b) -> float:
     """E[FLOPs] / anchor's of the hypernet's parent distribution (continuous: no argmax)."""
     flops, _, heads, _ = costs(space)
@@ -44,7 +51,8 @@ def test_stage1_and_stage2_train_and_the_budget_pulls_flops_down(tmp_path):
     space = anchor_space(anchor, (32, 32))
     builder = get_builder("synthscenes")
     train, val = builder.load(cfg.data, "train"), builder.load(cfg.data, "val")
-    edge, _ = train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, val)
+    w = _scales(anchor, val)  # [N] loss scales
+    edge, _ = train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, w)
     assert (tmp_path / EDGE_WEIGHTS).is_file()
     saved = json.loads((tmp_path / EDGE_JSON).read_text())
     assert saved["steps"] == 40 and saved["tasks"] == ["semseg", "depth", "normals"]
@@ -59,7 +67,7 @@ def test_stage1_and_stage2_train_and_the_budget_pulls_flops_down(tmp_path):
     before = _expected_fraction(start, space, r, low)
     assert _expected_fraction(edge, space, r, low) < before - 0.05  # the ceiling pulled down
 
-    weights, record = train_stage2(cfg, tmp_path, anchor, space, edge, train, val)
+    weights, record = train_stage2(cfg, tmp_path, anchor, space, edge, train, w)
     assert (tmp_path / WEIGHT_WEIGHTS).is_file() and record["steps"] == 8
     assert weights.out.weight.abs().sum() > 0  # it moved away from the zero start
 
@@ -80,6 +88,7 @@ def test_budget_objective_spends_the_budget(tmp_path):
     space = anchor_space(anchor, (32, 32))
     builder = get_builder("synthscenes")
     train, val = builder.load(cfg.data, "train"), builder.load(cfg.data, "val")
+    w = _scales(anchor, val)  # [N] loss scales
     low = min_flops(space) / anchor_flops(space)
     r = torch.full((3,), 1 / 3)
     torch.manual_seed(cfg.run.seed)
@@ -87,9 +96,7 @@ def test_budget_objective_spends_the_budget(tmp_path):
 
     def fractions(*extra):
         c = load_config(None, [*base, *extra])
-        edge, _ = train_stage1(
-            c, tmp_path / "-".join(extra), anchor, space, torch.eye(3), train, val
-        )
+        edge, _ = train_stage1(c, tmp_path / "-".join(extra), anchor, space, torch.eye(3), train, w)
         return _expected_fraction(edge, space, r, 1.0), _expected_fraction(edge, space, r, low)
 
     off = ["stage1.lambda_active=0", "stage1.lambda_inactive=0", "stage1.full_budget_share=1"]
@@ -130,18 +137,19 @@ def tiny_anchor(tmp_path_factory):
 
 def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, monkeypatch):
     cfg, anchor, space, (train, val) = tiny_anchor
+    w = _scales(anchor, val)  # [N] loss scales
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=3))
     A = torch.eye(3)
-    whole, _ = stage1.train_stage1(cfg, tmp_path / "a", anchor, space, A, train, val)
-    whole2, _ = stage2.train_stage2(cfg, tmp_path / "a", anchor, space, whole, train, val)
+    whole, _ = stage1.train_stage1(cfg, tmp_path / "a", anchor, space, A, train, w)
+    whole2, _ = stage2.train_stage2(cfg, tmp_path / "a", anchor, space, whole, train, w)
 
     run = tmp_path / "b"
     with monkeypatch.context() as m:
         _interrupt_after(m, draws, "sample_parents", 17)  # dies in step 18 of 25
         with pytest.raises(_Interrupt):
-            stage1.train_stage1(cfg, run, anchor, space, A, train, val)
+            stage1.train_stage1(cfg, run, anchor, space, A, train, w)
     assert (run / stage1.CHECKPOINT).is_file() and not (run / EDGE_WEIGHTS).exists()
-    resumed, _ = stage1.train_stage1(cfg, run, anchor, space, A, train, val, resume=True)
+    resumed, _ = stage1.train_stage1(cfg, run, anchor, space, A, train, w, resume=True)
     assert not (run / stage1.CHECKPOINT).exists()  # removed once the weights are written
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6)
@@ -149,8 +157,8 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
     with monkeypatch.context() as m:
         _interrupt_after(m, stage2, "derive_tree", 7)  # dies in step 8 of 8
         with pytest.raises(_Interrupt):
-            stage2.train_stage2(cfg, run, anchor, space, resumed, train, val)
-    resumed2, _ = stage2.train_stage2(cfg, run, anchor, space, resumed, train, val, resume=True)
+            stage2.train_stage2(cfg, run, anchor, space, resumed, train, w)
+    resumed2, _ = stage2.train_stage2(cfg, run, anchor, space, resumed, train, w, resume=True)
     for key, value in whole2.state_dict().items():
         torch.testing.assert_close(resumed2.state_dict()[key], value, rtol=0, atol=1e-6)
     # The resumed logs hold every logged step once, with the uninterrupted run's values.
@@ -166,14 +174,15 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
 
 def test_a_checkpoint_of_another_config_is_refused(tiny_anchor, tmp_path, monkeypatch):
     cfg, anchor, space, (train, val) = tiny_anchor
+    w = _scales(anchor, val)  # [N] loss scales
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=10))
     with monkeypatch.context() as m:
         _interrupt_after(m, draws, "sample_parents", 12)
         with pytest.raises(_Interrupt):
-            stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, val)
+            stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, w)
     other = load_config(None, [*TINY, f"data.cache_dir={tmp_path}", "stage1.lr=0.002"])
     with pytest.raises(UserError, match="another config"):
-        stage1.train_stage1(other, tmp_path, anchor, space, torch.eye(3), train, val, resume=True)
+        stage1.train_stage1(other, tmp_path, anchor, space, torch.eye(3), train, w, resume=True)
     (tmp_path / stage1.CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is damaged"):
-        stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, val, resume=True)
+        stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, w, resume=True)

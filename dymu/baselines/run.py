@@ -56,6 +56,7 @@ from dymu.space.graph import anchor_flops
 from dymu.train import parallel
 from dymu.train.checkpoint import record_matches
 from dymu.train.loop import evaluate_model
+from dymu.train.spec import resolve_specs
 from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
 
@@ -88,7 +89,7 @@ def method_hash(cfg: Config, method: str) -> str:
     # Nested settings (towers) are dataclasses: written as their fields.
     blob = json.dumps({"method": method, **own}, sort_keys=True, default=dataclasses.asdict)
     mine = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return mine + "-" + section_hash(cfg, "evaluate", "stage1") + "-" + stage0_hash(cfg)
+    return mine + "-" + section_hash(cfg, "evaluate") + "-" + resolve_specs(cfg)["stage1"].hash
 
 
 class _Context:

@@ -190,22 +190,16 @@ def _sample(args: argparse.Namespace, run):
     from dymu.errors import UserError
     from dymu.lock import run_lock
     from dymu.run import read_run_config
-    from dymu.search import load_edge
+    from dymu.search import check_artifacts, load_edge
     from dymu.space.derive import derive_tree
     from dymu.space.graph import anchor_flops, load_space, space_shape
-    from dymu.train.checkpoint import record_matches
-    from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash
 
-    for name in ("config.yaml", "space.json", EDGE_WEIGHTS):
+    for name in ("config.yaml", "space.json"):
         if not (run / name).is_file():
             raise UserError(f"{run} is not a finished search run: {name} is missing")
     with run_lock(run, write=False):  # no search may write into it meanwhile
         cfg = read_run_config(run)
-        if not record_matches(run / EDGE_JSON, stage1_hash(cfg)):
-            raise UserError(
-                f"{run / EDGE_WEIGHTS} was made with another config than {run / 'config.yaml'}, "
-                f"or its record {EDGE_JSON} is missing or damaged; rerun dymu search --run {run}"
-            )
+        check_artifacts(run, cfg, ("stage1",))  # the edge hypernet and what it was made from
         space = load_space(run / "space.json")
         tasks = list(space.graph["tasks"])
         r = parse_preference(args.preference, tasks)

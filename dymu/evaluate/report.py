@@ -110,6 +110,29 @@ def _control_cell(
     return cell
 
 
+def _validation_lines(report: dict[str, Any]) -> list[str]:
+    """The validation split's figures (what choices are made on), beside the test ones."""
+    val = report.get("validation")
+    if not val:
+        return []
+    lines = [
+        "",
+        "Validation split (choices are made on these; the tables above are on the test split):",
+        "",
+        "| budget | hypervolume | uniformity | delta_m % | controllability | on losses |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        ctrl = ", ".join(f"{t} {v:+.2f}" for t, v in val["controllability"][k].items())
+        loss = ", ".join(f"{t} {v:+.2f}" for t, v in val["controllability_loss"][k].items())
+        lines.append(
+            f"| {k} | {val['hypervolume'][k]:.4f} | {val['uniformity'][k]:.3f} | "
+            f"{val['delta_m'][k]:+.2f} | {ctrl} | {loss} |"
+        )
+    return lines
+
+
 def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> None:
     """``report.json``, ``report.md`` and the plots into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -158,6 +181,7 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
             _control_cell(scores.get(t), ranges.get(t), on_loss.get(t)) for t in report["tasks"]
         )
         lines.append(f"| {k} | {vals} |")
+    lines += _validation_lines(report)
     lines += [
         "",
         f"Reference point of the hypervolume: {report['hypervolume']['reference_point']}",

@@ -2,9 +2,10 @@
 budget, with hypervolume, uniformity, delta_m, controllability, FLOPs and budget adherence.
 
 Every (preference, budget) gets its derived tree (argmax parents repaired to the budget)
-with the weight hypernet's BatchNorm offsets, evaluated on the test split. Losses are
-normalised by the anchor's own (single-task) test losses before the hypervolume, whose
-reference point is declared in the report.
+with the weight hypernet's BatchNorm offsets, evaluated on the test split (the figures a
+report publishes) and on the validation split (the figures choices are made on). Losses
+are normalised by the anchor's own (single-task) losses on the same split before the
+hypervolume, whose reference point is declared in the report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dymu.evaluate.summary import Evaluated, summarise
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet
 from dymu.models.anchor import Anchor
+from dymu.models.streams import TreeStreams
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
@@ -71,50 +73,58 @@ def weighted_delta_m(
 @torch.no_grad()
 def evaluate_search(
     cfg: EvaluateConfig,
-    anchor: Anchor,
+    streams: TreeStreams | Anchor,
     space: nx.DiGraph,
     edge: EdgeHypernet,
     weights: WeightHypernet,
     test_ds,
     device: torch.device,
     baseline: Anchor | None = None,
-    private: Anchor | None = None,
+    val_ds=None,
 ) -> dict[str, Any]:
-    """The report's numbers (see ``report.md`` for what each key means).
+    """The report's numbers (see ``report.md`` for what each key means), on the test split,
+    and with ``val_ds`` the split-dependent ones on the validation split too, under
+    ``validation``: validation chooses, test reports.
 
-    ``anchor`` holds the streams the trees run on; ``baseline`` the independent stage-0
-    streams whose anchor tree is the single-task yardstick of delta_m and of the normalised
-    losses (``anchor`` itself when None: no joint stage ran); ``private`` the streams the
-    trees' private nodes run (:class:`~dymu.space.treenet.TreeNet`), if any. Evaluation
-    (this module) gives one row per (budget, preference); :func:`summarise` turns the rows
-    into the report.
+    ``streams`` holds the weights the trees run (:class:`TreeStreams`); ``baseline`` the
+    independent stage-0 streams whose anchor tree is the single-task yardstick of delta_m
+    and of the normalised losses (the tuned streams when None: no joint stage ran).
+    Evaluation (this module) gives one row per (budget, preference); :func:`summarise`
+    turns the rows into the report.
     """
-    anchor, edge, weights = anchor.to(device).eval(), edge.to(device).eval(), weights.to(device)
+    streams = TreeStreams.of(streams).to(device)
+    edge, weights = edge.to(device).eval(), weights.to(device)
+    anchor = streams.tuned
     baseline = anchor if baseline is None else baseline.to(device).eval()
-    private = None if private is None else private.to(device).eval()
     tasks, n = anchor.tasks, len(anchor.tasks)
     full, low = anchor_flops(space), min_flops(space) / anchor_flops(space)
     budgets = [b for b in cfg.budgets if b * full >= min_flops(space)]
     if cfg.cheapest and low not in budgets:  # the paper's c = 1: the cheapest tree's budget
         budgets = sorted([low, *budgets])
     prefs = preference_sweep(n, cfg.preferences, cfg.seed)
-    base_net = TreeNet(baseline, TreeSpec.no_sharing(n, anchor.num_layers))
-    base_metrics, base_losses = evaluate_net(base_net, None, test_ds, tasks, cfg.batch_size, device)
-    directions, excluded = delta_m_directions(tasks, base_metrics)
+    derived = {  # (budget, preference index) -> tree: the same trees on every split
+        (b, i): derive_tree(edge.alpha(_pref(r, device), b).cpu(), space, b)
+        for b in budgets
+        for i, r in enumerate(prefs)
+    }
+    sweep = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
+    trees = {  # per budget: FLOPs and params over many preferences, and the extreme trees
+        b: (derived_costs(edge, space, b, sweep, device), extreme_trees(edge, space, b, anchor))
+        for b in budgets
+    }
 
-    rows = []
-    bar = tqdm(total=len(budgets) * len(prefs), desc="evaluation", unit="tree", leave=False)
-    for b in budgets:
-        for r in prefs:
-            rt = torch.tensor(r, dtype=torch.float32, device=device)
-            tree = derive_tree(edge.alpha(rt, b).cpu(), space, b)
+    def on(split: str, ds) -> dict[str, Any]:
+        """The report's numbers on one split (its own single-task yardstick included)."""
+        base_net = TreeNet(baseline, TreeSpec.no_sharing(n, anchor.num_layers))
+        base_metrics, base_losses = evaluate_net(base_net, None, ds, tasks, cfg.batch_size, device)
+        directions, excluded = delta_m_directions(tasks, base_metrics)
+        rows = []
+        bar = tqdm(total=len(derived), desc=f"evaluation ({split})", unit="tree", leave=False)
+        for (b, i), tree in derived.items():
+            r = prefs[i]
+            rt = _pref(r, device)
             metrics, losses = evaluate_net(
-                TreeNet(anchor, tree, private),
-                weights(rt, b, tree),
-                test_ds,
-                tasks,
-                cfg.batch_size,
-                device,
+                TreeNet(streams, tree), weights(rt, b, tree), ds, tasks, cfg.batch_size, device
             )
             rows.append(
                 {
@@ -132,19 +142,36 @@ def evaluate_search(
                 }
             )
             bar.update(1)
-    bar.close()
-    sweep = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
-    trees = {  # per budget: FLOPs and params over many preferences, and the extreme trees
-        b: (derived_costs(edge, space, b, sweep, device), extreme_trees(edge, space, b, anchor))
-        for b in budgets
-    }
-    return summarise(
-        Evaluated(anchor, budgets, prefs, base_metrics, base_losses, directions, excluded, rows),
-        cfg,
-        low,
-        full,
-        trees,
-    )
+        bar.close()
+        ev = Evaluated(
+            anchor, budgets, prefs, base_metrics, base_losses, directions, excluded, rows
+        )
+        return {"split": split, **summarise(ev, cfg, low, full, trees, split)}
+
+    report = on("test", test_ds)
+    if val_ds is not None:
+        # Choices (defaults, ablation winners, probes) read these; the test figures report.
+        report["validation"] = {k: v for k, v in on("val", val_ds).items() if k in SPLIT_KEYS}
+    return report
+
+
+SPLIT_KEYS = (
+    "split",
+    "baseline",
+    "hypervolume",
+    "uniformity",
+    "delta_m",
+    "delta_m_weighted",
+    "controllability",
+    "control_range",
+    "controllability_loss",
+    "rows",
+)
+"""The report's keys that depend on the split evaluated (the trees and FLOPs do not)."""
+
+
+def _pref(r, device) -> torch.Tensor:
+    return torch.tensor(r, dtype=torch.float32, device=device)
 
 
 def derived_costs(edge, space, b: float, sweep: np.ndarray, device) -> tuple[list, list]:

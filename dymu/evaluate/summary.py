@@ -45,6 +45,7 @@ def summarise(
     low: float,
     full: float,
     trees: dict[float, tuple[tuple[list, list], tuple[dict, dict]]],
+    split: str = "test",
 ) -> dict[str, Any]:
     """The report: ``ev``'s rows scored per budget. ``trees``: per budget, the FLOPs
     fractions and params over many preferences and the extreme trees (hashes, JSON)."""
@@ -61,7 +62,7 @@ def summarise(
         "anchor_flops": full,
         "preferences": prefs.round(6).tolist(),
         "baseline": {"metrics": ev.base_metrics, "losses": ev.base_losses},
-        "hypervolume": {"reference_point": ref.tolist(), "objectives": "test loss / anchor's"},
+        "hypervolume": {"reference_point": ref.tolist(), "objectives": f"{split} loss / anchor's"},
         "uniformity": {},
         "delta_m": {},
         "delta_m_weighted": {},

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dymu.models.anchor import Anchor
 from dymu.models.stacked import StackedLayers
+from dymu.models.streams import TreeStreams
 
 
 def path_weights(v: Tensor) -> Tensor:
@@ -50,20 +51,24 @@ def private_weights(v: Tensor, q: Tensor | None = None) -> Tensor:
 class MixtureNet(nn.Module):
     """All nodes of the anchor, each fed a parent mixture; heads read their task's path.
 
-    With ``private`` (the stage-0 streams, METHOD.md 1.9) the network runs trees as
-    :class:`~dymu.space.treenet.TreeNet` does with private nodes, relaxed: node (l, j)
-    outputs ``rho * y0(l, j) + (1 - rho) * y(l, j)``, where ``y0`` is stage 0's stream j on
-    the image (the single-task network), ``y`` the node on its parent mixture and ``rho``
-    :func:`private_weights`; each head likewise mixes stage 0's head on ``y0`` with its own.
-    A tree that shares nothing then computes the stage-0 anchor exactly.
+    With the private-node rule (:class:`~dymu.models.streams.TreeStreams` holding stage 0's
+    streams, METHOD.md 1.9) the network runs trees as :class:`~dymu.space.treenet.TreeNet`
+    does, relaxed: node (l, j) outputs ``rho * y0(l, j) + (1 - rho) * y(l, j)``, where
+    ``y0`` is stage 0's stream j on the image (the single-task network), ``y`` the node on
+    its parent mixture and ``rho`` :func:`private_weights`; each head likewise mixes stage
+    0's head on ``y0`` with its own. A tree that shares nothing then computes the stage-0
+    anchor exactly.
     """
 
-    def __init__(self, anchor: Anchor, private: Anchor | None = None) -> None:
+    def __init__(self, streams: TreeStreams | Anchor) -> None:
         super().__init__()
-        self.anchor = anchor
-        self.backbone = StackedLayers(anchor.streams)
-        self.private = private
-        self.private_backbone = StackedLayers(private.streams) if private is not None else None
+        streams = TreeStreams.of(streams)
+        self.anchor = streams.tuned
+        self.backbone = StackedLayers(self.anchor.streams)
+        self.private = streams.stage0
+        self.private_backbone = (
+            StackedLayers(self.private.streams) if self.private is not None else None
+        )
 
     def forward(self, image: Tensor, v: Tensor) -> dict[str, Tensor]:
         """Every task's head output for parent weights v (rows sum to 1).

@@ -8,42 +8,42 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from dymu.models.anchor import Anchor
+from dymu.models.streams import TreeStreams
 from dymu.space.tree import TreeSpec
 
 Node = tuple[int, int]
 
 
 class TreeNet(nn.Module):
-    """A tree run on the anchor: node (l, j) is stream j's layer l fed its parent's output.
+    """A tree run on the streams: node (l, j) is stream j's layer l fed its parent's output.
 
     Only used nodes run (unused ones are pruned), each once per forward, so the compute is
-    exactly the tree's FLOPs. The no-sharing tree reproduces :meth:`Anchor.forward`.
+    exactly the tree's FLOPs. The no-sharing tree on one set of weights reproduces
+    :meth:`Anchor.forward`.
 
-    With ``private`` (the stage-0 streams, METHOD.md 1.9) the tree's private nodes
-    (:meth:`TreeSpec.private`: on their own stream's path, for their own task alone) and
-    the heads above them run ``private``'s weights, the other nodes ``anchor``'s (the joint
-    stage's tree-aware ones): a task that shares nothing keeps its single-task network.
+    ``streams`` says which weights each node runs (:class:`~dymu.models.streams.TreeStreams`:
+    with the private-node rule, a task that shares nothing keeps its single-task network);
+    a plain :class:`Anchor` runs every node on its weights.
     """
 
-    def __init__(self, anchor: Anchor, tree: TreeSpec, private: Anchor | None = None) -> None:
+    def __init__(self, streams: TreeStreams | Anchor, tree: TreeSpec) -> None:
         super().__init__()
-        if (tree.num_tasks, tree.num_layers) != (len(anchor.tasks), anchor.num_layers):
+        streams = TreeStreams.of(streams)
+        if (tree.num_tasks, tree.num_layers) != (len(streams.tasks), streams.num_layers):
             raise ValueError(
                 f"tree for {tree.num_tasks} tasks x {tree.num_layers} layers does not fit an "
-                f"anchor of {len(anchor.tasks)} x {anchor.num_layers}"
+                f"anchor of {len(streams.tasks)} x {streams.num_layers}"
             )
-        self.anchor = anchor
-        self.private = private
+        self.anchor = streams.tuned
+        self.private = streams.stage0  # registered, so .to() moves both
         self.tree = tree.canonical()
         self._used = self.tree.used()
-        self._private = self.tree.private() if private is not None else None
+        self._sources = streams.sources(self.tree)
 
     def source(self, layer: int, stream: int) -> Anchor:
-        """The streams node (layer, stream) runs: ``private`` for private nodes, else the
-        anchor (``layer = L - 1`` also says whose head task ``stream`` reads)."""
-        if self._private is not None and self._private[layer][stream]:
-            return self.private
-        return self.anchor
+        """The weights node (layer, stream) runs (``layer = L - 1`` also: task ``stream``'s
+        head)."""
+        return self._sources[layer][stream]
 
     def forward(
         self,

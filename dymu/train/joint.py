@@ -5,8 +5,8 @@ seen. This stage, between the affinity estimate and stage 1, fine-tunes all stre
 heads) at once on trees drawn from the space, with the sandwich rule of one-shot NAS: every
 step runs
 
-- the anchor tree (every task on its own stream; left out with ``joint.private``, the
-  default, where the anchor tree runs stage 0's weights and has nothing to train),
+- the anchor tree (every task on its own stream; left out with ``joint.private_nodes``,
+  the default, where the anchor tree runs stage 0's weights and has nothing to train),
 - a cheapest tree (every task on one stream's trunk: with ``joint.trunk: best``, the
   default, the stream whose cheapest tree does best on stage 0's weights, chosen once, so
   that the trees tight budgets derive train every step; with ``random``, a new one each step),
@@ -20,13 +20,14 @@ loss on the default config, which is why private nodes keep stage 0's weights):
 
     sum_trees sum_i w_i [ L_i(y_T, labels) + distill * ||y_T,i - y_0,i||^2 / Var(y_0,i) ]
 
-with w_i = 1 / (the stage-0 anchor's own loss on task i). BatchNorm keeps stage 0's
+with w_i = 1 / (the stage-0 anchor's own validation loss on task i,
+:func:`~dymu.train.scales.loss_scales`). BatchNorm keeps stage 0's
 running statistics (eval mode): one set of statistics serves every tree, and folding stays
 exact. Only weights move, so every tree's FLOPs are unchanged.
 
-The fine-tuned weights serve shared and post-branch nodes: with ``stage2.private_nodes``
+The fine-tuned weights serve shared and post-branch nodes: with ``joint.private_nodes``
 (the default) a tree's private nodes, those on their own stream's path for their own task
-alone, keep stage 0's weights (:class:`~dymu.space.treenet.TreeNet`), so the anchor tree
+alone, keep stage 0's weights (:class:`~dymu.models.streams.TreeStreams`), so the anchor tree
 stays the single-task anchor whatever this stage does to it.
 
 ``anchor.safetensors`` and ``anchor.json`` stay the independent single-task baseline of
@@ -50,9 +51,10 @@ import numpy as np
 import torch
 
 from dymu import dist
-from dymu.config import Config, JointConfig, section_hash
+from dymu.config import Config, JointConfig
 from dymu.data.batches import random_hflip, to_device
 from dymu.models.anchor import Anchor, load_anchor_weights
+from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -60,7 +62,7 @@ from dymu.train.checkpoint import record_matches, rng_state, set_rng_state
 from dymu.train.engine import StepLoop, frozen
 from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
-from dymu.train.stage0 import stage0_hash
+from dymu.train.spec import resolve_specs
 
 JOINT_WEIGHTS = "joint.safetensors"
 JOINT_JSON = "joint.json"
@@ -68,14 +70,8 @@ CHECKPOINT = "joint/checkpoint.pt"
 
 
 def joint_hash(cfg: Config) -> str:
-    """What the tree-aware streams depend on: the joint settings and the anchor."""
-    return section_hash(cfg, "joint") + "-" + stage0_hash(cfg)
-
-
-def trees_hash(cfg: Config) -> str:
-    """The hash of the streams that every tree runs on: the joint stage's when it runs,
-    otherwise stage 0's (what stages 1 and 2 build on)."""
-    return joint_hash(cfg) if cfg.joint.steps > 0 else stage0_hash(cfg)
+    """The joint stage's artifact hash: the hash of its spec (:mod:`dymu.train.spec`)."""
+    return resolve_specs(cfg)["joint"].hash
 
 
 def sandwich(
@@ -128,7 +124,7 @@ class JointStep:
     js: JointConfig
     teacher: Anchor  # the frozen stage-0 streams: distillation targets
     student: Anchor  # the streams being tuned
-    private: Anchor | None  # what private nodes run (``joint.private``), else None
+    private: Anchor | None  # what private nodes run (``joint.private_nodes``), else None
     scales: torch.Tensor  # [N] w_i
     trunk: int | None  # the cheapest tree's trunk, None for a new one every step
     optimizer: torch.optim.Optimizer
@@ -157,7 +153,7 @@ class JointStep:
             target = self.teacher(batch["image"])
         labels = distilled = torch.zeros((), device=self.device)
         for tree in trees:
-            out = TreeNet(self.student, tree, self.private)(batch["image"])
+            out = TreeNet(TreeStreams(self.student, self.private), tree)(batch["image"])
             for k, t in enumerate(tasks):
                 labels = labels + self.scales[k] * t.loss(out[t.name], batch[t.name])
                 distilled = distilled + self.scales[k] * distillation(out[t.name], target[t.name])
@@ -196,16 +192,16 @@ def train_joint(
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
     student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
-    scales = loss_scales(teacher, val_ds, js.batch_size, device).to(device)  # [N] w_i
+    scales = loss_scales(teacher, val_ds, device).to(device)  # [N] w_i
     opt, sched = _optimizer(js, student)
     trunk, trunk_losses = None, None
     if js.trunk == "best":
         trunk, trunk_losses = best_trunk(teacher, scales, val_ds, js.batch_size, device)
         if dist.is_main():
             print(f"joint stage: cheapest trees on {anchor.tasks[trunk].name}'s trunk")
-    # joint.private: private nodes run stage 0's weights, as the trees will at inference;
+    # joint.private_nodes: private nodes run stage 0's weights, as the trees will later;
     # the anchor tree (all private) then trains nothing and leaves the sandwich.
-    private = teacher if js.private else None
+    private = teacher if js.private_nodes else None
     seed = cfg.run.seed + 7
     step = JointStep(
         js, teacher, student, private, scales, trunk, opt, sched,
@@ -238,6 +234,8 @@ def train_joint(
             teacher, student, val_ds, js.batch_size, device, private, trunk or 0
         )
     meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
+    extra["spec"] = resolve_specs(cfg)["joint"].to_json()
+    extra["loss_scales"] = scales.tolist()
     files = run_dir / JOINT_WEIGHTS, run_dir / JOINT_JSON
     record = loop.finish(*files, meta, js.batch_size, **extra)
     return student.cpu(), record
@@ -296,7 +294,7 @@ def _val_losses(
     ):
         for when, net in (
             ("stage0", TreeNet(teacher, tree)),
-            ("joint", TreeNet(student, tree, private)),
+            ("joint", TreeNet(TreeStreams(student, private), tree)),
         ):
             _, losses = evaluate_model(net, val_ds, teacher.tasks, batch_size, device)
             out[f"{name}/{when}"] = dict(zip(teacher.task_names, losses, strict=True))

@@ -45,17 +45,6 @@ SCALER_KEY = "grad_scaler"
 """Checkpoint entry of the fp16 GradScaler's state (absent for fp32 and bf16)."""
 
 
-def precision_tag(run: RunConfig) -> str:
-    """The suffix the precision adds to the stage hashes: ``""`` for fp32, else ``-bf16`` or
-    ``-fp16``.
-
-    A bf16 or fp16 anchor is a different artifact from a float32 one (other rounding, other
-    trajectory), so it must not be taken for it; default runs keep their hashes. The
-    layout (``channels_last``) is left out: it changes results only by float rounding.
-    """
-    return "" if run.precision == "fp32" else f"-{run.precision}"
-
-
 class Precision:
     """The autocast dtype, loss scaling and memory layout of one stage's training steps.
 

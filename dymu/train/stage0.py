@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.artifacts import read_json, rerun_fix
-from dymu.config import Config, section_hash
+from dymu.config import Config
 from dymu.data import get_builder
 from dymu.data.batches import iterate, num_batches, random_hflip, to_device
 from dymu.io import ensure_dir, write_json
@@ -30,7 +30,8 @@ from dymu.train import parallel
 from dymu.train.checkpoint import load_checkpoint, record_matches, save_checkpoint
 from dymu.train.curves import StageLog
 from dymu.train.loop import evaluate, lr_lambda
-from dymu.train.precision import Precision, precision_tag
+from dymu.train.precision import Precision
+from dymu.train.spec import resolve_specs
 
 ANCHOR_WEIGHTS = "anchor.safetensors"
 ANCHOR_JSON = "anchor.json"
@@ -38,11 +39,8 @@ CHECKPOINT = "stage0/checkpoint.pt"
 
 
 def stage0_hash(cfg: Config) -> str:
-    """What the anchor depends on: data, model, stage-0 settings, the seed and the precision
-    (the later stages' hashes include this one, so they inherit the precision)."""
-    return (
-        section_hash(cfg, "data", "model", "stage0") + f"-s{cfg.run.seed}" + precision_tag(cfg.run)
-    )
+    """The anchor's artifact hash: the hash of stage 0's spec (:mod:`dymu.train.spec`)."""
+    return resolve_specs(cfg)["stage0"].hash
 
 
 @dataclass
@@ -263,6 +261,7 @@ def _write(
     record = {
         "tasks": anchor.task_names,
         "config_hash": h,
+        "spec": resolve_specs(st.cfg)["stage0"].to_json(),
         "backbone": st.cfg.model.backbone,
         "metrics": metrics,
         "directions": {t.name: t.metric_directions for t in tasks},

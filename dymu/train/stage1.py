@@ -7,7 +7,8 @@ anchor with those parent mixtures (:class:`~dymu.models.mixture.MixtureNet`) and
 
     sum_i r_i w_i L_i  +  Omega  +  lambda_b * FLOPs term,
 
-with w_i = 1 / (anchor's own loss on task i) and c = (1 - b) / (1 - min) the paper's
+with w_i = 1 / (the stage-0 anchor's validation loss on task i,
+:func:`~dymu.train.scales.loss_scales`) and c = (1 - b) / (1 - min) the paper's
 frugality knob implied by b. ``objective: budget`` (the default, METHOD.md 1.9): Omega is
 the mean-normalised regulariser times c (no sharing pressure at b = 1) and the FLOPs term
 pulls E[FLOPs] towards b from both sides. ``objective: paper`` (METHOD.md 1.5): Omega with
@@ -39,21 +40,21 @@ import numpy as np
 import torch
 
 from dymu import dist
-from dymu.config import Config, Stage1Config, section_hash
+from dymu.config import Config, Stage1Config
 from dymu.data.batches import to_device
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.losses import expected_flops
 from dymu.models.anchor import Anchor
 from dymu.models.mixture import MixtureNet
+from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
 from dymu.train import parallel
 from dymu.train.checkpoint import rng_state, set_rng_state
 from dymu.train.draws import draw_parents, group_parts
 from dymu.train.engine import StepLoop, frozen
-from dymu.train.joint import trees_hash
 from dymu.train.objective import Flops, step_terms
 from dymu.train.precision import Precision
-from dymu.train.scales import loss_scales
+from dymu.train.spec import resolve_specs
 
 EDGE_WEIGHTS = "edge_hnet.safetensors"
 EDGE_JSON = "edge_hnet.json"
@@ -61,9 +62,8 @@ CHECKPOINT = "stage1/checkpoint.pt"
 
 
 def stage1_hash(cfg: Config) -> str:
-    """What the edge hypernet depends on: the streams it runs on (stage 0's, tuned by the
-    joint stage when it runs), the affinity settings and stage 1."""
-    return section_hash(cfg, "affinity", "stage1") + "-" + trees_hash(cfg)
+    """The edge hypernet's artifact hash: the hash of stage 1's spec (:mod:`dymu.train.spec`)."""
+    return resolve_specs(cfg)["stage1"].hash
 
 
 @dataclass
@@ -130,26 +130,25 @@ class EdgeStep:
 def train_stage1(
     cfg: Config,
     run_dir: Path,
-    anchor: Anchor,
+    streams: TreeStreams | Anchor,
     space: nx.DiGraph,
     affinity: torch.Tensor,
     train_ds,
-    val_ds,
+    scales: torch.Tensor,
     resume: bool = False,
-    private: Anchor | None = None,
 ) -> tuple[EdgeHypernet, dict[str, Any]]:
-    """Train the edge hypernet; write its weights and a summary into ``run_dir``.
-
-    ``private``: the stage-0 streams that private nodes run (``stage1.private``), frozen.
-    """
+    """Train the edge hypernet on the frozen ``streams``; write its weights and a summary
+    into ``run_dir``. ``scales``: [N] w_i (:func:`~dymu.train.scales.loss_scales`)."""
     s1, run_dir = cfg.stage1, Path(run_dir)
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s1.batch_size, "stage1.batch_size")  # fail before any work
     dist.setup(device)
-    anchor = frozen(anchor, device)
-    private = frozen(private, device) if private is not None and s1.private else None
-    net = frozen(MixtureNet(anchor, private), device)
+    streams = TreeStreams.of(streams)
+    for m in streams.modules():
+        frozen(m, device)
+    anchor = streams.tuned
+    net = frozen(MixtureNet(streams), device)
     prec.prepare(net)  # the anchor's layers, in place; released after training
     flops = Flops.of(space, device)
     torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
@@ -159,7 +158,7 @@ def train_stage1(
     opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
     sym_affinity = ((affinity + affinity.T) / 2).to(device)  # RSA's rows are not symmetric
-    scales = loss_scales(anchor, val_ds, s1.batch_size, device).to(device)
+    scales = scales.to(device)  # [N] w_i, :func:`~dymu.train.scales.loss_scales`
     step = EdgeStep(
         s1, edge, net, anchor.tasks, flops, scales, sym_affinity, opt, sched, prec,
         np.random.default_rng(cfg.run.seed),
@@ -188,9 +187,10 @@ def train_stage1(
     prec.release(net)
     meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
     meta["num_layers"] = anchor.num_layers
+    spec = resolve_specs(cfg)["stage1"].to_json()
     final = {k: last[k] for k in ("loss", "task", "omega", "budget") if k in last}
     record = loop.finish(
-        run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, meta, s1.batch_size, final=final,
+        run_dir / EDGE_WEIGHTS, run_dir / EDGE_JSON, meta, s1.batch_size, spec=spec, final=final,
         loss_scales=scales.tolist(), min_flops_fraction=flops.low, precision=prec.describe(),
     )  # fmt: skip
     return edge.cpu(), record

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from dymu import dist
-from dymu.config import Config, Stage2Config, section_hash
+from dymu.config import Config, Stage2Config
 from dymu.data.batches import random_hflip, to_device
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
 from dymu.models.anchor import Anchor
+from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
 from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
@@ -40,8 +41,7 @@ from dymu.train.checkpoint import rng_state, set_rng_state
 from dymu.train.draws import mix_evaluation_draws
 from dymu.train.engine import StepLoop, frozen
 from dymu.train.precision import Precision
-from dymu.train.scales import loss_scales
-from dymu.train.stage1 import stage1_hash
+from dymu.train.spec import resolve_specs
 
 WEIGHT_WEIGHTS = "weight_hnet.safetensors"
 WEIGHT_JSON = "weight_hnet.json"
@@ -49,7 +49,9 @@ CHECKPOINT = "stage2/checkpoint.pt"
 
 
 def stage2_hash(cfg: Config) -> str:
-    return section_hash(cfg, "stage2") + "-" + stage1_hash(cfg)
+    """The weight hypernet's artifact hash: the hash of stage 2's spec
+    (:mod:`dymu.train.spec`)."""
+    return resolve_specs(cfg)["stage2"].hash
 
 
 def draw_tree(
@@ -72,11 +74,9 @@ def draw_tree(
     """
     r_np = rng.dirichlet([dirichlet] * edge.num_tasks)
     b = float(rng.uniform(low, 1.0))
-    if uniform_share > 0 or full_budget_share > 0:
-        rs, bs = mix_evaluation_draws(
-            r_np[None], np.array([b]), uniform_share, full_budget_share, rng
-        )
-        r_np, b = rs[0], float(bs[0])
+    # Always drawn, so the generator's sequence does not depend on the shares.
+    rs, bs = mix_evaluation_draws(r_np[None], np.array([b]), uniform_share, full_budget_share, rng)
+    r_np, b = rs[0], float(bs[0])
     r = torch.tensor(r_np, dtype=torch.float32, device=device)
     with torch.no_grad():
         tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
@@ -92,8 +92,7 @@ class WeightStep:
     s2: Stage2Config
     edge: EdgeHypernet  # frozen
     space: nx.DiGraph
-    anchor: Anchor  # the streams every tree runs on (frozen)
-    private: Anchor | None  # what private nodes run, else None
+    streams: TreeStreams  # the weights every tree runs (frozen)
     scales: torch.Tensor  # [N] w_i
     low: float  # the cheapest tree's FLOPs fraction
     optimizer: torch.optim.Optimizer
@@ -105,14 +104,16 @@ class WeightStep:
     batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
     hypernet: Any = None  # the weight hypernet or its DDP wrapper, set inside data_parallel
     nets: dict[str, TreeNet] = field(default_factory=dict)  # one per tree drawn, built once
+    seen: set[str] = field(default_factory=set)  # hashes of the trees drawn, over resumes
 
     def __call__(self, i: int, log: bool) -> dict[str, float] | None:
-        s2, prec, tasks = self.s2, self.prec, self.anchor.tasks
+        s2, prec, tasks = self.s2, self.prec, self.streams.tasks
         r, b, tree = draw_tree(
             self.edge, self.space, s2.dirichlet, self.low, self.rng, self.device,
             s2.uniform_share, s2.full_budget_share,
         )  # fmt: skip
-        net = self.nets.setdefault(tree.hash(), TreeNet(self.anchor, tree, self.private))
+        net = self.nets.setdefault(tree.hash(), TreeNet(self.streams, tree))
+        self.seen.add(tree.hash())
         batch = to_device(next(self.batches), self.device)
         if s2.hflip:
             batch = random_hflip(batch, tasks, self.flip_gen, dist.shard())
@@ -139,50 +140,48 @@ class WeightStep:
         return {
             "numpy_rng": rng_state(self.rng),
             "flip_rng": self.flip_gen.get_state(),
+            "trees_seen": sorted(self.seen),
             **self.prec.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.prec.load_state_dict(state)
         set_rng_state(self.rng, state["numpy_rng"])
-        if "flip_rng" in state:  # checkpoints written before stage2.hflip existed lack it
-            self.flip_gen.set_state(state["flip_rng"])
+        self.flip_gen.set_state(state["flip_rng"])
+        self.seen = set(state["trees_seen"])
 
 
 def train_stage2(
     cfg: Config,
     run_dir: Path,
-    anchor: Anchor,
+    streams: TreeStreams | Anchor,
     space: nx.DiGraph,
     edge: EdgeHypernet,
     train_ds,
-    val_ds,
+    scales: torch.Tensor,
     resume: bool = False,
-    private: Anchor | None = None,
 ) -> tuple[WeightHypernet, dict[str, Any]]:
-    """Train the weight hypernet; write its weights and a summary into ``run_dir``.
-
-    ``private``: the stage-0 streams that the trees' private nodes run (see
-    :class:`~dymu.space.treenet.TreeNet`), frozen like ``anchor``.
-    """
+    """Train the weight hypernet on the frozen ``streams``; write its weights and a summary
+    into ``run_dir``. ``scales``: [N] w_i (:func:`~dymu.train.scales.loss_scales`)."""
     s2, run_dir = cfg.stage2, Path(run_dir)
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s2.batch_size, "stage2.batch_size")  # fail before any work
     dist.setup(device)
-    streams = [m for m in (anchor, private) if m is not None]
-    for m in streams:
+    streams = TreeStreams.of(streams)
+    for m in streams.modules():
         prec.prepare(frozen(m, device))  # in place; released after training
+    anchor = streams.tuned
     edge = frozen(edge, device)
     torch.manual_seed(cfg.run.seed + 1)  # the hypernet's initial weights
     weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, s2.adapter_rank)
     weights = weights.to(device)
     opt = torch.optim.Adam(weights.parameters(), lr=s2.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s2.lr_every, gamma=s2.lr_decay)
-    scales = loss_scales(anchor, val_ds, s2.batch_size, device).to(device)
+    scales = scales.to(device)  # [N] w_i, :func:`~dymu.train.scales.loss_scales`
     low = min_flops(space) / anchor_flops(space)
     step = WeightStep(
-        s2, edge, space, anchor, private, scales, low, opt, sched, prec,
+        s2, edge, space, streams, scales, low, opt, sched, prec,
         np.random.default_rng(cfg.run.seed + 1),
         torch.Generator().manual_seed(cfg.run.seed * 1000 + 2), device,
     )  # fmt: skip
@@ -208,11 +207,13 @@ def train_stage2(
     unused = s2.adapter_rank > 0
     with parallel.data_parallel(weights, device, find_unused=unused) as step.hypernet:
         last = loop.run().get("loss", 0.0)
-    for m in streams:
+    for m in streams.modules():
         prec.release(m)
     meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
+    spec = resolve_specs(cfg)["stage2"].to_json()
     record = loop.finish(
-        run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, meta, s2.batch_size, final_loss=last,
-        distinct_trees=len(step.nets), precision=prec.describe(),
+        run_dir / WEIGHT_WEIGHTS, run_dir / WEIGHT_JSON, meta, s2.batch_size, spec=spec,
+        final_loss=last, distinct_trees=len(step.seen), loss_scales=scales.tolist(),
+        precision=prec.describe(),
     )  # fmt: skip
     return weights.cpu(), record

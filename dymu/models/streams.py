@@ -1,0 +1,84 @@
+"""Which weights each node of a tree runs: one object that every tree executor asks.
+
+Where the joint stage ran (METHOD.md 1.9) a tree has two sets of stream weights to draw on:
+the joint stage's tree-aware copy (``tuned``) and the independent single-task streams of
+stage 0. The private-node rule says which one a node runs: a node on its own stream's path,
+for its own task alone (:meth:`~dymu.space.tree.TreeSpec.private`), and the head above it
+run stage 0's weights, so a task that shares nothing keeps its single-task network; every
+other node runs the tuned weights. Without a joint stage there is one set and no rule.
+
+:class:`~dymu.space.treenet.TreeNet`, :class:`~dymu.models.mixture.MixtureNet` (relaxed, on
+parent mixtures) and :func:`~dymu.compile.materialize.materialize` all take a
+:class:`TreeStreams`, so the rule is written once, here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dymu.models.anchor import Anchor
+
+
+@dataclass(frozen=True)
+class TreeStreams:
+    """The stream weights trees run on, and the private-node rule.
+
+    Attributes:
+        tuned: the weights of shared and post-split nodes (the joint stage's, or stage 0's
+            when no joint stage ran).
+        stage0: the weights private nodes and their heads run; None when every node runs
+            ``tuned`` (no joint stage, or a caller that wants one set of weights).
+    """
+
+    tuned: Anchor
+    stage0: Anchor | None = None
+
+    @classmethod
+    def of(cls, streams: TreeStreams | Anchor) -> TreeStreams:
+        """``streams`` itself, or one set of weights for every node."""
+        return streams if isinstance(streams, TreeStreams) else cls(streams)
+
+    @property
+    def private_nodes(self) -> bool:
+        """Whether private nodes run other weights than the rest."""
+        return self.stage0 is not None
+
+    @property
+    def tasks(self) -> list:
+        return self.tuned.tasks
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.tuned.task_names
+
+    @property
+    def num_layers(self) -> int:
+        return self.tuned.num_layers
+
+    def modules(self) -> list[Anchor]:
+        """The distinct sets of weights (one or two), e.g. to move or freeze them."""
+        return [self.tuned] if self.stage0 is None else [self.tuned, self.stage0]
+
+    def sources(self, tree) -> list[list[Anchor]]:
+        """``sources[l][j]``: the weights node (l, j) of ``tree`` runs; row ``L - 1`` also
+        gives task j's head (it reads node (L - 1, j), and is private exactly when that
+        node is)."""
+        private = tree.private() if self.stage0 is not None else None
+        return [
+            [
+                self.stage0 if private is not None and private[layer][j] else self.tuned
+                for j in range(tree.num_tasks)
+            ]
+            for layer in range(tree.num_layers)
+        ]
+
+    def to(self, device) -> TreeStreams:
+        """Both sets moved to ``device`` (in place, as ``nn.Module.to``) and in eval mode."""
+        for m in self.modules():
+            m.to(device).eval()
+        return self
+
+    def eval(self) -> TreeStreams:
+        for m in self.modules():
+            m.eval()
+        return self
