@@ -6,9 +6,9 @@ preference there, and how hard each task pulls on the adaptation:
 
 1. **The weights.** For the uniform preference and each task's corner (0.95 on the task,
    the rest spread evenly), the derived tree with the weight hypernet's adaptation, on the
-   test split and on a subset of the training split: every task's loss and primary metric.
-   A task whose loss is not lowest at its own corner, even on the training images, has
-   nothing to gain from the adaptation on that tree.
+   validation split (``--split test`` to report) and on a subset of the training split:
+   every task's loss and primary metric. A task whose loss is not lowest at its own corner,
+   even on the training images, has nothing to gain from the adaptation on that tree.
 2. **The tree.** For each task, the tree that gives it its own node one layer lower than
    the tree derived for the uniform preference (its path leaves the shared part one layer
    earlier), if that fits the budget: every task's change in loss and primary metric at
@@ -127,6 +127,13 @@ def _probe(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished dymu search run")
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="the split the probe reads (default val: a probe that motivates a change is a "
+        "choice, and choices are made on validation)",
+    )
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -134,7 +141,7 @@ def _probe(argv: list[str] | None) -> int:
     run = load_run(args.run)
     budget = check_budget(args.budget, run.space)
     builder = get_builder(run.cfg.data.name)
-    test = builder.load(run.cfg.data, "test")
+    held = builder.load(run.cfg.data, args.split)  # the held-out split the probe reads
     train_all = builder.load(run.cfg.data, "train")
     every = max(1, len(train_all) // args.train_images)
     train = torch.utils.data.Subset(train_all, range(0, len(train_all), every))
@@ -146,6 +153,7 @@ def _probe(argv: list[str] | None) -> int:
         return derive_tree(alpha.detach(), run.space, budget)
 
     out = {"command": "python " + " ".join(sys.argv), "run": str(args.run), "budget": budget}
+    out["split"] = args.split
     with torch.no_grad():
         out["corners"] = []
         for k in [None, *range(n)]:
@@ -157,7 +165,7 @@ def _probe(argv: list[str] | None) -> int:
                     "preference": r.tolist(),
                     "tree": tree.hash(),
                     "flops_fraction": tree.flops(run.space) / full,
-                    "test": measure(run, tree, r, budget, test, device),
+                    args.split: measure(run, tree, r, budget, held, device),
                     "train": measure(run, tree, r, budget, train, device),
                 }
             )
@@ -171,8 +179,8 @@ def _probe(argv: list[str] | None) -> int:
                 row["fits"] = row["flops_fraction"] <= budget
                 for label, r in (("uniform", corner(n, None)), ("corner", corner(n, k))):
                     row[label] = {
-                        "base": measure(run, base, r, budget, test, device),
-                        "split": measure(run, tree, r, budget, test, device),
+                        "base": measure(run, base, r, budget, held, device),
+                        "split": measure(run, tree, r, budget, held, device),
                     }
             out["splits"].append(row)
     scales = loss_scales(run.baseline, builder.load(run.cfg.data, "val"), device)
@@ -186,17 +194,18 @@ def _probe(argv: list[str] | None) -> int:
 
 
 def _print(out: dict, names: list[str]) -> None:
-    print(f"budget {out['budget']}: the derived tree at each corner (test | train)")
+    split = out["split"]
+    print(f"budget {out['budget']}: the derived tree at each corner ({split} | train)")
     for c in out["corners"]:
         cells = "  ".join(
-            f"{t} {c['test']['losses'][t]:.5f} {c['test']['metrics'][t]:.4f} | "
+            f"{t} {c[split]['losses'][t]:.5f} {c[split]['metrics'][t]:.4f} | "
             f"{c['train']['losses'][t]:.5f} {c['train']['metrics'][t]:.4f}"
             for t in names
         )
         print(f"  {c['corner']:8s} {c['tree']} {c['flops_fraction']:.3f}  {cells}")
     norms = "  ".join(f"{t} {v:.3f}" for t, v in out["gradient_norms"].items())
     print(f"gradient norm of w_i L_i on the weight hypernet (uniform preference): {norms}")
-    print("one layer more of its own for each task (test; change of loss, of metric)")
+    print(f"one layer more of its own for each task ({split}; change of loss, of metric)")
     for s in out["splits"]:
         if s["tree"] is None:
             print(f"  {s['task']:8s} no split (it shares nothing, or its stream carries the trunk)")
