@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -97,15 +98,45 @@ def test_shipped_configs_load(path):
     assert cfg.data.name
 
 
+def _dataclass_keys(obj, prefix: str = "") -> set[str]:
+    """The dotted keys of a config dataclass's fields, recursively (nested sections)."""
+    keys = set()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        keys |= _dataclass_keys(value, f"{key}.") if dataclasses.is_dataclass(value) else {key}
+    return keys
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested mapping as ``{dotted key: value}``, recursively (lists are values)."""
+    out = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        out |= _flat(value, f"{key}.") if isinstance(value, dict) else {key: value}
+    return out
+
+
 def test_the_default_config_file_is_the_built_in_default():
-    """configs/default.yaml says it only spells out the defaults: a run with it must have
-    the same config, so the same stage hashes, as one without it."""
+    """configs/default.yaml says it spells out the defaults: every key of ``Config()``, each
+    with its default value, so that a run with it has the same config, and so the same
+    stage hashes, as one without it."""
     from dymu.config import section_hash
 
-    shipped = load_config(CONFIGS / "default.yaml")
+    path = CONFIGS / "default.yaml"
+    written = _flat(yaml.safe_load(path.read_text()) or {})  # an empty file: no keys
+    default = _flat(to_dict(Config()))
+    expected = _dataclass_keys(Config())
+    assert expected == set(default)  # the dataclass fields, walked two ways
+    missing, unknown = sorted(expected - set(written)), sorted(set(written) - expected)
+    assert not missing, f"default.yaml leaves out {missing}"
+    assert not unknown, f"default.yaml has unknown keys {unknown}"
+    off = {k: (written[k], default[k]) for k in expected if written[k] != default[k]}
+    assert not off, f"default.yaml's values (as YAML reads them) differ from the defaults: {off}"
+    shipped = load_config(path)
     assert shipped == Config()
-    for section in ("data", "model", "stage0", "affinity", "joint", "stage1", "stage2"):
-        assert section_hash(shipped, section) == section_hash(Config(), section)
+    for section in (f.name for f in dataclasses.fields(Config)):
+        assert section_hash(shipped, section) == section_hash(Config(), section), section
 
 
 def test_stage1_batch_must_split_into_its_draws():

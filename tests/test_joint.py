@@ -4,6 +4,7 @@ the stage-0 anchor untouched, and a resumed run equal to an uninterrupted one.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -18,8 +19,9 @@ import dymu.train.stage0 as stage0
 from dymu.config import load_config
 from dymu.data import get_builder
 from dymu.space.anchor_space import anchor_space
-from dymu.space.graph import min_flops
+from dymu.space.graph import max_flops, min_flops
 from dymu.space.tree import TreeSpec
+from dymu.train.spec import resolve_specs
 
 STEPS = [*TINY, "joint.steps=10", "joint.lr=0.003"]
 
@@ -47,20 +49,31 @@ def test_sandwich_holds_the_anchor_tree_a_cheapest_tree_and_random_trees(tiny):
 def test_branch_sandwich_trees_run_between_the_cheapest_tree_and_the_anchor_tree(tiny):
     _, anchor, _, _ = tiny
     space = anchor_space(anchor, (32, 32))
-    num_layers = anchor.num_layers
+    num_layers, trunk = anchor.num_layers, 2
+    cheapest = TreeSpec.all_sharing(3, num_layers, trunk).flops(space)
+    assert cheapest == min_flops(space)  # equal streams: every trunk's cheapest tree is one
     rng = np.random.default_rng(0)
-    costs = set()
-    for _ in range(20):
-        trees = joint.sandwich(3, num_layers, 2, rng, anchor_tree=False, trunk=2, kind="branch")
-        assert len(trees) == 2 + 1 and trees[0] == TreeSpec.all_sharing(3, num_layers, 2)
+    costs, splits = [], set()
+    for _ in range(300):  # 600 trees: every pair of split layers comes up (1 in L^2, L = 7)
+        trees = joint.sandwich(3, num_layers, 2, rng, anchor_tree=False, trunk=trunk, kind="branch")
+        assert len(trees) == 1 + 2 and trees[0] == TreeSpec.all_sharing(3, num_layers, trunk)
         for tree in trees[1:]:
-            # every task runs the trunk's stream up to its split, then its own stream
+            # every task runs the trunk's stream up to its split layer, then its own stream
+            split = []
             for j in range(3):
                 path = tree.path(j)
-                k = next((i for i, s in enumerate(path) if s != 2), num_layers)
-                assert all(s == j for s in path[k:])
-            costs.add(tree.flops(space))
-    assert min(costs) >= min_flops(space) and len(costs) > 3  # not one tree drawn again
+                k = next((i for i, s in enumerate(path) if s != trunk), num_layers)
+                assert path == [trunk] * k + [j] * (num_layers - k), (j, path)
+                split.append(k)
+            assert split[trunk] == num_layers  # the trunk's own task never leaves it
+            splits.add((split[0], split[1]))
+            costs.append(tree.flops(space))
+    # Every other task leaves the trunk at any layer 0..L-1 (0: its own stream throughout,
+    # L-1: all but the last layer shared), independently of the other tasks ...
+    assert splits == set(itertools.product(range(num_layers), repeat=2))
+    # ... so the trees span the whole range from the cheapest tree to the anchor tree.
+    assert all(cheapest <= c <= max_flops(space) for c in costs)
+    assert min(costs) == cheapest and max(costs) == max_flops(space)
 
 
 def test_distillation_is_a_mean_of_per_image_terms():
@@ -76,7 +89,7 @@ def test_distillation_is_a_mean_of_per_image_terms():
 @pytest.mark.parametrize("private", [True, False])
 def test_only_weights_move_and_the_stage0_anchor_stays(tiny, tmp_path, private):
     _, anchor, train, val = tiny
-    cfg = load_config(None, [*STEPS, f"joint.private={str(private).lower()}"])
+    cfg = load_config(None, [*STEPS, f"joint.private_nodes={str(private).lower()}"])
     before = {k: v.clone() for k, v in anchor.state_dict().items()}
     _, record = joint.train_joint(cfg, tmp_path, anchor, train, val)
     for k, v in anchor.state_dict().items():  # the teacher, and delta_m's baseline
@@ -117,13 +130,14 @@ def test_no_joint_steps_leaves_the_stage0_streams(tiny, tmp_path):
     _, anchor, train, val = tiny
     cfg = load_config(None, [*STEPS, "joint.steps=0"])
     assert joint.ensure_joint(cfg, tmp_path, anchor, train, val) is anchor
-    assert joint.trees_hash(cfg) == stage0.stage0_hash(cfg)
+    streams = resolve_specs(cfg)["stage1"].inputs["streams"]  # what the trees run
+    assert streams == {"tuned": f"stage0 {stage0.stage0_hash(cfg)}", "private": None}
     assert not (tmp_path / joint.JOINT_WEIGHTS).exists()
 
 
 def test_private_training_leaves_the_anchor_tree_and_trains_the_rest(tiny, tmp_path):
     _, anchor, train, val = tiny
-    cfg = load_config(None, [*STEPS, "joint.private=true"])
+    cfg = load_config(None, [*STEPS, "joint.private_nodes=true"])
     rng = np.random.default_rng(0)
     trees = joint.sandwich(3, anchor.num_layers, 2, rng, anchor_tree=False)
     assert len(trees) == 3 and TreeSpec.no_sharing(3, anchor.num_layers) not in trees
@@ -132,5 +146,5 @@ def test_private_training_leaves_the_anchor_tree_and_trains_the_rest(tiny, tmp_p
     assert losses["anchor_tree/joint"] == losses["anchor_tree/stage0"]  # all private
     after, before = losses["cheapest_tree/joint"], losses["cheapest_tree/stage0"]
     assert np.mean([after[t] / before[t] for t in after]) < 0.98
-    old = load_config(None, [*STEPS, "joint.private=false"])
+    old = load_config(None, [*STEPS, "joint.private_nodes=false"])
     assert joint.joint_hash(cfg) != joint.joint_hash(old)
