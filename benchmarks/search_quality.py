@@ -7,7 +7,9 @@ anchor), ``delta_m`` (plain and preference-weighted), the hypervolume of the 20 
 and its ratio to the static shared models and to PHN-BN, all hypervolumes on one reference
 point (1.1 x the worst normalised loss over every set compared, the rule of
 ``dymu.evaluate.metrics.reference_point``), controllability on the primary metrics (the
-report's) and on the test losses, and the issue's targets met or missed.
+report's) and on the test losses, the validation split's delta_m, hypervolume and controllability
+where the report has them (the figures choices are made on), and the issue's targets met
+or missed.
 
     python benchmarks/search_quality.py --report runs/default/report.json \
         --baselines benchmarks/results/baselines_default_cpu.json \
@@ -115,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             "controllability_loss": _loss_controllability(search, b),
             "control_range": search.get("control_range", {}).get(key),
         }
+        val = search.get("validation")
+        if val is not None:  # what choices are made on (the report's own reference point)
+            row["validation"] = {
+                "delta_m": val["delta_m"][key],
+                "hypervolume": val["hypervolume"][key],
+                "controllability": val["controllability"][key],
+                "controllability_loss": val["controllability_loss"][key],
+            }
         if key in TARGETS:
             lo, hi, dm, (other, ratio) = TARGETS[key]
             got = row[f"hv_ratio_{other}"]

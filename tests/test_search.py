@@ -209,3 +209,32 @@ def test_a_task_without_a_primary_baseline_is_listed_not_a_crash(tmp_path, monke
     assert report["controllability_excluded"] == ["depth"]
     for scores in report["controllability"].values():
         assert set(scores) == {"semseg", "normals"}
+
+
+def test_the_report_holds_the_validation_split_beside_the_test_split(searched):
+    """Validation chooses, test reports: the same trees scored on both splits, each against
+    the single-task anchor on its own split."""
+    from dymu.data import get_builder
+    from dymu.models.anchor import build_anchor, load_anchor_weights
+    from dymu.run import read_run_config
+    from dymu.train.loop import evaluate_model
+
+    run, _ = searched
+    report = json.loads((run / "report.json").read_text())
+    val = report["validation"]
+    assert report["split"] == "test" and val["split"] == "val"
+    assert [r["tree"] for r in val["rows"]] == [r["tree"] for r in report["rows"]]
+    cfg = read_run_config(run)
+    builder = get_builder(cfg.data.name)
+    anchor = build_anchor(cfg.model, builder.info_for(cfg.data).select(cfg.data.tasks))
+    load_anchor_weights(anchor, run / "anchor.safetensors")
+    for split, part in (("val", val), ("test", report)):
+        ds = builder.load(cfg.data, split)
+        _, losses = evaluate_model(anchor.eval(), ds, anchor.tasks, 8, torch.device("cpu"))
+        assert part["baseline"]["losses"] == pytest.approx(losses, rel=1e-6), split
+    assert val["baseline"]["losses"] != report["baseline"]["losses"]
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        mean = np.mean([r["delta_m"] for r in val["rows"] if r["budget"] == b])
+        assert val["delta_m"][k] == pytest.approx(mean)
+    assert "Validation split (choices are made on these" in (run / "report.md").read_text()
