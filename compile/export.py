@@ -265,7 +265,7 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
     full = anchor_flops(space)
     mean_r = torch.tensor(np.mean(job.preferences, axis=0), dtype=torch.float32)
     with torch.no_grad():
-        net = materialize(anchor, job.tree, run.weights(mean_r, job.budget, job.tree), run.private)
+        net = materialize(run.streams, job.tree, run.weights(mean_r, job.budget, job.tree))
     counted = count_flops(net, torch.zeros(1, 3, *job.size))
     if job.check_flops and counted > job.budget * full:
         raise RuntimeFailure(
@@ -345,7 +345,7 @@ def _settle_latency(run, served, alphas, lat, size, trt_version, dynamic_batch):
             work = Path(tmp) / f"{tree.hash()}-{len(list(Path(tmp).iterdir()))}"
             work.mkdir()
             with torch.no_grad():
-                net = materialize(run.anchor, tree, None, run.private)
+                net = materialize(run.streams, tree)
             call = make_runner(
                 t.backend, net, t.batch, size, device, work, trt_version, "auto", dynamic_batch
             )

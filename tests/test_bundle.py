@@ -11,6 +11,8 @@ import ast
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -44,8 +46,9 @@ BLOCK_DYMU = (
 )
 
 
-def _isolated(bundle, *args):
-    """Run the bundle's runtime with ``-I`` from inside the bundle, with ``dymu`` blocked.
+def _isolated(bundle, *args, env=None):
+    """Run the bundle's runtime with ``-I`` from inside the bundle, with ``dymu`` blocked
+    (and ``env`` added to the environment).
 
     ``-I`` drops PYTHONPATH, the user site and the cwd from sys.path, but an editable
     install of dymu lives in site-packages, so the import is also blocked outright.
@@ -56,6 +59,7 @@ def _isolated(bundle, *args):
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -195,8 +199,6 @@ def test_trt_api_families_and_profiles(rt):
 
 
 def test_profile_on_the_device_and_latency_targets(bundle, rt, tmp_path):
-    import shutil
-
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     proc = _isolated(
@@ -221,5 +223,56 @@ def test_profile_on_the_device_and_latency_targets(bundle, rt, tmp_path):
         ctl.set(pref, latency_ms=table["trees"][fastest]["ms"] / 2)
     table["device"] = "another device"
     (copy / "latency.json").write_text(json.dumps(table))
-    with pytest.raises(rt.BundleError, match="run profile again"):
+    with pytest.raises(rt.BundleError, match=r"device another device, not cpu: .* run '"):
         ctl.set(pref, latency_ms=slowest)
+
+
+def test_runtime_names_the_cpu_as_dymu_tables_do(bundle, rt, tmp_path, monkeypatch):
+    # dymu's tables name a CPU with the threads it ran on; a runtime table without them
+    # would pass for a measurement made with any other thread count.
+    from dymu.compile import latency
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    args = ("profile", ".", "--backend", "onnxruntime", "--rounds", "1", "--reps", "1")
+    proc = _isolated(copy, *args, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((copy / "latency.json").read_text())
+    assert table["device"] == f"cpu: {latency.cpu_model()} (1 threads)"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    ctl = rt.Controller(copy, backend="onnxruntime")
+    assert ctl.identity()["device"] == f"cpu: {latency.cpu_model()} (3 threads)"
+    (session,) = [m.session for m in ctl._models.values()]
+    assert session.get_session_options().intra_op_num_threads == 3  # the threads named
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_runtime_names_the_provider_its_sessions_use(bundle, rt, tmp_path, monkeypatch):
+    # CUDA listed but unusable: ONNX Runtime runs the session on the CPU, and the table
+    # must say so, not name the first provider on the list.
+    import onnxruntime as ort
+
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: wanted)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    table = rt.profile(copy, "onnxruntime", warmup=0, rounds=1, reps=1)
+    assert table["provider"] == "CPUExecutionProvider" and table["device"].startswith("cpu: ")
+    ctl = rt.Controller(copy, backend="onnxruntime")
+    ctl.set(rt.load_manifest(copy)["trees"][0]["preferences"][0])
+    (session,) = [m.session for m in ctl._models.values()]
+    assert ctl.identity()["provider"] == session.get_providers()[0] == table["provider"]
+
+
+def test_a_latency_table_of_another_batch_is_refused(bundle, rt, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    table = rt.profile(copy, "onnxruntime", batch=2, warmup=0, rounds=1, reps=1)
+    slowest = max(v["ms"] for v in table["trees"].values())
+    pref = rt.load_manifest(copy)["trees"][0]["preferences"][0]
+    ctl = rt.Controller(copy, backend="onnxruntime")
+    with pytest.raises(rt.BundleError, match="measured for batch 2, not 1; run '") as e:
+        ctl.set(pref, latency_ms=slowest)  # batch 1, the default
+    assert "profile . --backend onnxruntime --batch 1'" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert ctl.set(pref, latency_ms=slowest, batch=2)["hash"] in table["trees"]

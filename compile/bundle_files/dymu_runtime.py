@@ -39,7 +39,6 @@ backend, bad bundle, mismatched engine).
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -125,23 +124,30 @@ def _check_files(bundle: Path, tree: dict[str, Any]) -> None:
 
 
 def _ort_session(onnx_path: Path) -> Any:
-    """An ONNX Runtime session on CUDA when available, else CPU.
+    """An ONNX Runtime session on CUDA when available, else CPU, with :func:`cpu_threads`
+    intra-op threads (stated, so that a latency table can name them).
 
     The TensorRT execution provider is left out on purpose: it would build engines
     implicitly, which is what ``build`` does explicitly and checkably.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        hint = "pip install onnxruntime (onnxruntime-gpu where CUDA wheels exist)"
-        raise BundleError(f"onnxruntime is not installed ({exc}); {hint}") from None
+    ort = _require_onnxruntime()
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     providers = [p for p in wanted if p in ort.get_available_providers()] or None
     # Idle thread pools must not spin: several trees' sessions are held at once, and one
     # session's spinning threads would slow the next tree's calls.
     options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_path), options, providers=providers)
+
+
+def _require_onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        hint = "pip install onnxruntime (onnxruntime-gpu where CUDA wheels exist)"
+        raise BundleError(f"onnxruntime is not installed ({exc}); {hint}") from None
+    return ort
 
 
 class _OrtModel:
@@ -155,6 +161,78 @@ class _OrtModel:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, {self.input_name: images})
         return dict(zip(self.output_names, outs))  # noqa: B905 (Python 3.8 has no strict=)
+
+    def identity(self) -> dict[str, str]:
+        """What this session runs on: the provider it really uses (ONNX Runtime falls back
+        to the CPU when CUDA fails to start) and that provider's device."""
+        import onnxruntime as ort
+
+        provider = self.session.get_providers()[0]
+        if provider == "CPUExecutionProvider":
+            threads = self.session.get_session_options().intra_op_num_threads
+            device = cpu_device_name(threads)
+        else:
+            device = _cuda_name()
+        return {
+            "backend": "onnxruntime",
+            "backend_version": f"onnxruntime {ort.__version__}",
+            "provider": provider,
+            "device": device,
+        }
+
+
+# --- device names (as dymu's latency tables write them) -------------------------------------
+
+
+def cpu_threads() -> int:
+    """The intra-op threads ONNX Runtime gets here: ``MKL_NUM_THREADS`` or
+    ``OMP_NUM_THREADS`` when set (the knob to change it), else every CPU this process may
+    run on. PyTorch picks its threads the same way, and dymu's tables are measured with
+    PyTorch's count, so a table and this runtime name one machine alike."""
+    for var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        try:
+            n = int(os.environ.get(var, ""))
+        except ValueError:
+            continue
+        if n >= 1:
+            return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows: the same
+    words as dymu's own ``cpu_model``."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_device_name(threads: int) -> str:
+    """A CPU as a latency table names it: the model and the threads (the same CPU with
+    other threads is another device, since latency changes with them)."""
+    return f"cpu: {cpu_model()} ({threads} threads)"
+
+
+def _cuda_name() -> str:
+    """The name of CUDA device 0 (the one ONNX Runtime's CUDA provider uses by default)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return "CUDA device 0"
 
 
 # --- TensorRT: versions, device, metadata -------------------------------------------------
@@ -464,7 +542,8 @@ class _TrtModel:
         trt = _require_tensorrt()
         self.torch = torch = _require_torch_cuda()
         self.meta = read_engine_meta(engine_path)
-        check_engine_meta(self.meta, current_device(), onnx_sha256=onnx_sha256)
+        self.device = current_device()
+        check_engine_meta(self.meta, self.device, onnx_sha256=onnx_sha256)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
@@ -513,6 +592,15 @@ class _TrtModel:
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
         return {k: v.float().cpu().numpy() for k, v in outs.items()}  # .cpu() synchronises
 
+    def identity(self) -> dict[str, str]:
+        """What this engine runs on: TensorRT's version and the GPU, named as a latency
+        table names it."""
+        return {
+            "backend": "tensorrt",
+            "backend_version": f"tensorrt {self.device['trt_version']}",
+            "device": self.device["gpu_name"],
+        }
+
 
 # --- controller ---------------------------------------------------------------------------
 
@@ -550,10 +638,11 @@ class Controller:
     silently running one would break the caller's compute limit. A looser budget does not
     give a bigger tree: export another bundle for that.
 
-    Latency rule: ``set(preference, latency_ms=X)`` picks among the trees this device
-    measured at most X ms (``profile``: ``latency.json`` in the bundle, made with the
-    controller's backend on this device) the one serving the nearest preference; a target
-    below every tree's measured latency is refused, naming the fastest.
+    Latency rule: ``set(preference, latency_ms=X, batch=B)`` picks among the trees this
+    device measured at most X ms at batch B (``profile``: ``latency.json`` in the bundle,
+    made with the controller's backend, provider and threads on this device, at that
+    batch) the one serving the nearest preference; a target below every tree's measured
+    latency is refused, naming the fastest.
 
     Args:
         bundle: the bundle folder.
@@ -578,6 +667,7 @@ class Controller:
         self._models: dict[str, Any] = {}
         self.tree: dict[str, Any] | None = None
         self.last_switch_seconds: float | None = None
+        self._identity: dict[str, str] | None = None
 
     def _check(self, preference: Any, budget: Any) -> tuple[np.ndarray, float]:
         try:
@@ -610,13 +700,14 @@ class Controller:
         return r, b
 
     def select(
-        self, preference: Any, budget: Any = None, latency_ms: float | None = None
+        self, preference: Any, budget: Any = None, latency_ms: float | None = None, batch: int = 1
     ) -> dict[str, Any]:
-        """The manifest entry of the tree ``set`` would switch to (validates, loads nothing)."""
+        """The manifest entry of the tree ``set`` would switch to (validates; loads nothing
+        but, with ``latency_ms``, one tree to learn what this controller runs on)."""
         r, _ = self._check(preference, self.budget if budget is None else budget)
         distance = np.linalg.norm(self._points - r, axis=1)  # [P] to every served preference
         if latency_ms is not None:
-            measured = self._measured()
+            measured = self._measured(batch)
             fits = np.array([measured[t["hash"]] <= latency_ms for t in self._owner])
             if not fits.any():
                 fastest = min(measured.values())
@@ -627,43 +718,60 @@ class Controller:
             distance = np.where(fits, distance, np.inf)
         return self._owner[int(np.argmin(distance))]
 
-    def _measured(self) -> dict[str, float]:
+    def _measured(self, batch: int) -> dict[str, float]:
         """Each tree's median latency in ms from the bundle's ``latency.json``, which must
-        come from this backend on this device."""
+        come from this backend, provider and device (threads included) at ``batch``."""
         path = self.bundle / LATENCY_FILE
+        again = f"run 'python3 dymu_runtime.py profile . --backend {self.backend} --batch {batch}'"
         if not path.is_file():
-            raise BundleError(f"{path} not found: run 'python3 dymu_runtime.py profile' first")
+            raise BundleError(f"{path} not found: {again} first")
         try:
             table = json.loads(path.read_text(encoding="utf-8"))
             trees = {h: float(v["ms"]) for h, v in table["trees"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BundleError(f"cannot read {path} ({exc}); run profile again") from None
-        here = _device_name(self.backend)
-        if table.get("backend") != self.backend or table.get("device") != here:
-            raise BundleError(
-                f"{path} was measured with {table.get('backend')} on {table.get('device')}, "
-                f"not {self.backend} on {here}; run profile again"
-            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BundleError(f"cannot read {path} ({exc}); {again}") from None
+        for key, here in [*self.identity().items(), ("batch", batch)]:
+            if table.get(key) != here:
+                raise BundleError(
+                    f"{path} was measured for {key} {table.get(key)}, not {here}; {again}"
+                )
         missing = [t["hash"] for t in self.manifest["trees"] if t["hash"] not in trees]
         if missing:
-            raise BundleError(f"{path} lacks trees {', '.join(missing)}; run profile again")
+            raise BundleError(f"{path} lacks trees {', '.join(missing)}; {again}")
         return trees
 
+    def identity(self) -> dict[str, str]:
+        """What this controller runs on (backend and its version, ONNX Runtime's provider,
+        the device), as ``latency.json`` records it: read from a loaded tree, since only a
+        session knows the provider it really got."""
+        if self._identity is None:
+            if not self._models:
+                first = self.manifest["trees"][0]
+                self._models[first["hash"]] = self._load(first)
+            self._identity = next(iter(self._models.values())).identity()
+        return self._identity
+
     def set(
-        self, preference: Any, budget: Any = None, *, latency_ms: float | None = None
+        self,
+        preference: Any,
+        budget: Any = None,
+        *,
+        latency_ms: float | None = None,
+        batch: int = 1,
     ) -> dict[str, Any]:
         """Switch to the tree for ``preference`` within ``budget`` (default: the bundle's)
-        or, with ``latency_ms``, within that measured latency; returns its manifest entry.
+        or, with ``latency_ms``, within that measured latency for calls of ``batch``
+        images; returns its manifest entry.
 
         Raises:
             ValueError: preference not ``len(tasks)`` finite non-negative weights summing
                 to 1 (within 1e-6), a budget that is not a finite number >= the bundle's
                 budget, or a latency below every tree's.
-            BundleError: ``latency_ms`` without a ``latency.json`` of this backend and
-                device.
+            BundleError: ``latency_ms`` without a ``latency.json`` of this backend,
+                provider and device at ``batch``.
         """
         t0 = time.perf_counter()
-        tree = self.select(preference, budget, latency_ms)
+        tree = self.select(preference, budget, latency_ms, batch)
         h = tree["hash"]
         if h not in self._models:
             self._models[h] = self._load(tree)
@@ -770,29 +878,6 @@ def bench_switch(
     }
 
 
-@functools.lru_cache(maxsize=None)  # noqa: UP033 (functools.cache needs Python 3.9)
-def _device_name(backend: str) -> str:
-    """The GPU (TensorRT) or the CPU model and ONNX Runtime's provider a table holds for
-    (found once per backend: ``set(..., latency_ms=X)`` asks on every switch)."""
-    if backend == "tensorrt":
-        d = current_device()
-        return f"{d['gpu_name']} (TensorRT {d['trt_version']})"
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
-            )
-    except OSError:
-        pass
-    import platform
-
-    import onnxruntime as ort
-
-    provider = ort.get_available_providers()[0]
-    return f"{model or platform.machine()} ({provider})"
-
-
 def profile(
     bundle: str | os.PathLike,
     backend: str = "auto",
@@ -806,12 +891,15 @@ def profile(
     As dymu's own ``dymu profile`` does: warm-up calls, then rounds that visit every tree
     in a new random order and time ``reps`` calls of each; a tree's latency is the median
     of its per-round medians, its spread (max - min) / median of those. The table is what
-    ``Controller.set(preference, latency_ms=X)`` picks by.
+    ``Controller.set(preference, latency_ms=X, batch=B)`` picks by; it names the batch, the
+    backend, the provider the sessions really use and the device as dymu's tables do (a
+    CPU's model and threads, or the GPU), and the controller refuses it for any other.
     """
     ctl = Controller(bundle, backend)
     shape = list(ctl.manifest["input"]["shape"])
     x = np.random.default_rng(0).random([batch, *shape[1:]], dtype=np.float32)
     models = {t["hash"]: ctl._load(t) for t in ctl.manifest["trees"]}
+    ctl._models.update(models)  # the table names what these very sessions run on
     for model in models.values():
         for _ in range(warmup):
             model(x)
@@ -831,8 +919,7 @@ def profile(
         mid = float(np.median(ms))
         trees[k] = {"ms": mid, "spread": (max(ms) - min(ms)) / mid}
     table = {
-        "backend": ctl.backend,
-        "device": _device_name(ctl.backend),
+        **ctl.identity(),
         "batch": batch,
         "input_size": shape[2:],
         "protocol": {"warmup": warmup, "rounds": rounds, "reps": reps, "order": "interleaved"},

@@ -35,8 +35,18 @@ def add_parser(subparsers: argparse._SubParsersAction, parent: argparse.Argument
     )
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--trees", type=int, default=60, help="random trees to fit (default 60)")
-    p.add_argument("--validate", type=int, default=50, help="trees to check (default 50)")
+    p.add_argument(
+        "--trees",
+        type=int,
+        default=60,
+        help="random trees to fit, half uniform, half trunk-branching (default 60)",
+    )
+    p.add_argument(
+        "--validate",
+        type=int,
+        default=50,
+        help="other random trees to check, half of each kind (default 50)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--reps", type=int, default=10, help="timed calls per round (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per tree (default 3)")
@@ -108,25 +118,6 @@ def _check_device(device: str, backend: str) -> None:
 
 
 def _print_summary(obj: dict) -> None:
-    ref, fit, val, noise = obj["reference"], obj["fit"], obj["validation"], obj["noise"]
-    print(
-        f"{obj['backend']} ({obj['backend_version']}) on {obj['device']}, batch "
-        f"{obj['batch']}, input {obj['input_size'][0]}x{obj['input_size'][1]}"
-    )
-    print(
-        f"  anchor tree {ref['anchor_ms']:.3f} ms, fastest cheapest tree {ref['cheapest_ms']:.3f}"
-        f" ms; constant {obj['model']['const_ms']:.3f} ms"
-    )
-    print(
-        f"  fit on {fit['trees']} trees: median |error| {100 * fit['median_abs_rel_err']:.1f}%, "
-        f"worst {100 * fit['max_abs_rel_err']:.1f}%"
-    )
-    if val is not None:
-        print(
-            f"  check on {val['trees']} other trees: median |error| "
-            f"{100 * val['median_abs_rel_err']:.1f}%, worst {100 * val['max_abs_rel_err']:.1f}%"
-        )
-    print(
-        f"  noise (spread of round medians): median {100 * noise['median_spread']:.1f}%, "
-        f"worst {100 * noise['max_spread']:.1f}%"
-    )
+    from dymu.compile.latency import summary_lines
+
+    print("\n".join(summary_lines(obj)))
