@@ -587,16 +587,22 @@ def _backend_version(table_: dict) -> str:
 
 @renderer("latency_b8", "latency_onnxruntime_b8_cpu.json", "latency_eager_b8_cpu.json")
 def latency_b8(*tables: dict) -> list[str]:
-    fits = {(t["fit"]["trees"], t["validation"]["trees"]) for t in tables}
+    def counts(t: dict) -> tuple:
+        kinds = t["validation"]["by_kind"]
+        return t["fit"]["trees"], kinds["uniform"]["trees"], kinds["branching"]["trees"]
+
+    fits = {counts(t) for t in tables}
     if len(fits) != 1:
         raise ValueError(f"the tables were fitted and checked on different counts: {fits}")
-    fitted, checked = fits.pop()
+    fitted, uniform, branching = fits.pop()
     header = ["backend", "anchor tree", "fastest tree", "c"]
     header += [f"fit, {fitted} trees: median / worst error"]
-    header += [f"check, {checked} other trees: median / worst", "noise: median / worst spread"]
+    header += [f"check, {uniform} other uniform trees: median / worst"]
+    header += [f"check, {branching} other branching trees: median / worst"]
+    header += ["noise: median / worst spread"]
     rows = []
     for t in tables:
-        fit, check, noise = t["fit"], t["validation"], t["noise"]
+        fit, kinds, noise = t["fit"], t["validation"]["by_kind"], t["noise"]
         rows.append(
             [
                 _backend_version(t),
@@ -604,7 +610,10 @@ def latency_b8(*tables: dict) -> list[str]:
                 f"{num(t['reference']['cheapest_ms'], 1)} ms",
                 f"{num(t['model']['const_ms'], 1)} ms",
                 f"{pct(fit['median_abs_rel_err'])} / {pct(fit['max_abs_rel_err'])}",
-                f"{pct(check['median_abs_rel_err'])} / {pct(check['max_abs_rel_err'])}",
+                *(
+                    f"{pct(kinds[k]['median_abs_rel_err'])} / {pct(kinds[k]['max_abs_rel_err'])}"
+                    for k in ("uniform", "branching")
+                ),
                 f"{pct(noise['median_spread'])} / {pct(noise['max_spread'])}",
             ]
         )
