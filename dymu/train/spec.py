@@ -77,21 +77,20 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
     """
     specs = {"stage0": _stage0(cfg)}
     h0 = specs["stage0"].hash
-    common = {"seed": cfg.run.seed, "precision": cfg.run.precision}
     specs["affinity"] = StageSpec(
         "affinity", {"anchor": h0, "affinity": _section(cfg, "affinity"), "seed": cfg.run.seed}
     )
+    # What every training stage after stage 0 consumes besides its own settings.
+    trained = {
+        "workers": cfg.stage0.workers,
+        "loss_scales": LOSS_SCALES,
+        "seed": cfg.run.seed,
+        "precision": cfg.run.precision,
+    }
     streams: dict[str, Any] = {"tuned": f"stage0 {h0}", "private": None}
     if cfg.joint.steps > 0:
         specs["joint"] = StageSpec(
-            "joint",
-            {
-                "anchor": h0,
-                "joint": _section(cfg, "joint"),
-                "workers": cfg.stage0.workers,
-                "loss_scales": LOSS_SCALES,
-                **common,
-            },
+            "joint", {"anchor": h0, "joint": _section(cfg, "joint"), **trained}
         )
         streams["tuned"] = f"joint {specs['joint'].hash}"
         if cfg.joint.private_nodes:
@@ -102,9 +101,7 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
             "streams": streams,
             "affinity": specs["affinity"].hash,
             "stage1": _section(cfg, "stage1"),
-            "workers": cfg.stage0.workers,
-            "loss_scales": LOSS_SCALES,
-            **common,
+            **trained,
         },
     )
     specs["stage2"] = StageSpec(
@@ -113,9 +110,7 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
             "streams": streams,
             "edge_hnet": specs["stage1"].hash,
             "stage2": _section(cfg, "stage2"),
-            "workers": cfg.stage0.workers,
-            "loss_scales": LOSS_SCALES,
-            **common,
+            **trained,
         },
     )
     return specs
