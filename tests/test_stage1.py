@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -141,7 +142,7 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=3))
     A = torch.eye(3)
     whole, _ = stage1.train_stage1(cfg, tmp_path / "a", anchor, space, A, train, w)
-    whole2, _ = stage2.train_stage2(cfg, tmp_path / "a", anchor, space, whole, train, w)
+    whole2, record2 = stage2.train_stage2(cfg, tmp_path / "a", anchor, space, whole, train, w)
 
     run = tmp_path / "b"
     with monkeypatch.context() as m:
@@ -158,9 +159,11 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
         _interrupt_after(m, stage2, "derive_tree", 7)  # dies in step 8 of 8
         with pytest.raises(_Interrupt):
             stage2.train_stage2(cfg, run, anchor, space, resumed, train, w)
-    resumed2, _ = stage2.train_stage2(cfg, run, anchor, space, resumed, train, w, resume=True)
+    resumed2, again = stage2.train_stage2(cfg, run, anchor, space, resumed, train, w, resume=True)
     for key, value in whole2.state_dict().items():
         torch.testing.assert_close(resumed2.state_dict()[key], value, rtol=0, atol=1e-6)
+    # Trees drawn before the interruption count too.
+    assert again["distinct_trees"] == record2["distinct_trees"]
     # The resumed logs hold every logged step once, with the uninterrupted run's values.
     for stage in ("stage1", "stage2"):
         want = read_log(tmp_path / "a" / "logs" / f"{stage}.jsonl")
@@ -186,3 +189,18 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_anchor, tmp_path, monkey
     (tmp_path / stage1.CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is damaged"):
         stage1.train_stage1(cfg, tmp_path, anchor, space, torch.eye(3), train, w, resume=True)
+
+
+def test_stage2_draws_consume_the_generator_alike_whatever_the_shares(tiny_anchor):
+    """The evaluation mix is drawn on every step (``train/draws.py``), so turning a share
+    to 0 changes which draws are replaced, never the sequence that follows."""
+    _, anchor, space, _ = tiny_anchor
+    edge = EdgeHypernet(3, anchor.num_layers)
+    low = min_flops(space) / anchor_flops(space)
+    states = []
+    for shares in ((0.0, 0.0), (0.3, 0.2), (1.0, 1.0)):
+        rng = np.random.default_rng(5)
+        for _ in range(3):
+            stage2.draw_tree(edge, space, 0.2, low, rng, torch.device("cpu"), *shares)
+        states.append(rng.bit_generator.state)
+    assert states[0] == states[1] == states[2]
