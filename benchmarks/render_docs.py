@@ -321,6 +321,31 @@ def _spearmans(values: dict[str, float]) -> str:
     return " / ".join(signed(v, 2) for v in values.values())
 
 
+@renderer("search_valtest", "search_quality_default_valtest_cpu.json")
+def search_valtest(quality: dict) -> list[str]:
+    tasks = " / ".join(next(iter(quality["budgets"].values()))["controllability"])
+    header = ["budget", "FLOPs", "trees / 20", "delta_m %: test / val"]
+    header += [f"controllability on metrics, test: {tasks}", "val"]
+    header += ["on losses, test", "val"]
+    rows = []
+    for key, b in quality["budgets"].items():
+        val = b["validation"]
+        label = budget_label(key) if key in BUDGETS else f"{float(key):.3f} (cheapest)"
+        rows.append(
+            [
+                label,
+                num(b["flops_mean"], 3),
+                str(b["distinct_trees"]),
+                f"{signed(b['delta_m'], 2)} / {signed(val['delta_m'], 2)}",
+                _spearmans(b["controllability"]),
+                _spearmans(val["controllability"]),
+                _spearmans(b["controllability_loss"]),
+                _spearmans(val["controllability_loss"]),
+            ]
+        )
+    return table(header, rows)
+
+
 @renderer(
     "search_seeds", "search_quality_default_cpu.json", "search_quality_default_run_seed1_cpu.json"
 )
