@@ -321,6 +321,34 @@ def _spearmans(values: dict[str, float]) -> str:
     return " / ".join(signed(v, 2) for v in values.values())
 
 
+@renderer(
+    "search_stage2_valtest",
+    "search_quality_default_valtest_cpu.json",
+    "search_quality_ablation_stage2_no_flips_valtest_cpu.json",
+    "search_quality_ablation_stage2_no_task_floor_valtest_cpu.json",
+)
+def search_stage2_valtest(*runs: dict) -> list[str]:
+    names = ("default", "`stage2.hflip=false`", "`stage2.task_floor=0`")
+    tasks = " / ".join(next(iter(runs[0]["budgets"].values()))["controllability"])
+    header = ["stage 2", "budget", "delta_m %: val / test"]
+    header += [f"controllability on metrics, val: {tasks}", "test"]
+    rows = []
+    for name, run in zip(names, runs, strict=True):
+        for key in BUDGETS:
+            b = run["budgets"][key]
+            val = b["validation"]
+            rows.append(
+                [
+                    name,
+                    budget_label(key),
+                    f"{signed(val['delta_m'], 2)} / {signed(b['delta_m'], 2)}",
+                    _spearmans(val["controllability"]),
+                    _spearmans(b["controllability"]),
+                ]
+            )
+    return table(header, rows)
+
+
 @renderer("search_valtest", "search_quality_default_valtest_cpu.json")
 def search_valtest(quality: dict) -> list[str]:
     tasks = " / ".join(next(iter(quality["budgets"].values()))["controllability"])
