@@ -195,13 +195,8 @@ def materialize(
         A :class:`MaterializedTree` in eval mode with frozen parameters.
     """
     streams = TreeStreams.of(streams)
-    if (tree.num_tasks, tree.num_layers) != (len(streams.tasks), streams.num_layers):
-        raise ValueError(
-            f"tree for {tree.num_tasks} tasks x {tree.num_layers} layers does not fit an "
-            f"anchor of {len(streams.tasks)} x {streams.num_layers}"
-        )
+    sources = streams.sources(tree)  # [L][N] the weights of each node (and head); checks shape
     tree = tree.canonical()
-    sources = streams.sources(tree)  # [L][N]: the weights each node (and head) runs
 
     nodes: dict[str, nn.Module] = {}
     steps: list[tuple[str, str]] = []

@@ -653,6 +653,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def dotted_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys (``stage1.lr``) of a nested config mapping, in its order: sections
+    are walked, values (lists included) are not."""
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out += dotted_keys(value, f"{name}.") if isinstance(value, Mapping) else [name]
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     """The fully resolved config as YAML text; loading it gives back an equal Config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

@@ -115,48 +115,27 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
     keys it no longer has, is refused with one line: what its artifacts were made from
     cannot be told from today's defaults, so nothing is guessed.
     """
-    import yaml
-
-    from dymu.config import load_config, to_dict
+    from dymu.config import dotted_keys, from_dict, load_yaml, to_dict
 
     path = Path(run_dir) / "config.yaml"
     fix = f"rerun dymu search --run {run_dir}"
     if not read_text(path, "run config", fix).strip():
         raise UserError(f"run config {path} is damaged (empty); {fix}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        raw = None  # load_config names the problem
-    if isinstance(raw, dict):
-        want, have = _keys(to_dict(Config())), _keys(raw)
-        drift = [f"lacks {k}" for k in sorted(want - have)]
-        drift += [f"has {k}, which dymu no longer has" for k in sorted(have - want)]
-        if drift:
-            more = f" and {len(drift) - 1} more" if len(drift) > 1 else ""
-            raise UserError(
-                f"{run_dir} was made by another version of dymu (its config.yaml "
-                f"{drift[0]}{more}); {fix} (its stages are retrained where their inputs "
-                "changed)"
-            )
-    try:
-        cfg = load_config(path)
-    except UserError as exc:
-        text = str(exc)
-        if str(path) in text:
-            raise
+    raw = load_yaml(path)  # its errors name the file
+    want, have = set(dotted_keys(to_dict(Config()))), set(dotted_keys(raw))
+    drift = [f"lacks {k}" for k in sorted(want - have)]
+    drift += [f"has {k}, which dymu no longer has" for k in sorted(have - want)]
+    if drift:
+        more = f" and {len(drift) - 1} more" if len(drift) > 1 else ""
         raise UserError(
-            f"run config {path} is damaged ({text.removeprefix('config: ')}); {fix}"
-        ) from None
-    return cfg
-
-
-def _keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    """The dotted keys of a nested config mapping (sections are walked, values are not)."""
-    out = set()
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out |= _keys(value, f"{name}.") if isinstance(value, dict) else {name}
-    return out
+            f"{run_dir} was made by another version of dymu (its config.yaml {drift[0]}{more}); "
+            f"{fix} (its stages are retrained where their inputs changed)"
+        )
+    try:
+        return from_dict(raw)
+    except UserError as exc:
+        text = str(exc).removeprefix("config: ")
+        raise UserError(f"run config {path} is damaged ({text}); {fix}") from None
 
 
 def start_run(cfg: Config, run_dir: str | os.PathLike) -> Path:

@@ -184,9 +184,9 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     affinity = torch.tensor(result.mean, dtype=torch.float32)
 
     # The weights the trees run; `anchor` stays the single-task baseline of delta_m.
-    joint = ensure_joint(cfg, run, anchor, train, val, resume=resume)
+    scales = loss_scales(anchor, val, device)  # [N] w_i, once, for every later stage
+    joint = ensure_joint(cfg, run, anchor, train, val, resume=resume, scales=scales)
     streams = tree_streams(cfg, anchor, joint)
-    scales = loss_scales(anchor, val, device)  # [N] w_i, one definition for every stage
 
     info = builder.info_for(cfg.data)
     size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size

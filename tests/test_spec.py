@@ -10,19 +10,11 @@ import pytest
 from tiny import TINY
 
 from dymu.cli.main import main
-from dymu.config import Config, load_config, to_dict
+from dymu.config import Config, dotted_keys, load_config, to_dict
 from dymu.train.spec import resolve_specs
 
 NOT_INPUTS = {"run.device", "run.checkpoint_every", "run.channels_last", "data.cache_dir"}
 """Settings no stage's artifact depends on (where things run and are cached)."""
-
-
-def _leaves(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out += _leaves(value, f"{name}.") if isinstance(value, dict) else [name]
-    return out
 
 
 def _changed(value):
@@ -53,7 +45,7 @@ def _with(cfg: Config, dotted: str) -> Config:
 def _inputs(stage: str) -> set[str]:
     """The config keys ``stage`` consumes under the default config (joint stage on, towers
     off), directly or through the artifacts it builds on."""
-    keys = _leaves(to_dict(Config()))
+    keys = dotted_keys(to_dict(Config()))
     section = {k: k.split(".")[0] for k in keys}
     s0 = {k for k in keys if section[k] in ("data", "model", "stage0")} - NOT_INPUTS
     s0 = {k for k in s0 if not k.startswith("stage0.towers.")} | {"stage0.towers.gamma"}
@@ -71,7 +63,7 @@ def test_a_stage_hash_changes_with_every_input_and_nothing_else(stage):
     base = Config()
     h = resolve_specs(base)[stage].hash
     used = _inputs(stage)
-    for key in _leaves(to_dict(base)):
+    for key in dotted_keys(to_dict(base)):
         changed = resolve_specs(_with(base, key))[stage].hash != h
         assert changed == (key in used), (stage, key, "is an input" if key in used else "is not")
 
@@ -151,3 +143,16 @@ def test_a_run_of_another_dymu_is_refused_with_what_to_rerun(run, tmp_path, caps
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "another version of dymu" in err and "lacks joint." in err
     assert f"rerun dymu search --run {old}" in err
+
+
+def test_the_baselines_depend_on_the_anchor_and_the_sweep_not_on_the_hypernetworks():
+    """The loss scales every baseline uses come from the stage-0 anchor alone, so a change
+    of the joint stage or of stages 1-2 leaves the (hours of) baselines valid."""
+    from dymu.baselines.run import method_hash
+
+    base = Config()
+    for key, used in [("joint.lr", False), ("affinity.images", False), ("stage1.lr", False),
+                      ("stage2.lr", False), ("stage0.lr", True), ("evaluate.preferences", True),
+                      ("baselines.epochs", True)]:  # fmt: skip
+        changed = method_hash(_with(base, key), "static") != method_hash(base, "static")
+        assert changed == used, key

@@ -56,7 +56,6 @@ from dymu.space.graph import anchor_flops
 from dymu.train import parallel
 from dymu.train.checkpoint import record_matches
 from dymu.train.loop import evaluate_model
-from dymu.train.spec import resolve_specs
 from dymu.train.stage0 import load_splits, stage0_hash
 from dymu.train.stage1 import EDGE_JSON
 
@@ -80,8 +79,9 @@ SETTINGS = {
 
 
 def method_hash(cfg: Config, method: str) -> str:
-    """What one method's results depend on: its own settings, the sweep, the anchor and
-    stage 1 (whose loss scales every method uses); not the other methods' settings."""
+    """What one method's results depend on: its own settings, the sweep and the stage-0
+    anchor (which also fixes the loss scales every method uses, :mod:`dymu.train.scales`);
+    not the other methods' settings, nor the joint stage's or the hypernetworks'."""
     import hashlib
 
     b = cfg.baselines
@@ -89,7 +89,7 @@ def method_hash(cfg: Config, method: str) -> str:
     # Nested settings (towers) are dataclasses: written as their fields.
     blob = json.dumps({"method": method, **own}, sort_keys=True, default=dataclasses.asdict)
     mine = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return mine + "-" + section_hash(cfg, "evaluate") + "-" + resolve_specs(cfg)["stage1"].hash
+    return mine + "-" + section_hash(cfg, "evaluate") + "-" + stage0_hash(cfg)
 
 
 class _Context:
@@ -106,7 +106,8 @@ class _Context:
         self.anchor_flops = anchor_flops(trained.space)
         with dist.main_first():  # rank 0 makes a dataset cache, the others then read it
             self.specs, self.splits = load_splits(cfg)
-        # [T] w_i = 1 / single-task loss: the scales stage 1 used, so objectives match DYMU's.
+        # [T] w_i as every stage of the search used them (recorded by stage 1), so the
+        # objectives match DYMU's.
         edge = json.loads((run_dir / EDGE_JSON).read_text())
         self.scales = torch.tensor(edge["loss_scales"], dtype=torch.float32)
         self.preferences = preference_sweep(

@@ -39,17 +39,8 @@ class TreeStreams:
         return streams if isinstance(streams, TreeStreams) else cls(streams)
 
     @property
-    def private_nodes(self) -> bool:
-        """Whether private nodes run other weights than the rest."""
-        return self.stage0 is not None
-
-    @property
     def tasks(self) -> list:
         return self.tuned.tasks
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.tuned.task_names
 
     @property
     def num_layers(self) -> int:
@@ -62,7 +53,12 @@ class TreeStreams:
     def sources(self, tree) -> list[list[Anchor]]:
         """``sources[l][j]``: the weights node (l, j) of ``tree`` runs; row ``L - 1`` also
         gives task j's head (it reads node (L - 1, j), and is private exactly when that
-        node is)."""
+        node is). A tree of another shape than the streams is a ValueError."""
+        if (tree.num_tasks, tree.num_layers) != (len(self.tasks), self.num_layers):
+            raise ValueError(
+                f"tree for {tree.num_tasks} tasks x {tree.num_layers} layers does not fit an "
+                f"anchor of {len(self.tasks)} x {self.num_layers}"
+            )
         private = tree.private() if self.stage0 is not None else None
         return [
             [

@@ -29,16 +29,11 @@ class TreeNet(nn.Module):
     def __init__(self, streams: TreeStreams | Anchor, tree: TreeSpec) -> None:
         super().__init__()
         streams = TreeStreams.of(streams)
-        if (tree.num_tasks, tree.num_layers) != (len(streams.tasks), streams.num_layers):
-            raise ValueError(
-                f"tree for {tree.num_tasks} tasks x {tree.num_layers} layers does not fit an "
-                f"anchor of {len(streams.tasks)} x {streams.num_layers}"
-            )
+        self._sources = streams.sources(tree)  # [L][N]; refuses a tree of another shape
         self.anchor = streams.tuned
         self.private = streams.stage0  # registered, so .to() moves both
         self.tree = tree.canonical()
         self._used = self.tree.used()
-        self._sources = streams.sources(self.tree)
 
     def source(self, layer: int, stream: int) -> Anchor:
         """The weights node (layer, stream) runs (``layer = L - 1`` also: task ``stream``'s

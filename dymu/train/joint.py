@@ -178,11 +178,19 @@ class JointStep:
 
 
 def train_joint(
-    cfg: Config, run_dir: Path, anchor: Anchor, train_ds, val_ds, resume: bool = False
+    cfg: Config,
+    run_dir: Path,
+    anchor: Anchor,
+    train_ds,
+    val_ds,
+    resume: bool = False,
+    scales: torch.Tensor | None = None,
 ) -> tuple[Anchor, dict[str, Any]]:
     """Fine-tune a copy of ``anchor`` on trees; write ``joint.safetensors`` and its record.
 
     Returns the tree-aware anchor (``anchor`` itself, the stage-0 streams, is not changed).
+    ``scales``: [N] w_i (:func:`~dymu.train.scales.loss_scales` of ``anchor`` on
+    ``val_ds``, computed here when None).
     """
     js, run_dir = cfg.joint, Path(run_dir)
     device = resolve_device(cfg.run.device)
@@ -192,7 +200,9 @@ def train_joint(
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
     student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
-    scales = loss_scales(teacher, val_ds, device).to(device)  # [N] w_i
+    if scales is None:  # [N] w_i: the caller's, else computed by their one definition
+        scales = loss_scales(teacher, val_ds, device)
+    scales = scales.to(device)
     opt, sched = _optimizer(js, student)
     trunk, trunk_losses = None, None
     if js.trunk == "best":
@@ -302,7 +312,13 @@ def _val_losses(
 
 
 def ensure_joint(
-    cfg: Config, run_dir: Path, anchor: Anchor, train_ds, val_ds, resume: bool = False
+    cfg: Config,
+    run_dir: Path,
+    anchor: Anchor,
+    train_ds,
+    val_ds,
+    resume: bool = False,
+    scales: torch.Tensor | None = None,
 ) -> Anchor:
     """The streams every tree runs on: the stage-0 anchor itself when ``joint.steps`` is 0,
     else the tree-aware copy, loaded when its files match the config and trained otherwise."""
@@ -314,7 +330,7 @@ def ensure_joint(
         if dist.is_main():
             print(f"joint stage: using {weights} (config unchanged)")
         return load_joint(anchor, weights)
-    tuned, _ = train_joint(cfg, run_dir, anchor, train_ds, val_ds, resume=resume)
+    tuned, _ = train_joint(cfg, run_dir, anchor, train_ds, val_ds, resume=resume, scales=scales)
     return tuned
 
 

@@ -25,8 +25,6 @@ from dymu.config import Config
 LOSS_SCALES = "w_i = 1 / (the stage-0 anchor's mean loss on task i over the whole validation split)"
 """How every stage after stage 0 scales the task losses (METHOD.md 1.5 [choice])."""
 
-STAGES = ("stage0", "affinity", "joint", "stage1", "stage2")
-
 
 @dataclass(frozen=True)
 class StageSpec:
