@@ -133,8 +133,8 @@ def _torch_runner(bundle: Path, run: Path, entry: dict, compiled: bool, device: 
 
     trained = load_run(run)
     tree = TreeSpec(entry["parents"])
-    if tree.hash() != entry["hash"]:
-        raise UserError(f"{bundle} does not come from {run}: tree {entry['hash']} differs")
+    if tree.hash() != entry["tree"]:
+        raise UserError(f"{bundle} does not come from {run}: tree {entry['tree']} differs")
     r = torch.tensor(entry["weights_at"], dtype=torch.float32)
     with torch.no_grad():
         net = materialize(trained.streams, tree, trained.weights(r, entry["budget"], tree))

@@ -1,22 +1,24 @@
 """``dymu export``: the trees that serve one budget, as checked, self-contained ONNX files.
 
 For each preference asked for (one, or a grid on the simplex) the edge hypernet derives the
-tree for ``(r, b)``; preferences that give the same tree share it. Each distinct tree is
-materialized with the weight hypernet's BatchNorm offsets at the mean of the preferences it
-serves (:func:`dymu.compile.materialize.materialize`), counted by fvcore, exported and checked
-(:func:`dymu.compile.onnx_export.export_onnx`, :func:`~dymu.compile.onnx_export.ort_parity`),
-evaluated on the test split, and run on a fixed golden input whose outputs a device can
-compare against. With ``--target aoti`` each tree is also compiled with AOTInductor for this
-machine (its CUDA GPU, else its CPU; :mod:`dymu.compile.aoti`) and checked against PyTorch
-the same way. Everything is written into a temporary folder that becomes ``OUT`` only
-when every tree has passed, so a failure never leaves a partial bundle.
+tree for ``(r, b)``. Every preference gets its own model: its tree materialized with the
+weight hypernet's adaptation for that very preference
+(:func:`dymu.compile.materialize.materialize`), so the device runs what the search's report
+evaluated for r (checked on the golden input; METHOD.md 1.10, "Shipping it"). Each model is
+counted by fvcore, exported and checked (:func:`dymu.compile.onnx_export.export_onnx`,
+:func:`~dymu.compile.onnx_export.ort_parity`), evaluated on the test split, and run on a
+fixed golden input whose outputs a device can compare against. With ``--target aoti``
+each model is also compiled with AOTInductor for this machine (its CUDA GPU, else its
+CPU; :mod:`dymu.compile.aoti`) and checked against PyTorch the same way. Everything is
+written into a temporary folder that becomes ``OUT`` only when every model has passed, so
+a failure never leaves a partial bundle.
 
 Layout of ``OUT``::
 
-    manifest.json              # one entry per tree (see :func:`export_bundle`)
+    manifest.json              # one entry per model, a (tree, preference) (see export_bundle)
     dymu_runtime.py, README.md # standalone device runtime and steps (dymu.compile.bundle)
     golden_input.npy           # [G, 3, H, W] float32 test images
-    <hash>/model.onnx          # the tree, weights inline
+    <hash>/model.onnx          # the model (<tree hash>-<index>), weights inline
     <hash>/golden_outputs.npz  # PyTorch outputs on golden_input.npy, keyed by task
     <hash>/model.engine(.json) # with --target trt only: TensorRT engine and its metadata
     <hash>/model.pt2           # with --target aoti only: AOTInductor package for this machine
@@ -52,6 +54,7 @@ from dymu.search import TrainedRun, load_run
 from dymu.space.derive import check_budget, derive_tree
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
 from dymu.train.loop import evaluate
 
 TARGETS = ("onnx", "trt", "aoti")
@@ -146,14 +149,16 @@ def export_bundle(
         dynamic_batch: export with a dynamic batch axis (else batch 1).
 
     Returns:
-        The manifest (also written as ``out/manifest.json``): ``trees``, one entry per tree
-        with ``hash``, ``preferences`` and ``budget`` it serves, ``flops`` (the space's
-        count), ``flops_fraction``, ``flops_counted`` (fvcore on the materialized module),
-        ``params``, ``files`` (name -> sha256), ``parity`` (ONNX Runtime against PyTorch)
-        and ``metrics`` (test split), and for target ``aoti`` an ``aoti`` record
-        (``file``, ``device``, ``torch_version``, ``parity``, ``compile_s`` and the rest of
-        :class:`~dymu.compile.aoti.AotiResult`); plus the anchor's FLOPs, tasks and input
-        size.
+        The manifest (also written as ``out/manifest.json``): ``trees``, one entry per
+        model (a tree with the adaptation for one preference) with ``hash`` (the model's
+        folder), ``tree`` (the tree's hash), ``preferences`` (the one it serves) and
+        ``budget``, ``flops`` (the space's count), ``flops_fraction``, ``flops_counted``
+        (fvcore on the materialized module), ``params``, ``files`` (name -> sha256),
+        ``parity`` (ONNX Runtime against PyTorch), ``parity_evaluated`` (the model against
+        the search's evaluation of its preference) and ``metrics`` (test split), and for
+        target ``aoti`` an ``aoti`` record (``file``, ``device``, ``torch_version``,
+        ``parity``, ``compile_s`` and the rest of :class:`~dymu.compile.aoti.AotiResult`);
+        plus the anchor's FLOPs, tasks and input size.
 
     Raises:
         UserError: bad budget or target, a run that is not finished, an existing or
@@ -189,15 +194,19 @@ def export_bundle(
     entries = []
     with atomic_dir(out) as tmp:
         np.save(tmp / "golden_input.npy", golden.numpy())
-        for h, (tree, rs) in tqdm(served.items(), desc="export", unit="tree", leave=False):
-            job = _TreeJob(tree, rs, budget, size, trt_version, dynamic_batch, target)
+        jobs = [
+            _TreeJob(tree, r, f"{h}-{i}", budget, size, trt_version, dynamic_batch, target)
+            for h, (tree, rs) in served.items()
+            for i, r in enumerate(rs)
+        ]  # one model per (tree, preference): the weights the report evaluates for r
+        for job in tqdm(jobs, desc="export", unit="model", leave=False):
             job.check_flops = lat is None  # a latency target may spend any FLOPs
-            entries.append(_export_tree(job, run, tmp / h, golden, test))
+            entries.append(_export_tree(job, run, tmp / job.name, golden, test))
             if lat is not None:
-                entries[-1]["latency"] = timings[h]
+                entries[-1]["latency"] = timings[job.tree.hash()]
             if target == "trt":
-                _build_engine(tmp / h, dynamic_batch, cache_root(cfg.data) / "trt")
-                entries[-1]["files"] = _hashes(tmp / h, tmp)
+                _build_engine(tmp / job.name, dynamic_batch, cache_root(cfg.data) / "trt")
+                entries[-1]["files"] = _hashes(tmp / job.name, tmp)
         manifest = {
             "dymu_version": __version__,
             "tasks": anchor.task_names,
@@ -239,10 +248,11 @@ def _derive_trees(run: TrainedRun, prefs: np.ndarray, budget: float, lat):
 
 @dataclass
 class _TreeJob:
-    """One tree to export and what it serves."""
+    """One model to export: a tree with the weights adapted to one preference."""
 
     tree: TreeSpec
-    preferences: list[np.ndarray]
+    preference: np.ndarray
+    name: str  # the model's folder and manifest hash: ``<tree hash>-<index>``
     budget: float
     size: tuple[int, int]
     trt_version: str
@@ -257,15 +267,17 @@ def _hashes(folder: Path, root: Path) -> dict[str, str]:
 
 
 def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> dict[str, Any]:
-    """Materialize, count, export, check, run on the golden input and evaluate one tree.
-
-    The weight hypernet's offsets are taken at the mean of the preferences the tree serves.
-    """
-    space, anchor, h = run.space, run.anchor, job.tree.hash()
+    """Materialize, count, export, check, run on the golden input and evaluate one model:
+    ``job.tree`` with the weight hypernet's adaptation for ``job.preference`` at the
+    budget, exactly what the search's report evaluates for that preference (checked on the
+    golden input against :class:`~dymu.space.treenet.TreeNet`)."""
+    space, anchor, h = run.space, run.anchor, job.name
     full = anchor_flops(space)
-    mean_r = torch.tensor(np.mean(job.preferences, axis=0), dtype=torch.float32)
+    r = torch.tensor(job.preference, dtype=torch.float32)
     with torch.no_grad():
-        net = materialize(run.streams, job.tree, run.weights(mean_r, job.budget, job.tree))
+        offsets = run.weights(r, job.budget, job.tree)
+        net = materialize(run.streams, job.tree, offsets)
+        evaluated = TreeNet(run.streams, job.tree).eval()(golden, offsets)
     counted = count_flops(net, torch.zeros(1, 3, *job.size))
     if job.check_flops and counted > job.budget * full:
         raise RuntimeFailure(
@@ -288,16 +300,23 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
         )
     with torch.no_grad():
         outputs = net(golden)
+    as_evaluated = max(float((outputs[k] - v).abs().max()) for k, v in evaluated.items())
+    if not as_evaluated < PARITY_ATOL:
+        raise RuntimeFailure(
+            f"model {h}: differs from the search's evaluation of its preference by "
+            f"{as_evaluated:.2e}"
+        )
     np.savez(folder / "golden_outputs.npz", **{k: v.numpy() for k, v in outputs.items()})
     compiled = _compile_aoti(net, folder, job) if job.target == "aoti" else None
     cfg = run.cfg
     metrics = evaluate(net, test, anchor.tasks, cfg.evaluate.batch_size, torch.device("cpu"))
     entry = {
         "hash": h,
+        "tree": job.tree.hash(),
         "parents": [list(p) for p in job.tree.parents],
         "budget": job.budget,
-        "preferences": [[round(float(x), 6) for x in r] for r in job.preferences],
-        "weights_at": [round(float(x), 6) for x in mean_r],
+        "preferences": [[round(float(x), 6) for x in job.preference]],
+        "weights_at": [float(x) for x in r],
         "flops": job.tree.flops(space),
         "flops_fraction": job.tree.flops(space) / full,
         "flops_counted": counted,
@@ -309,6 +328,7 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
             "file": f"{h}/model.onnx",
         },
         "parity": parity,
+        "parity_evaluated": as_evaluated,
         "metrics": metrics,
     }
     if compiled is not None:

@@ -189,7 +189,7 @@ def materialize(
             only; the running statistics are used).
         tree: the tree to build; only its used nodes are copied.
         bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
-            inside the layer: delta}}``; offsets of unused nodes are ignored.
+            inside the layer: delta}}``; offsets of unused and private nodes are ignored.
 
     Returns:
         A :class:`MaterializedTree` in eval mode with frozen parameters.
@@ -201,8 +201,11 @@ def materialize(
     nodes: dict[str, nn.Module] = {}
     steps: list[tuple[str, str]] = []
     for layer, stream in tree.used_nodes():  # layer-major: parents come before children
-        module = _frozen_copy(sources[layer][stream].streams[stream].layers[layer])
-        deltas = bn_offsets.get((layer, stream)) if bn_offsets is not None else None
+        source = sources[layer][stream]
+        module = _frozen_copy(source.streams[stream].layers[layer])
+        # Private nodes run stage 0 exactly, as in TreeNet: the anchor tree is the anchor.
+        adapted = bn_offsets is not None and (streams.stage0 is None or source is streams.tuned)
+        deltas = bn_offsets.get((layer, stream)) if adapted else None
         if deltas:
             _bake_offsets(module, deltas, (layer, stream))
         name = node_name(layer, stream)

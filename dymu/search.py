@@ -22,6 +22,7 @@ from dymu.affinity.result import AffinityResult
 from dymu.artifacts import load_into, read_json, rerun_fix
 from dymu.config import Config
 from dymu.data import get_builder
+from dymu.data.batches import check_flips
 from dymu.errors import UserError
 from dymu.evaluate.report import write_report
 from dymu.evaluate.search import evaluate_search
@@ -166,8 +167,10 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     device = resolve_device(cfg.run.device)
     dist.setup(device)
     main = dist.is_main()
-    anchor, _ = ensure_anchor(cfg, run, resume=resume)
     builder = get_builder(cfg.data.name)
+    flips = {f"{k}.hflip": getattr(cfg, k).hflip for k in ("stage0", "joint", "stage2")}
+    check_flips(builder.info_for(cfg.data), flips)  # before hours of stage 0
+    anchor, _ = ensure_anchor(cfg, run, resume=resume)
     train, val, test = (builder.load(cfg.data, s) for s in ("train", "val", "test"))
 
     h = affinity_hash(cfg)

@@ -60,3 +60,36 @@ def test_offsets_shift_the_batchnorm_of_their_node_and_train():
     # Only nodes on depth's path get gradient through the depth head.
     grads = net.out.bias.grad
     assert grads.abs().sum() > 0 and (grads == 0).any()
+
+
+def test_the_preference_moves_the_outputs_even_when_every_hidden_unit_is_dead():
+    """The MLP can lose its dependence on r (every ReLU dead: the same offsets for every
+    preference, as on MultiMNIST); the preference-mixed offsets keep it. Stage 2's loss
+    weighted by r, a few Adam steps on a shared tree: two preferences then give different
+    outputs, each task's loss lower at its own corner."""
+    torch.manual_seed(0)
+    anchor, _, net = _setup()
+    anchor.requires_grad_(False)
+    with torch.no_grad():
+        net.mlp[-2].bias.fill_(-1e3)  # the last hidden layer is dead for every input
+    tree = TreeSpec.all_sharing(2, anchor.num_layers)  # every node shared, none private
+    x = torch.rand(4, 3, 32, 32)
+    targets = {k: torch.randn_like(v) for k, v in TreeNet(anchor, tree)(x).items()}
+
+    def losses(r):
+        out = TreeNet(anchor, tree)(x, net(r, 0.5))
+        return torch.stack([(out[k] - targets[k]).pow(2).mean() for k in ("semseg", "depth")])
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        r = torch.distributions.Dirichlet(torch.tensor([0.3, 0.3])).sample()
+        if torch.rand((), generator=gen) < 0.5:
+            r = r.flip(0)
+        opt.zero_grad()
+        (r * losses(r)).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        corners = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+        first, second = losses(corners[0]), losses(corners[1])
+    assert first[0] < second[0] and second[1] < first[1]  # each task better at its corner

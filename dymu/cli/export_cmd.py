@@ -93,31 +93,32 @@ def run_export(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         latency_table=args.latency,
     )
-    _print_trees(manifest, len(prefs))
+    _print_trees(manifest)
     print(f"wrote {args.out}/manifest.json")
     return 0
 
 
-def _print_trees(manifest: dict, preferences: int) -> None:
+def _print_trees(manifest: dict) -> None:
     """One block per exported tree: FLOPs, params, parity, what it serves, latency."""
     budget = manifest["budget"]
     full = manifest["anchor_flops"]
-    count = len(manifest["trees"])
+    count = len({t["tree"] for t in manifest["trees"]})
+    models = len(manifest["trees"])
     asked = f"budget {budget:g}"
     if "latency" in manifest:
         lat = manifest["latency"]
         asked = f"latency target {lat['target_ms']:g} ms ({lat['table']['backend']}, batch "
         asked += f"{lat['table']['batch']}; FLOPs budget asked {lat['flops_budget_asked']:.3f})"
     print(
-        f"{count} tree{'s' if count != 1 else ''} for {asked} "
-        f"({preferences} preference{'s' if preferences != 1 else ''}):"
+        f"{count} tree{'s' if count != 1 else ''} for {asked}, {models} model"
+        f"{'s' if models != 1 else ''} (one per preference, its adaptation folded in):"
     )
     for t in manifest["trees"]:
         print(
             f"  {t['hash']}  FLOPs {t['flops_counted'] / 1e6:.2f} M "
             f"({t['flops_counted'] / full:.3f} of the anchor; fvcore)  params "
-            f"{t['params'] / 1e6:.3f} M  parity {t['parity']['overall']:.1e}  serves "
-            f"{len(t['preferences'])}"
+            f"{t['params'] / 1e6:.3f} M  parity {t['parity']['overall']:.1e}  preference "
+            f"{', '.join(f'{x:.2f}' for x in t['preferences'][0])}"
         )
         if "latency" in t:
             lat = t["latency"]

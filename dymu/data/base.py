@@ -40,6 +40,12 @@ class DatasetInfo:
     source: str
     """``"embedded"`` or a short description of the expected on-disk layout."""
     needs_root: bool
+    hflip: bool
+    """Whether a horizontally mirrored training image (with its labels mirrored the same
+    way) is an image of the same distribution: true for scenes and natural images, false
+    where left and right mean something (MultiMNIST's items are told apart by side, and a
+    mirrored digit is not a digit). No stage flips a dataset that says false
+    (:func:`dymu.data.batches.check_flips`)."""
 
     def task(self, name: str) -> TaskSpec:
         for spec in self.tasks:

@@ -15,6 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from dymu.data.base import ArrayDataset, MultiTaskDataset
 from dymu.dist import WHOLE, Shard
+from dymu.errors import UserError
 from dymu.tasks import Task
 
 
@@ -148,6 +149,18 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
     """``batch`` on ``device``; asynchronous from pinned memory (``iterate(pin_memory=...)``),
     a no-op for tensors already there."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def check_flips(info, flips: dict[str, bool]) -> None:
+    """Refuse flips a dataset forbids (:attr:`DatasetInfo.hflip`), naming the keys to turn
+    off: ``flips`` maps config keys (``"stage0.hflip"``...) to their values. Every stage that
+    flips calls this before its first step, and ``dymu search`` before any stage."""
+    on = [key for key, value in flips.items() if value]
+    if on and not info.hflip:
+        raise UserError(
+            f"dataset {info.name} may not be flipped (a mirrored image is not one of its "
+            f"images); set {' '.join(f'{k}=false' for k in on)}"
+        )
 
 
 def random_hflip(

@@ -263,6 +263,7 @@ def _info() -> DatasetInfo:
         source="ROOT/cifar-100-python/{meta,train,test} (the python version; ROOT may also "
         "be the cifar-100-python folder itself)",
         needs_root=True,
+        hflip=True,
     )
 
 

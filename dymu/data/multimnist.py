@@ -176,6 +176,7 @@ class MultiMnistBuilder(DatasetBuilder):
             default_size=(ITEM, ITEM),
             source=layout,
             needs_root=True,
+            hflip=False,
         )
 
     # ----------------------------------------------------------------- source files

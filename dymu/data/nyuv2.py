@@ -109,6 +109,7 @@ NYUV2_INFO = DatasetInfo(
     default_size=(288, 384),
     source=f"{NPY_SOURCE}; or {MT_SOURCE}",
     needs_root=True,
+    hflip=True,
 )
 
 NYUD_MT_INFO = DatasetInfo(
@@ -124,6 +125,7 @@ NYUD_MT_INFO = DatasetInfo(
     default_size=(480, 640),
     source=MT_SOURCE,
     needs_root=True,
+    hflip=True,
 )
 
 

@@ -137,6 +137,7 @@ PASCAL_CONTEXT_INFO = DatasetInfo(
     default_size=(512, 512),
     source=SOURCE,
     needs_root=True,
+    hflip=True,
 )
 
 

@@ -282,6 +282,7 @@ class SynthScenes(DatasetBuilder):
         default_size=(64, 64),
         source="embedded",
         needs_root=False,
+        hflip=True,
     )
 
     def size(self, cfg: DataConfig) -> tuple[int, int]:

@@ -35,6 +35,10 @@ EXPLAIN = """\
   **loss**: the same on the task's test loss (lower = better), what the hypernetworks were
   trained on; where a metric moves by hundredths of a point, its rank order is noise and
   the loss shows whether the preference moves the task at all.
+- **corner gain**: per task, its primary metric at its own corner (0.9 on it, the rest
+  spread evenly) minus at the uniform preference (+ = better): the size of the lever a
+  user pulls, where Spearman only ranks. `control.png` shows every task's metric against
+  its weight.
 - **flops**: statistics of the derived trees' FLOPs fraction over many preferences;
   **budget adherence**: the share of those trees within the budget (1.0 = always).
 """
@@ -83,10 +87,11 @@ def _plots(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> list[str
         ax.set_ylabel(f"{tasks[j]} loss / anchor's", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("trade-off fronts over the preference sweep (lower is better)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the title above the panels
     save_figure(fig, run_dir / "fronts.png")
     plt.close(fig)
     written.append("fronts.png")
+    written.append(_control_png(run_dir, report, plt))
 
     lowest = keys[0]
     for name, tree_json in report.get("extreme_tree_specs", {}).get(lowest, {}).items():
@@ -95,6 +100,78 @@ def _plots(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> list[str
         tree_png(tree, tasks, out, G=space, title=f"preference 0.98 on {name}, budget {lowest}")
         written.append(out.name)
     return written
+
+
+def _relative(value: float, base: float, higher: bool) -> float:
+    """``value`` against the single-task ``base`` in %, + = better."""
+    change = 100.0 * (value - base) / abs(base) if base else 0.0
+    return change if higher else -change
+
+
+def _control_png(run_dir: Path, report: dict[str, Any], plt) -> str:
+    """``control.png``: one panel per budget, each task's primary metric (relative to the
+    single-task anchor) against the weight the sweep gives it; the uniform preference and
+    the corners (0.9 on a task) drawn larger. What a user who moves the preference gets."""
+    tasks, budgets = report["tasks"], report["budgets"]
+    fig, axes = plt.subplots(
+        1, len(budgets), figsize=(3.2 * len(budgets), 3.2), squeeze=False, sharey=True
+    )
+    base = report["baseline"]["metrics"]
+    for ax, b in zip(axes[0], budgets, strict=True):
+        k = f"{b:g}"
+        rows = [r for r in report["rows"] if f"{r['budget']:g}" == k]
+        corners = report.get("corner_gain", {}).get(k, {}).get("tasks", {})
+        for j, t in enumerate(tasks):
+            c = corners.get(t)
+            metric, higher = (
+                (c["metric"], c["higher_is_better"]) if c else (next(iter(base[t])), True)
+            )
+            ys = [_relative(r["metrics"][t][metric], base[t][metric], higher) for r in rows]
+            dots = ax.scatter([r["preference"][j] for r in rows], ys, s=10, label=t)
+            if c:  # the uniform preference and the task's corner
+                ends = [
+                    _relative(c[key], base[t][metric], higher) for key in ("uniform", "own_corner")
+                ]
+                ax.plot(
+                    [1.0 / len(tasks), 0.9], ends, "D-", color=dots.get_facecolor()[0], ms=5, lw=0.8
+                )
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_title(f"budget {b:.3g}", fontsize=9)
+        ax.set_xlabel("the task's weight in the preference", fontsize=8)
+    axes[0][0].set_ylabel("primary metric vs single-task (%, + = better)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    title = "control: each task's metric against its weight (diamonds: uniform, 0.9)"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    save_figure(fig, run_dir / "control.png")
+    plt.close(fig)
+    return "control.png"
+
+
+def _corner_lines(report: dict[str, Any]) -> list[str]:
+    """The corner gains: each task's primary metric at its own corner against uniform."""
+    gains = report.get("corner_gain")
+    if not gains:
+        return []
+    lines = [
+        "",
+        "Corner gain (what a user feels): each task's primary metric at its own corner (0.9 "
+        "on it, the rest spread evenly) minus at the uniform preference, + = better; then "
+        "its loss lowered by the corner, and its metric at its own corner against the other "
+        "tasks' corners:",
+        "",
+        "| budget | trees | " + " | ".join(report["tasks"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in report["tasks"]) + " |",
+    ]
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        cells = [
+            f"{c['gain']:+.3g} {c['metric']}, loss {c['loss_gain']:+.3g}, vs others "
+            f"{c['vs_others']:+.3g}"
+            for c in (gains[k]["tasks"][t] for t in report["tasks"])
+        ]
+        lines.append(f"| {k} | {gains[k]['trees']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _control_cell(
@@ -181,6 +258,7 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
             _control_cell(scores.get(t), ranges.get(t), on_loss.get(t)) for t in report["tasks"]
         )
         lines.append(f"| {k} | {vals} |")
+    lines += _corner_lines(report)
     lines += _validation_lines(report)
     lines += [
         "",
@@ -197,7 +275,8 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
             "## Training curves",
             "",
             "Every logged scalar of each stage against the step (from `logs/<stage>.jsonl`), "
-            "each divided by its first value where that is positive; symlog axis.",
+            "each divided by its first value where that is positive; symlog axis; long series "
+            "smoothed, the raw values faintly behind; stage 1's FLOPs tracking apart.",
             "",
             "![training curves](curves.png)",
             "",

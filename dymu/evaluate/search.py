@@ -107,6 +107,12 @@ def evaluate_search(
         for b in budgets
         for i, r in enumerate(prefs)
     }
+    corners = corner_preferences(n)  # [N + 1, N]: uniform, then 0.9 on each task
+    corner_trees = {
+        (b, k): derive_tree(edge.alpha(_pref(r, device), b).cpu(), space, b)
+        for b in budgets
+        for k, r in enumerate(corners)
+    }
     sweep = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
     trees = {  # per budget: FLOPs and params over many preferences, and the extreme trees
         b: (derived_costs(edge, space, b, sweep, device), extreme_trees(edge, space, b, anchor))
@@ -119,7 +125,8 @@ def evaluate_search(
         base_metrics, base_losses = evaluate_net(base_net, None, ds, tasks, cfg.batch_size, device)
         directions, excluded = delta_m_directions(tasks, base_metrics)
         rows = []
-        bar = tqdm(total=len(derived), desc=f"evaluation ({split})", unit="tree", leave=False)
+        total = len(derived) + len(corner_trees)
+        bar = tqdm(total=total, desc=f"evaluation ({split})", unit="tree", leave=False)
         for (b, i), tree in derived.items():
             r = prefs[i]
             rt = _pref(r, device)
@@ -142,11 +149,22 @@ def evaluate_search(
                 }
             )
             bar.update(1)
+        corner_rows = []
+        for (b, k), tree in corner_trees.items():
+            rt = _pref(corners[k], device)
+            metrics, losses = evaluate_net(
+                TreeNet(streams, tree), weights(rt, b, tree), ds, tasks, cfg.batch_size, device
+            )
+            row = {"budget": b, "corner": k, "tree": tree.hash(), "losses": losses}
+            corner_rows.append({**row, "metrics": metrics})
+            bar.update(1)
         bar.close()
         ev = Evaluated(
             anchor, budgets, prefs, base_metrics, base_losses, directions, excluded, rows
         )
-        return {"split": split, **summarise(ev, cfg, low, full, trees, split)}
+        summary = summarise(ev, cfg, low, full, trees, split)
+        summary["corner_gain"] = corner_gains(tasks, budgets, corner_rows)
+        return {"split": split, **summary, "corner_rows": corner_rows}
 
     report = on("test", test_ds)
     if val_ds is not None:
@@ -165,9 +183,55 @@ SPLIT_KEYS = (
     "controllability",
     "control_range",
     "controllability_loss",
+    "corner_gain",
     "rows",
+    "corner_rows",
 )
 """The report's keys that depend on the split evaluated (the trees and FLOPs do not)."""
+
+
+CORNER = 0.9
+"""The weight a task gets at its own corner; the other tasks share the rest evenly."""
+
+
+def corner_preferences(n: int) -> np.ndarray:
+    """[N + 1, N]: the uniform preference, then each task's corner (0.9 on it)."""
+    corners = np.full((n, n), (1.0 - CORNER) / max(n - 1, 1))
+    np.fill_diagonal(corners, CORNER if n > 1 else 1.0)
+    return np.vstack([np.full((1, n), 1.0 / n), corners])
+
+
+def corner_gains(tasks, budgets: list[float], corner_rows: list[dict]) -> dict[str, dict]:
+    """Control as a user feels it (METHOD.md 1.10), per budget and task: its primary metric
+    at its own corner (0.9 on it) and at the uniform preference, ``gain`` = own corner -
+    uniform in the better direction (+ = asking for the task helps it), ``loss_gain`` =
+    uniform - own corner on its loss (+ = lower loss at its corner), and ``vs_others`` =
+    own corner - the mean over the other tasks' corners, in the better direction."""
+    out: dict[str, dict] = {}
+    for b in budgets:
+        at = {row["corner"]: row for row in corner_rows if row["budget"] == b}  # 0 = uniform
+        per_task = {}
+        for j, t in enumerate(tasks):
+            metric = t.primary_metric
+            higher = t.metric_directions.get(metric, True)
+            sign = 1.0 if higher else -1.0
+            own, uniform = at[j + 1], at[0]
+            others = [at[k + 1]["metrics"][t.name][metric] for k in range(len(tasks)) if k != j]
+            value = own["metrics"][t.name][metric]
+            per_task[t.name] = {
+                "metric": metric,
+                "higher_is_better": higher,
+                "own_corner": value,
+                "uniform": uniform["metrics"][t.name][metric],
+                "gain": sign * (value - uniform["metrics"][t.name][metric]),
+                "loss_gain": uniform["losses"][j] - own["losses"][j],
+                "vs_others": sign * (value - float(np.mean(others))) if others else 0.0,
+            }
+        out[f"{b:g}"] = {
+            "tasks": per_task,
+            "trees": len({row["tree"] for row in at.values()}),
+        }
+    return out
 
 
 def _pref(r, device) -> torch.Tensor:

@@ -3,8 +3,12 @@ and (dymu, METHOD.md 1.9) low-rank adapters on every cross-task edge.
 
 Same input embedding as the edge hypernet (``sum_i r_i e_i + b e_b``), an MLP with three
 hidden layers of 100 (ReLU), and one linear output of every node's (delta gamma, delta
-beta). The output layer starts at zero, so training starts exactly at the anchor; the
-anchor's running statistics stay frozen.
+beta), plus ``sum_i r_i D_i``: one learned offset vector per task mixed by the preference
+(METHOD.md 1.10, as PaLoRA mixes task adapters). The MLP alone can lose its dependence
+on r: on MultiMNIST every hidden unit of its last layer ended dead (zero for every
+preference and budget), and the 20 preferences gave bit-identical outputs; the mixed
+term keeps a path from r to the offsets that no ReLU can cut. Both start at zero, so training starts exactly at the anchor; the anchor's
+running statistics stay frozen.
 
 BatchNorm offsets scale and shift channels but cannot remap them, which is what a node fed
 another stream's features needs. With ``rank > 0`` every cross-task edge (node (l, j) fed by
@@ -22,6 +26,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+ADAPTATION = (
+    "BatchNorm offsets = MLP(sum_i r_i e_i + b e_b) + sum_i r_i D_i on every node but the "
+    "private ones; rank-k adapters on cross-task edges"
+)
+"""What the weight hypernet predicts and where it applies: part of stage 2's spec, so a
+weight hypernet made under another rule is never reused."""
 
 Node = tuple[int, int]
 BNLayout = list[tuple[Node, list[tuple[str, int]]]]
@@ -106,12 +117,16 @@ class WeightHypernet(nn.Module):
         self.out = nn.Linear(hidden, self.total)
         nn.init.zeros_(self.out.weight)  # offsets start at exactly zero: the anchor itself
         nn.init.zeros_(self.out.bias)
+        # [N, total] one offset vector per task, mixed by the preference: a path from r to
+        # the offsets that no dead ReLU can cut (zeros: training starts at the anchor).
+        self.task_offsets = nn.Parameter(torch.zeros(num_tasks, self.total))
 
     def flat(self, r: Tensor, b: Tensor | float) -> Tensor:
         """All offsets as one vector [total] (node-major, gamma then beta per BatchNorm)."""
         b = torch.as_tensor(b, dtype=self.budget_embed.dtype, device=self.budget_embed.device)
-        p = r.to(self.task_embed) @ self.task_embed + b * self.budget_embed  # [E]
-        return self.out(self.mlp(p))
+        r = r.to(self.task_embed)
+        p = r @ self.task_embed + b * self.budget_embed  # [E]
+        return self.out(self.mlp(p)) + r @ self.task_offsets  # [total]
 
     def edge_deltas(self, tree) -> dict[Node, dict[str, Tensor]]:
         """The adapters of ``tree``'s cross-task edges as weight deltas ``{node: {conv weight

@@ -46,7 +46,9 @@ class TreeNet(nn.Module):
         bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
     ) -> dict[str, Tensor]:
         """Every task's head output; ``bn_offsets`` (from the weight hypernet) are added to
-        the BatchNorm affine parameters of the nodes they name."""
+        the BatchNorm affine parameters of the nodes they name, except private nodes (those
+        that run stage 0's weights), so that a task that shares nothing keeps its
+        single-task network exactly."""
         size = (image.shape[-2], image.shape[-1])
         nodes: dict[tuple[int, int], Tensor] = {}
         for layer, used in enumerate(self._used):
@@ -54,8 +56,11 @@ class TreeNet(nn.Module):
                 if not is_used:
                     continue
                 x = image if layer == 0 else nodes[(layer - 1, self.tree.parents[layer - 1][j])]
-                module = self.source(layer, j).streams[j].layers[layer]
-                deltas = bn_offsets.get((layer, j)) if bn_offsets is not None else None
+                source = self.source(layer, j)
+                module = source.streams[j].layers[layer]
+                # Private nodes run stage 0 exactly: the anchor tree is the anchor itself.
+                adapted = bn_offsets is not None and source is not self.private
+                deltas = bn_offsets.get((layer, j)) if adapted else None
                 if deltas:
                     own = dict(module.named_parameters())
                     shifted = {name: own[name] + d for name, d in deltas.items()}

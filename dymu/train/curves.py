@@ -87,10 +87,43 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+SEPARATE = ("flops_fraction", "budget_asked")
+"""Scalars drawn in a panel of their own, in their own units (stage 1's FLOPs tracking):
+beside the loss terms, scaled by their first values, they would read as losses."""
+
+SMOOTH_ABOVE = 30
+"""Series with more points than this are drawn smoothed (raw values faintly behind)."""
+
+
+def smoothed(values: list[float], span: int) -> list[float]:
+    """Exponential moving average with the pandas ``span`` convention (alpha = 2 / (span
+    + 1)), debiased at the start so the first points are not pulled towards 0."""
+    alpha, avg, weight, out = 2.0 / (span + 1.0), 0.0, 0.0, []
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def _panels(logs: dict[str, list[dict]]) -> list[tuple[str, list[dict], list[str], bool]]:
+    """(title, rows, keys, scaled) per panel: every stage's scalars but :data:`SEPARATE`,
+    then those in a panel of their own in their own units."""
+    panels = []
+    for stage, rows in logs.items():
+        keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))  # in order
+        panels.append((stage, rows, [k for k in keys if k not in SEPARATE], True))
+        apart = [k for k in keys if k in SEPARATE]
+        if apart:
+            panels.append((f"{stage}: FLOPs fraction", rows, apart, False))
+    return panels
+
+
 def curves_png(run_dir: Path, out: Path) -> Path | None:
     """One panel per stage that logged: every scalar against the step, each line scaled by
     its own first value where it is positive (so terms of different sizes share an axis;
-    the legend gives the first value). None when no stage logged."""
+    the legend gives the first value), long series smoothed with the raw values faintly
+    behind; stage 1's FLOPs tracking in a panel of its own. None when no stage logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,22 +133,27 @@ def curves_png(run_dir: Path, out: Path) -> Path | None:
     logs = {s: rows for s, rows in logs.items() if rows}
     if not logs:
         return None
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
-    for ax, (stage, rows) in zip(axes[0], logs.items(), strict=True):
-        keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))  # in order
+    panels = _panels(logs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, rows, keys, scaled) in zip(axes[0], panels, strict=True):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
             if not points:
                 continue
             steps, values = zip(*points, strict=True)
             first = values[0]
-            scale = first if first > 0 else 1.0
-            label = f"{key} (÷{first:.3g})" if first > 0 else key
-            marker = "o" if len(points) <= 30 else None  # per-epoch logs: show the points
-            ax.plot(steps, [v / scale for v in values], label=label, linewidth=1.2, marker=marker)
-        ax.set_title(stage)
+            scale = first if scaled and first > 0 else 1.0
+            label = f"{key} (÷{first:.3g})" if scale != 1.0 else key
+            ys = [v / scale for v in values]
+            if len(points) <= SMOOTH_ABOVE:  # per-epoch logs: show the points
+                ax.plot(steps, ys, label=label, linewidth=1.2, marker="o")
+                continue
+            (line,) = ax.plot(steps, smoothed(ys, max(len(ys) // 20, 5)), label=label, lw=1.4)
+            ax.plot(steps, ys, color=line.get_color(), linewidth=0.6, alpha=0.2)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_yscale("symlog", linthresh=1e-2)
+        if scaled:
+            ax.set_yscale("symlog", linthresh=1e-2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -52,7 +52,7 @@ import torch
 
 from dymu import dist
 from dymu.config import Config, JointConfig
-from dymu.data.batches import random_hflip, to_device
+from dymu.data.batches import check_flips, random_hflip, to_device
 from dymu.models.anchor import Anchor, load_anchor_weights
 from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
@@ -195,6 +195,7 @@ def train_joint(
     js, run_dir = cfg.joint, Path(run_dir)
     device = resolve_device(cfg.run.device)
     dist.per_rank_batch(js.batch_size, "joint.batch_size")  # fail before any work
+    check_flips(train_ds.info, {"joint.hflip": js.hflip})
     dist.setup(device)
     teacher = frozen(anchor, device)
     student = copy.deepcopy(teacher)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dymu.config import Config
+from dymu.hypernet.weight import ADAPTATION
 
 LOSS_SCALES = "w_i = 1 / (the stage-0 anchor's mean loss on task i over the whole validation split)"
 """How every stage after stage 0 scales the task losses (METHOD.md 1.5 [choice])."""
@@ -108,6 +109,7 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
             "streams": streams,
             "edge_hnet": specs["stage1"].hash,
             "stage2": _section(cfg, "stage2"),
+            "adaptation": ADAPTATION,
             **trained,
         },
     )

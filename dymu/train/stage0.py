@@ -21,7 +21,7 @@ from dymu import dist
 from dymu.artifacts import read_json, rerun_fix
 from dymu.config import Config
 from dymu.data import get_builder
-from dymu.data.batches import iterate, num_batches, random_hflip, to_device
+from dymu.data.batches import check_flips, iterate, num_batches, random_hflip, to_device
 from dymu.io import ensure_dir, write_json
 from dymu.models.anchor import Anchor, StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.models.towers import AuxTowers, build_towers
@@ -110,6 +110,7 @@ def _setup(cfg: Config, device: torch.device, prec: Precision) -> _Stage0:
     s0 = cfg.stage0
     with dist.main_first():  # rank 0 makes a dataset cache, the others then read it
         specs, splits = load_splits(cfg)
+    check_flips(splits.train.info, {"stage0.hflip": s0.hflip})
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     stacked = StackedAnchor(anchor).to(device)
     # Beside the anchor, never in it: anchor.safetensors and its trees cannot hold them.

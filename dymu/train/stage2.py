@@ -25,7 +25,7 @@ import torch
 
 from dymu import dist
 from dymu.config import Config, Stage2Config
-from dymu.data.batches import random_hflip, to_device
+from dymu.data.batches import check_flips, random_hflip, to_device
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.losses import task_loss
@@ -127,8 +127,9 @@ class WeightStep:
         weights_r = (1.0 - s2.task_floor) * r + s2.task_floor / len(tasks)
         loss = task_loss(losses, weights_r, self.scales)
         self.optimizer.zero_grad(set_to_none=True)
-        prec.backward(loss)
-        prec.step(self.optimizer)
+        if loss.requires_grad:  # else every node is private (the anchor tree): no offsets
+            prec.backward(loss)
+            prec.step(self.optimizer)
         self.scheduler.step()
         if not log:
             return None
@@ -167,6 +168,7 @@ def train_stage2(
     device = resolve_device(cfg.run.device)
     prec = Precision.from_config(cfg.run, device)
     dist.per_rank_batch(s2.batch_size, "stage2.batch_size")  # fail before any work
+    check_flips(train_ds.info, {"stage2.hflip": s2.hflip})
     dist.setup(device)
     streams = TreeStreams.of(streams)
     for m in streams.modules():
