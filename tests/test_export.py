@@ -53,6 +53,42 @@ def test_export_writes_a_checked_bundle(run, tmp_path, capsys):
     assert _sha(out / "golden_input.npy") == manifest["golden_input"]["sha256"]
 
 
+def test_every_model_runs_what_the_search_evaluated_for_its_preference(run, tmp_path):
+    """ONNX Runtime on each model equals TreeNet with the weight hypernet's adaptation for
+    that model's preference (what the report evaluates), and two preferences of one tree
+    give two different models."""
+    import onnxruntime as ort
+    import torch
+
+    from dymu.search import load_run
+    from dymu.space.tree import TreeSpec
+    from dymu.space.treenet import TreeNet
+
+    out = tmp_path / "E"
+    argv = ["export", "--run", str(run), "--budget", "0.75", "--grid", "2", "--out", str(out)]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    trained = load_run(run)
+    image = np.load(out / "golden_input.npy")  # [G, 3, H, W]
+    outputs, by_tree = {}, {}
+    for model in manifest["trees"]:
+        r = torch.tensor(model["preferences"][0], dtype=torch.float32)
+        tree = TreeSpec(model["parents"])
+        assert tree.hash() == model["tree"]
+        with torch.no_grad():
+            offsets = trained.weights(r, model["budget"], tree)
+            want = TreeNet(trained.streams, tree).eval()(torch.from_numpy(image), offsets)
+        session = ort.InferenceSession(str(out / model["hash"] / "model.onnx"))
+        got = dict(zip(manifest["tasks"], session.run(manifest["tasks"], {"image": image})))
+        for task in manifest["tasks"]:
+            np.testing.assert_allclose(got[task], want[task].numpy(), atol=1e-4, rtol=0)
+        outputs[model["hash"]] = got
+        by_tree.setdefault(model["tree"], []).append(model["hash"])
+    assert len(manifest["trees"]) == 6  # one model per preference of the grid
+    first, second = max(by_tree.values(), key=len)[:2]  # 6 preferences on fewer trees
+    assert any(not np.array_equal(outputs[first][t], outputs[second][t]) for t in manifest["tasks"])
+
+
 def test_a_tight_budget_keeps_every_tree_within_it(run, tmp_path):
     out = tmp_path / "E"
     code = main(["export", "--run", str(run), "--budget", "0.9", "--grid", "1", "--out", str(out)])

@@ -1,0 +1,202 @@
+"""Preference control as a user feels it, over seeds: the targets of the preference issue.
+
+Reads finished searches (one per ``run.seed``, same config) and, optionally, each run's
+``dymu baselines`` report, and prints and saves per budget and seed: Spearman
+controllability on the primary metrics, the number of distinct trees over the 20 sweep
+preferences, every task's corner gain (its metric at its own corner, 0.9 on it, minus at
+the uniform preference; its loss lowered there; its metric at its own corner against the
+other tasks' corners), delta_m, and the hypervolume against the static shared models and
+PHN-BN on the baselines report's shared reference point; then the spread of the corner
+gains over the seeds and each target met or missed.
+
+    python benchmarks/preference_control.py --kind two_task --run runs/mm_s0 --run runs/mm_s1 \
+        --out benchmarks/results/preference_control_multimnist_cpu.json
+
+``--kind two_task`` checks the MultiMNIST-family targets, ``--kind default`` those of the
+default config. A run's ``baselines/report.json`` is read when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TWO_TASK = {
+    "spearman": 0.6,  # every evaluated budget below 1, every task
+    "trees": 2,  # distinct trees over the sweep, every evaluated budget below 1
+    "vs_others": 1.5,  # points, at the cheapest budget and 0.75
+}
+DEFAULT = {
+    "trees": 3,  # at 0.5 and 0.75
+    "delta_m": {"0.5": -4.0, "0.75": -4.0, "1": -0.5},
+}
+
+
+def _run(run: Path) -> dict:
+    """The figures of one run, per budget."""
+    report = json.loads((run / "report.json").read_text())
+    seed = None
+    cfg = run / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        seed = yaml.safe_load(cfg.read_text())["run"]["seed"]
+    base_path = run / "baselines" / "report.json"
+    methods = json.loads(base_path.read_text())["methods"] if base_path.is_file() else {}
+    budgets = {}
+    for b in report["budgets"]:
+        k = f"{b:g}"
+        row = {
+            "budget": b,
+            "flops_mean": report["flops"][k]["mean"],
+            "delta_m": report["delta_m"][k],
+            "distinct_trees": report["distinct_trees"][k],
+            "spearman": report["controllability"][k],
+            "spearman_loss": report["controllability_loss"][k],
+            "control_range": report.get("control_range", {}).get(k),
+            "corner_gain": report["corner_gain"][k],
+            "hypervolume": report["hypervolume"][k],
+        }
+        mine = methods.get(f"dymu@{k}")
+        if mine is not None:
+            row["hv_shared_reference"] = {
+                "dymu": mine["hypervolume"],
+                **{m: methods[m]["hypervolume"] for m in ("static", "phn_bn") if m in methods},
+            }
+        budgets[k] = row
+    return {
+        "run": str(run),
+        "seed": seed,
+        "min_flops": report["min_flops_fraction"],
+        "budgets": budgets,
+    }
+
+
+def _targets(kind: str, runs: list[dict]) -> dict:
+    """Each target, per seed: wanted, got, met."""
+    out = {}
+    for r in runs:
+        seed, rows = f"seed {r['seed']}", r["budgets"]
+        low = min(rows, key=float)
+        checks = {}
+        if kind == "two_task":
+            for k, row in rows.items():
+                if float(k) >= 1:
+                    continue
+                worst = min(row["spearman"].values())
+                checks[f"{k} spearman"] = {"want": TWO_TASK["spearman"], "got": worst}
+                checks[f"{k} trees"] = {"want": TWO_TASK["trees"], "got": row["distinct_trees"]}
+            for k in dict.fromkeys([low, "0.75"]):
+                if k in rows:
+                    gains = rows[k]["corner_gain"]["tasks"].values()
+                    worst = min(g["vs_others"] for g in gains)
+                    checks[f"{k} own corner vs other"] = {
+                        "want": TWO_TASK["vs_others"],
+                        "got": worst,
+                    }
+            hv = rows.get("0.75", {}).get("hv_shared_reference")
+            if hv:
+                for m in ("static", "phn_bn"):
+                    if m in hv:
+                        checks[f"0.75 HV vs {m}"] = {"want": hv[m], "got": hv["dymu"]}
+        else:
+            for k in ("0.5", "0.75"):
+                if k in rows:
+                    checks[f"{k} trees"] = {
+                        "want": DEFAULT["trees"],
+                        "got": rows[k]["distinct_trees"],
+                    }
+                    gains = rows[k]["corner_gain"]["tasks"].values()
+                    checks[f"{k} corner loss gain"] = {
+                        "want": "> 0",
+                        "got": min(g["loss_gain"] for g in gains),
+                    }
+            for k, want in DEFAULT["delta_m"].items():
+                if k in rows:
+                    checks[f"{k} delta_m"] = {"want": want, "got": rows[k]["delta_m"]}
+        for c in checks.values():
+            c["met"] = c["got"] > 0 if c["want"] == "> 0" else c["got"] >= c["want"]
+        out[seed] = checks
+    return out
+
+
+def _spread(runs: list[dict]) -> dict:
+    """Per budget and task: the corner gains' mean, standard deviation and range over seeds."""
+    out = {}
+    for k in runs[0]["budgets"]:
+        if not all(k in r["budgets"] for r in runs):
+            continue
+        per_task = {}
+        for t in runs[0]["budgets"][k]["corner_gain"]["tasks"]:
+            entry = {}
+            for key in ("gain", "loss_gain", "vs_others"):
+                values = np.array([r["budgets"][k]["corner_gain"]["tasks"][t][key] for r in runs])
+                entry[key] = {
+                    "mean": float(values.mean()),
+                    "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                }
+            per_task[t] = entry
+        out[k] = per_task
+    return out
+
+
+def _want(check: dict) -> str:
+    want = check["want"]
+    return want if isinstance(want, str) else f">= {want:.3g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", action="append", required=True, help="a finished search (repeat)")
+    ap.add_argument("--kind", choices=("two_task", "default"), required=True)
+    ap.add_argument("--out", help="write the figures here as JSON")
+    args = ap.parse_args(argv)
+    try:
+        runs = [_run(Path(r)) for r in args.run]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"preference_control: cannot read a run: {exc}", file=sys.stderr)
+        return 2
+    out = {
+        "command": "python benchmarks/preference_control.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "kind": args.kind,
+        "runs": runs,
+        "corner_gain_over_seeds": _spread(runs),
+        "targets": _targets(args.kind, runs),
+    }
+    for r in runs:
+        print(f"{r['run']} (seed {r['seed']}):")
+        for k, row in r["budgets"].items():
+            gains = ", ".join(
+                f"{t} {g['gain']:+.2f} (vs others {g['vs_others']:+.2f}, "
+                f"loss {g['loss_gain']:+.4f})"
+                for t, g in row["corner_gain"]["tasks"].items()
+            )
+            spear = ", ".join(f"{t} {v:+.2f}" for t, v in row["spearman"].items())
+            print(
+                f"  budget {k}: trees {row['distinct_trees']}, delta_m {row['delta_m']:+.2f}, "
+                f"Spearman {spear}; corner gain {gains}"
+            )
+    for seed, checks in out["targets"].items():
+        missed = [
+            f"{name} (got {c['got']:.3g}, want {_want(c)})"
+            for name, c in checks.items()
+            if not c["met"]
+        ]
+        met = len(checks) - len(missed)
+        tail = f"; missed: {'; '.join(missed)}" if missed else ""
+        print(f"{seed}: {met}/{len(checks)} targets met{tail}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
