@@ -79,7 +79,8 @@ def test_every_model_runs_what_the_search_evaluated_for_its_preference(run, tmp_
             offsets = trained.weights(r, model["budget"], tree)
             want = TreeNet(trained.streams, tree).eval()(torch.from_numpy(image), offsets)
         session = ort.InferenceSession(str(out / model["hash"] / "model.onnx"))
-        got = dict(zip(manifest["tasks"], session.run(manifest["tasks"], {"image": image})))
+        ran = session.run(manifest["tasks"], {"image": image})
+        got = dict(zip(manifest["tasks"], ran, strict=True))
         for task in manifest["tasks"]:
             np.testing.assert_allclose(got[task], want[task].numpy(), atol=1e-4, rtol=0)
         outputs[model["hash"]] = got

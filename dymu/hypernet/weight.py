@@ -7,8 +7,10 @@ beta), plus ``sum_i r_i D_i``: one learned offset vector per task mixed by the p
 (METHOD.md 1.10, as PaLoRA mixes task adapters). The MLP alone can lose its dependence
 on r: on MultiMNIST every hidden unit of its last layer ended dead (zero for every
 preference and budget), and the 20 preferences gave bit-identical outputs; the mixed
-term keeps a path from r to the offsets that no ReLU can cut. Both start at zero, so training starts exactly at the anchor; the anchor's
-running statistics stay frozen.
+term keeps a path from r to the offsets that no ReLU can cut. Both start at zero, so
+training starts exactly at the anchor; the anchor's running statistics stay frozen.
+Private nodes (:meth:`~dymu.space.tree.TreeSpec.private`) take no offsets: a task that
+shares nothing keeps its single-task network.
 
 BatchNorm offsets scale and shift channels but cannot remap them, which is what a node fed
 another stream's features needs. With ``rank > 0`` every cross-task edge (node (l, j) fed by
