@@ -624,12 +624,15 @@ def _resolve_backend(backend: str) -> str:
 
 
 class Controller:
-    """Switch between the bundle's trees at run time by task preference.
+    """Switch between the bundle's models at run time by task preference.
 
-    ``set(preference, budget)`` picks the tree serving the grid preference nearest to the
-    requested one (Euclidean; ties go to the first tree in the manifest) and loads its ONNX
-    Runtime session or TensorRT engine once; later switches back to it reuse the loaded
-    model (cache by tree hash), so a switch is a dictionary lookup after warm-up.
+    A bundle holds one model per exported preference: its tree with the adaptation the
+    search evaluated for that preference (the manifest calls them ``trees``; an entry's
+    ``tree`` names the tree it runs). ``set(preference, budget)`` picks the model of the
+    exported preference nearest to the requested one (Euclidean; ties go to the first in
+    the manifest) and loads its ONNX Runtime session or TensorRT engine once; later
+    switches back to it reuse the loaded model (cache by its hash), so a switch is a
+    dictionary lookup after warm-up.
 
     Budget rule: a bundle holds the trees of ONE budget (``manifest["budget"]``, a
     fraction of the anchor's FLOPs) and every tree costs at most that. A requested budget
