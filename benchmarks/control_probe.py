@@ -38,7 +38,7 @@ from dymu.errors import UserError
 from dymu.evaluate.search import evaluate_net
 from dymu.io import write_json
 from dymu.search import load_run
-from dymu.space.derive import check_budget, derive_tree
+from dymu.space.derive import check_budget
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -149,8 +149,7 @@ def _probe(argv: list[str] | None) -> int:
     n = len(names)
 
     def tree_for(r: np.ndarray) -> TreeSpec:
-        alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
-        return derive_tree(alpha.detach(), run.space, budget)
+        return run.edge.tree(torch.tensor(r, dtype=torch.float32), budget, run.space)
 
     out = {"command": "python " + " ".join(sys.argv), "run": str(args.run), "budget": budget}
     out["split"] = args.split

@@ -582,6 +582,48 @@ def multimnist_phn(result: dict) -> list[str]:
     return table(header, rows)
 
 
+def _control_rows(name: str, result: dict) -> list[list[str]]:
+    """One row per (seed, budget) of a preference_control.py result."""
+    rows = []
+    for run in result["runs"]:
+        for key, b in run["budgets"].items():
+            gains = b["corner_gain"]["tasks"]
+            label = f"{float(key):.3f} (cheapest)" if float(key) == run["min_flops"] else key
+            rows.append(
+                [
+                    name,
+                    str(run["seed"]),
+                    label,
+                    str(b["distinct_trees"]),
+                    signed(b["delta_m"], 2),
+                    _spearmans(b["spearman"]),
+                    " / ".join(signed(g["vs_others"], 2) for g in gains.values()),
+                    " / ".join(signed(g["gain"], 2) for g in gains.values()),
+                ]
+            )
+    return rows
+
+
+@renderer(
+    "preference_control_two_task",
+    "preference_control_multimnist_cpu.json",
+    "preference_control_multifashion_cpu.json",
+)
+def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
+    tasks = " / ".join(next(iter(mnist["runs"][0]["budgets"].values()))["spearman"])
+    header = ["config", "seed", "budget", "trees / 20", "delta_m %"]
+    header += [f"Spearman: {tasks}", "own corner - other corner, points", "own corner - uniform"]
+    rows = _control_rows("MultiMNIST", mnist) + _control_rows("MultiFashion", fashion)
+    lines = [*table(header, rows), ""]
+    for name, result in (("MultiMNIST", mnist), ("MultiFashion", fashion)):
+        for seed, checks in result["targets"].items():
+            missed = [k for k, c in checks.items() if not c["met"]]
+            text = f"{name}, {seed}: {len(checks) - len(missed)} of {len(checks)} targets met"
+            text += f"; missed: {', '.join(missed)}." if missed else "."
+            lines += paragraph(text)
+    return lines
+
+
 # ---------------------------------------------------------------- docs/deploy.md
 
 BACKENDS = {

@@ -40,7 +40,6 @@ def one_hot_trees(run: Path, budgets: list[float]) -> dict[str, int]:
     """Per budget, how many distinct trees the N one-hot preferences derive (goal: the
     trees follow the preference, so more than one)."""
     from dymu.search import load_run
-    from dymu.space.derive import derive_tree
 
     trained = load_run(run)
     n = len(trained.anchor.tasks)
@@ -50,8 +49,7 @@ def one_hot_trees(run: Path, budgets: list[float]) -> dict[str, int]:
         for j in range(n):
             r = torch.zeros(n)
             r[j] = 1.0
-            with torch.no_grad():
-                trees.add(derive_tree(trained.edge.alpha(r, b), trained.space, b).hash())
+            trees.add(trained.edge.tree(r, b, trained.space).hash())
         out[f"{b:g}"] = len(trees)
     return out
 

@@ -51,7 +51,7 @@ from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_dir, clean_stale, ensure_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
-from dymu.space.derive import check_budget, derive_tree
+from dymu.space.derive import check_budget
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -239,8 +239,12 @@ def _derive_trees(run: TrainedRun, prefs: np.ndarray, budget: float, lat):
     alphas: dict[str, Any] = {}
     with torch.no_grad():
         for r in prefs:
-            alpha = run.edge.alpha(torch.tensor(r, dtype=torch.float32), budget)
-            tree = derive_tree(alpha, run.space, budget) if lat is None else lat.derive(alpha)
+            rt = torch.tensor(r, dtype=torch.float32)
+            alpha = run.edge.alpha(rt, budget)
+            if lat is None:
+                tree = run.edge.tree(rt, budget, run.space)
+            else:
+                tree = lat.derive(alpha, rt if run.edge.trunk == "preference" else None)
             served.setdefault(tree.hash(), (tree, []))[1].append(r)
             alphas.setdefault(tree.hash(), alpha)
     return served, alphas

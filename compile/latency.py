@@ -737,11 +737,13 @@ class LatencyBudget:
             frac = math.nextafter(frac, math.inf)
         return frac
 
-    def derive(self, alpha: Any) -> TreeSpec:
-        """The argmax tree of ``alpha`` repaired to the target's predicted latency."""
+    def derive(self, alpha: Any, preference: Any = None) -> TreeSpec:
+        """The argmax tree of ``alpha`` repaired to the target's predicted latency (shared
+        nodes on the preferred task's stream with a ``preference``, as
+        :func:`~dymu.space.derive.derive_tree`)."""
         from dymu.space.derive import derive_tree
 
-        return derive_tree(alpha, self.space, self.fraction(1e6 * self.target_ms))
+        return derive_tree(alpha, self.space, self.fraction(1e6 * self.target_ms), preference)
 
     def predicted_ms(self, tree: TreeSpec) -> float:
         return self.table.predict(tree)

@@ -304,6 +304,12 @@ class Stage1Config:
     """Weight of dymu's expected-FLOPs budget penalty."""
     self_bias: float = 2.0
     """Initial logit bonus of a node's own stream as parent (start near the anchor)."""
+    trunk: Literal["edge", "preference"] = "edge"
+    """Which stream runs each shared node of a derived tree: ``edge``, the one the edge
+    hypernet's parents name (the paper); ``preference``, the stream of the task the
+    preference weighs most among the tasks the node serves (METHOD.md 1.10, lever (a):
+    the preferred task keeps its own features), for spaces whose joint stage trained every
+    trunk (``joint.trunk: random``)."""
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "lr_every", "temperature_every", "draws"):

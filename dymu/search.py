@@ -44,7 +44,9 @@ from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_st
 
 
 def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHypernet:
-    edge = EdgeHypernet(num_tasks, num_layers, self_bias=cfg.stage1.self_bias)
+    edge = EdgeHypernet(
+        num_tasks, num_layers, self_bias=cfg.stage1.self_bias, trunk=cfg.stage1.trunk
+    )
     # min_budget is a saved buffer
     load_into(edge, run / EDGE_WEIGHTS, "edge hypernet", rerun_fix(run))
     return edge

@@ -230,3 +230,38 @@ def test_relative_budget_endpoints_and_midpoint():
 def test_relative_budget_outside_range(c):
     with pytest.raises(UserError, match=rf"^relative budget c must be in \[0, 1\], got {c!r}$"):
         relative_budget(c, make_space(HAND))
+
+
+def _paths(tree: TreeSpec) -> list[list[int]]:
+    return [tree.path(t) for t in range(tree.num_tasks)]
+
+
+def test_preferred_trunks_moves_shared_nodes_to_the_preferred_tasks_stream():
+    from dymu.space.derive import preferred_trunks
+
+    G = make_space([[10, 10, 10], [20, 20, 20], [30, 30, 30], [40, 40, 40]])
+    # Tasks 0 and 1 share layers 0-1 on stream 0, task 2 shares layer 0 with them.
+    tree = TreeSpec(((0, 1, 0), (0, 0, 2), (0, 1, 2))).canonical()
+    assert _paths(tree) == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 2, 2, 2]]
+    moved = preferred_trunks(tree, [0.2, 0.5, 0.3], G)
+    # Layer 0 serves all three: task 1's stream; layer 1 serves tasks 0 and 1: task 1's.
+    assert _paths(moved) == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 2, 2, 2]]
+    assert moved.flops(G) == tree.flops(G)
+    for i in range(3):  # the same branching: every pair shares as many layers as before
+        for j in range(3):
+            assert moved.shared_prefix(i, j) == tree.shared_prefix(i, j)
+    # Ties keep the node's stream; a tree that shares nothing is left as it is.
+    assert preferred_trunks(tree, [0.4, 0.4, 0.2], G) == tree
+    anchor = TreeSpec.no_sharing(3, 4)
+    assert preferred_trunks(anchor, [0.1, 0.1, 0.8], G) == anchor
+
+
+def test_preferred_trunks_keeps_the_tree_where_the_move_would_break_the_budget():
+    from dymu.space.derive import preferred_trunks
+
+    # Stream 1's layers cost more than stream 0's: moving the trunk there breaks 0.8.
+    G = make_space([[10, 30], [10, 30], [10, 10]])
+    tree = TreeSpec.all_sharing(2, 3, 0)
+    budget = tree.flops(G) / anchor_flops(G)
+    assert preferred_trunks(tree, [0.1, 0.9], G, budget) == tree
+    assert _paths(preferred_trunks(tree, [0.1, 0.9], G)) == [[1, 1, 0], [1, 1, 1]]

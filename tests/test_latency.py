@@ -390,11 +390,11 @@ def test_export_repairs_a_tree_that_measures_over_its_target(run, tmp_path, monk
     manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
     (tree,) = manifest["trees"]
     record = tree["latency"]
-    assert derived["hash"] in seen and tree["hash"] != derived["hash"]
+    assert derived["hash"] in seen and tree["tree"] != derived["hash"]
     assert record["repairs_after_measuring"] >= 1
     assert record["predicted_ms"] == pytest.approx(fastest)
     assert record["measured_ms"] == pytest.approx(target) and record["measured_ms"] <= target
-    assert table.predict(seen[tree["hash"]]) == pytest.approx(fastest)
+    assert table.predict(seen[tree["tree"]]) == pytest.approx(fastest)
 
 
 def test_export_names_the_fastest_tree_when_none_meets_the_target(

@@ -156,7 +156,7 @@ def test_resumed_stages_1_and_2_equal_uninterrupted_runs(tiny_anchor, tmp_path, 
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6)
 
     with monkeypatch.context() as m:
-        _interrupt_after(m, stage2, "derive_tree", 7)  # dies in step 8 of 8
+        _interrupt_after(m, stage2, "draw_tree", 7)  # dies in step 8 of 8
         with pytest.raises(_Interrupt):
             stage2.train_stage2(cfg, run, anchor, space, resumed, train, w)
     resumed2, again = stage2.train_stage2(cfg, run, anchor, space, resumed, train, w, resume=True)

@@ -184,14 +184,12 @@ def run_sample(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace, run):
     """The tree of ``args`` (preference and budget or latency target) on the finished run
     ``run``: ``(tree, its record, the latency budget or None)``."""
-    import torch
 
     from dymu.data import input_size
     from dymu.errors import UserError
     from dymu.lock import run_lock
     from dymu.run import read_run_config
     from dymu.search import check_artifacts, load_edge
-    from dymu.space.derive import derive_tree
     from dymu.space.graph import anchor_flops, load_space, space_shape
 
     for name in ("config.yaml", "space.json"):
@@ -206,9 +204,11 @@ def _sample(args: argparse.Namespace, run):
         lat = latency_budget(args, space, list(input_size(cfg.data)))
         budget = parse_budget(args.budget) if lat is None else lat.flops_budget
         edge = load_edge(run, *space_shape(space), cfg).eval()
-        with torch.no_grad():
-            alpha = edge.alpha(r, budget)
-            tree = derive_tree(alpha, space, budget) if lat is None else lat.derive(alpha)
+        if lat is None:
+            tree = edge.tree(r, budget, space)
+        else:
+            preference = r if edge.trunk == "preference" else None
+            tree = lat.derive(edge.alpha(r, budget).detach(), preference)
     flops = tree.flops(space)
     record = {
         "hash": tree.hash(),

@@ -24,7 +24,6 @@ from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet
 from dymu.models.anchor import Anchor
 from dymu.models.streams import TreeStreams
-from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -103,13 +102,11 @@ def evaluate_search(
         budgets = sorted([low, *budgets])
     prefs = preference_sweep(n, cfg.preferences, cfg.seed)
     derived = {  # (budget, preference index) -> tree: the same trees on every split
-        (b, i): derive_tree(edge.alpha(_pref(r, device), b).cpu(), space, b)
-        for b in budgets
-        for i, r in enumerate(prefs)
+        (b, i): edge.tree(_pref(r, device), b, space) for b in budgets for i, r in enumerate(prefs)
     }
     corners = corner_preferences(n)  # [N + 1, N]: uniform, then 0.9 on each task
     corner_trees = {
-        (b, k): derive_tree(edge.alpha(_pref(r, device), b).cpu(), space, b)
+        (b, k): edge.tree(_pref(r, device), b, space)
         for b in budgets
         for k, r in enumerate(corners)
     }
@@ -120,7 +117,21 @@ def evaluate_search(
     }
 
     def on(split: str, ds) -> dict[str, Any]:
-        """The report's numbers on one split (its own single-task yardstick included)."""
+        """The report's numbers on one split (its own single-task yardstick included).
+
+        A tree no node of which takes the adaptation (the anchor tree under the private-node
+        rule) gives the same outputs for every preference: it is evaluated once."""
+        fixed: dict[str, tuple[dict, list]] = {}  # tree hash -> (metrics, losses)
+
+        def run(tree, rt, b):
+            if streams.adapted(tree):
+                net = TreeNet(streams, tree)
+                return evaluate_net(net, weights(rt, b, tree), ds, tasks, cfg.batch_size, device)
+            if tree.hash() not in fixed:
+                net = TreeNet(streams, tree)
+                fixed[tree.hash()] = evaluate_net(net, None, ds, tasks, cfg.batch_size, device)
+            return fixed[tree.hash()]
+
         base_net = TreeNet(baseline, TreeSpec.no_sharing(n, anchor.num_layers))
         base_metrics, base_losses = evaluate_net(base_net, None, ds, tasks, cfg.batch_size, device)
         directions, excluded = delta_m_directions(tasks, base_metrics)
@@ -130,9 +141,7 @@ def evaluate_search(
         for (b, i), tree in derived.items():
             r = prefs[i]
             rt = _pref(r, device)
-            metrics, losses = evaluate_net(
-                TreeNet(streams, tree), weights(rt, b, tree), ds, tasks, cfg.batch_size, device
-            )
+            metrics, losses = run(tree, rt, b)
             rows.append(
                 {
                     "budget": b,
@@ -151,10 +160,7 @@ def evaluate_search(
             bar.update(1)
         corner_rows = []
         for (b, k), tree in corner_trees.items():
-            rt = _pref(corners[k], device)
-            metrics, losses = evaluate_net(
-                TreeNet(streams, tree), weights(rt, b, tree), ds, tasks, cfg.batch_size, device
-            )
+            metrics, losses = run(tree, _pref(corners[k], device), b)
             row = {"budget": b, "corner": k, "tree": tree.hash(), "losses": losses}
             corner_rows.append({**row, "metrics": metrics})
             bar.update(1)
@@ -244,9 +250,7 @@ def derived_costs(edge, space, b: float, sweep: np.ndarray, device) -> tuple[lis
     full = anchor_flops(space)
     fractions, params = [], []
     for r in sweep:
-        tree = derive_tree(
-            edge.alpha(torch.tensor(r, dtype=torch.float32, device=device), b).cpu(), space, b
-        )
+        tree = edge.tree(torch.tensor(r, dtype=torch.float32, device=device), b, space)
         fractions.append(tree.flops(space) / full)
         params.append(tree.params(space))
     return fractions, params
@@ -260,6 +264,6 @@ def extreme_trees(edge, space, b: float, anchor: Anchor) -> tuple[dict, dict]:
     for j, name in enumerate(anchor.task_names):
         r = torch.full((n,), 0.02 / max(n - 1, 1), device=device)
         r[j] = 0.98
-        tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+        tree = edge.tree(r, b, space)
         extremes[name], specs[name] = tree.hash(), tree.to_json()
     return extremes, specs

@@ -31,6 +31,7 @@ class EdgeHypernet(nn.Module):
             stream's features [choice; 0 gives uniform parents].
         min_budget: ``b_min``, the cheapest tree's FLOPs fraction in the space (a buffer,
             saved with the weights).
+        trunk: ``stage1.trunk``, how :meth:`tree` picks the stream of shared nodes.
     """
 
     def __init__(
@@ -42,8 +43,12 @@ class EdgeHypernet(nn.Module):
         hidden: int = 100,
         self_bias: float = 2.0,
         min_budget: float = 0.0,
+        trunk: str = "edge",
     ) -> None:
         super().__init__()
+        if trunk not in ("edge", "preference"):
+            raise ValueError(f"trunk must be 'edge' or 'preference', got {trunk!r}")
+        self.trunk = trunk  # stage1.trunk: who picks the stream of shared nodes
         if num_layers < 2:
             raise ValueError("an edge hypernet needs at least 2 layers (parents for layer 1+)")
         if not 0.0 <= min_budget < 1.0:
@@ -77,6 +82,17 @@ class EdgeHypernet(nn.Module):
     def alpha(self, r: Tensor, b: Tensor | float) -> Tensor:
         """Parent probabilities [L-1, N, N] (rows sum to 1)."""
         return self(r, b).softmax(-1)
+
+    @torch.no_grad()
+    def tree(self, r: Tensor, b: float, space):
+        """The derived tree for (r, b) in ``space``: argmax parents repaired to the budget
+        (:func:`~dymu.space.derive.derive_tree`), with ``trunk: preference`` its shared nodes
+        on the preferred task's stream."""
+        from dymu.space.derive import derive_tree
+
+        r = torch.as_tensor(r, dtype=torch.float32, device=self.task_embed.device)
+        preference = r.cpu() if self.trunk == "preference" else None
+        return derive_tree(self.alpha(r, b).cpu(), space, b, preference)
 
 
 def sample_parents(

@@ -68,6 +68,16 @@ class TreeStreams:
             for layer in range(tree.num_layers)
         ]
 
+    def adapted(self, tree) -> bool:
+        """Whether any used node of ``tree`` takes the weight hypernet's adaptation: False
+        when every used node is private (the anchor tree under the private-node rule), whose
+        outputs then do not depend on the preference."""
+        sources = self.sources(tree)
+        return any(
+            sources[layer][j] is not self.stage0 or self.stage0 is None
+            for layer, j in tree.canonical().used_nodes()
+        )
+
     def to(self, device) -> TreeStreams:
         """Both sets moved to ``device`` (in place, as ``nn.Module.to``) and in eval mode."""
         for m in self.modules():

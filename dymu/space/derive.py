@@ -156,14 +156,19 @@ def relative_budget(c: Any, G: nx.DiGraph) -> float:
     return max(1.0 - c * (1.0 - _min_fraction(G)), _min_fraction(G), math.ulp(0.0))
 
 
-def derive_tree(alpha: Any, G: nx.DiGraph, budget: float | None) -> TreeSpec:
-    """The argmax tree of ``alpha``, repaired to fit ``budget`` (canonical).
+def derive_tree(
+    alpha: Any, G: nx.DiGraph, budget: float | None, preference: Any = None
+) -> TreeSpec:
+    """The argmax tree of ``alpha``, repaired to fit ``budget`` (canonical); with a
+    ``preference``, its shared nodes then run the preferred task's stream
+    (:func:`preferred_trunks`).
 
     Args:
         alpha: parent distribution ``[L-1, N, N]`` (see :func:`argmax_tree`).
         G: the space (gives node FLOPs).
         budget: FLOPs fraction of the anchor in (0, 1], or ``None`` for the plain argmax
             tree (the paper's rule).
+        preference: ``[N]`` task weights for ``stage1.trunk: preference``, else None.
 
     Raises:
         UserError: bad alpha, a budget outside (0, 1], or one below the cheapest tree.
@@ -171,9 +176,44 @@ def derive_tree(alpha: Any, G: nx.DiGraph, budget: float | None) -> TreeSpec:
     n, num_layers = space_shape(G)
     arr = _as_alpha(alpha, (n, num_layers))
     tree = argmax_tree(arr)
-    if budget is None:
-        return tree.canonical()
-    return repair(tree, G, budget, arr)
+    tree = tree.canonical() if budget is None else repair(tree, G, budget, arr)
+    if preference is None:
+        return tree
+    return preferred_trunks(tree, preference, G, budget)
+
+
+def preferred_trunks(
+    tree: TreeSpec, preference: Any, G: nx.DiGraph, budget: float | None = None
+) -> TreeSpec:
+    """``tree`` with every shared node moved to the stream of the task ``preference`` weighs
+    most among the tasks that node serves (METHOD.md 1.10, lever (a)): the same branching,
+    the preferred task's own features in the shared layers. Ties keep the node's stream,
+    else go to the lowest task index. A node serving task set S at layer l can move to any
+    stream of S: those streams' own nodes at layer l are unused (each task runs one node
+    per layer). Returns ``tree`` itself where the moved tree would cost more than
+    ``budget`` (streams of unequal cost).
+    """
+    r = np.asarray(preference.detach().cpu() if hasattr(preference, "detach") else preference)
+    n, num_layers = tree.num_tasks, tree.num_layers
+    paths = [tree.path(t) for t in range(n)]  # [N][L] stream of task t's node per layer
+    moved = [list(p) for p in paths]
+    for layer in range(num_layers):
+        for stream in {p[layer] for p in paths}:
+            served = [t for t in range(n) if paths[t][layer] == stream]
+            best = max(r[t] for t in served)
+            if r[stream] == best and stream in served:
+                continue
+            to = min(t for t in served if r[t] == best)
+            for t in served:
+                moved[t][layer] = to
+    rows = [list(range(n)) for _ in range(num_layers - 1)]  # [L-1][N] parents
+    for t in range(n):
+        for layer in range(1, num_layers):
+            rows[layer - 1][moved[t][layer]] = moved[t][layer - 1]
+    out = TreeSpec(tuple(tuple(r) for r in rows)).canonical()
+    if budget is not None and out.flops(G) > budget * anchor_flops(G):
+        return tree
+    return out
 
 
 def repair(tree: TreeSpec, G: nx.DiGraph, budget: float, alpha: Any = None) -> TreeSpec:

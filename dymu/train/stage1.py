@@ -153,8 +153,9 @@ def train_stage1(
     flops = Flops.of(space, device)
     torch.manual_seed(cfg.run.seed)  # the hypernet's initial weights
     edge = EdgeHypernet(
-        len(anchor.tasks), anchor.num_layers, self_bias=s1.self_bias, min_budget=flops.low
-    ).to(device)
+        len(anchor.tasks), anchor.num_layers, self_bias=s1.self_bias, min_budget=flops.low,
+        trunk=s1.trunk,
+    ).to(device)  # fmt: skip
     opt = torch.optim.Adam(edge.parameters(), lr=s1.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s1.lr_every, gamma=s1.lr_decay)
     sym_affinity = ((affinity + affinity.T) / 2).to(device)  # RSA's rows are not symmetric

@@ -32,7 +32,6 @@ from dymu.losses import task_loss
 from dymu.models.anchor import Anchor
 from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
-from dymu.space.derive import derive_tree
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -78,8 +77,7 @@ def draw_tree(
     rs, bs = mix_evaluation_draws(r_np[None], np.array([b]), uniform_share, full_budget_share, rng)
     r_np, b = rs[0], float(bs[0])
     r = torch.tensor(r_np, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        tree = derive_tree(edge.alpha(r, b).cpu(), space, b)
+    tree = edge.tree(r, b, space)
     return r, b, tree
 
 
