@@ -93,3 +93,41 @@ def test_the_preference_moves_the_outputs_even_when_every_hidden_unit_is_dead():
         corners = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
         first, second = losses(corners[0]), losses(corners[1])
     assert first[0] < second[0] and second[1] < first[1]  # each task better at its corner
+
+
+def test_private_nodes_take_no_offsets_so_the_anchor_tree_is_the_anchor():
+    """Under the private-node rule the anchor tree runs stage 0 exactly, whatever the
+    weight hypernet predicts; a shared tree takes the offsets."""
+    import copy
+
+    from dymu.compile.materialize import materialize
+    from dymu.models.streams import TreeStreams
+
+    torch.manual_seed(0)
+    stage0, _, net = _setup()
+    tuned = copy.deepcopy(stage0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        net.out.bias.normal_(0.0, 0.1)  # offsets far from zero
+    streams = TreeStreams(tuned, stage0)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    streams.tuned.double(), streams.stage0.double()
+    offsets = {
+        k: {n: d.double() for n, d in v.items()}
+        for k, v in net(torch.tensor([0.3, 0.7]), 1.0).items()
+    }
+    anchor_tree = TreeSpec.no_sharing(2, stage0.num_layers)
+    assert not streams.adapted(anchor_tree)
+    with torch.no_grad():
+        plain = stage0(x)
+        for run in (
+            TreeNet(streams, anchor_tree)(x, offsets),
+            materialize(streams, anchor_tree, offsets)(x),
+        ):
+            for k in plain:
+                torch.testing.assert_close(run[k], plain[k], rtol=0, atol=1e-10)
+        shared = TreeSpec.all_sharing(2, stage0.num_layers)
+        assert streams.adapted(shared)
+        a, b = TreeNet(streams, shared)(x), TreeNet(streams, shared)(x, offsets)
+    assert all((a[k] - b[k]).abs().max() > 1e-3 for k in a)
