@@ -71,9 +71,22 @@ def _run(run: Path) -> dict:
     return {
         "run": str(run),
         "seed": seed,
+        "wall_s": _wall_s(run),
         "min_flops": report["min_flops_fraction"],
         "budgets": budgets,
     }
+
+
+def _wall_s(run: Path) -> float | None:
+    """Seconds from the run's start (``env.json``'s ``created``) to its report: the whole
+    search where it ran in one go."""
+    from datetime import datetime
+
+    env = run / "env.json"
+    if not env.is_file():
+        return None
+    start = datetime.fromisoformat(json.loads(env.read_text())["created"]).timestamp()
+    return (run / "report.json").stat().st_mtime - start
 
 
 def _targets(kind: str, runs: list[dict]) -> dict:
@@ -146,6 +159,41 @@ def _spread(runs: list[dict]) -> dict:
     return out
 
 
+def _choice(run: Path, other: Path) -> dict:
+    """The validation split's figures of two runs of one anchor side by side, per budget:
+    what a choice between their settings is made on. Hypervolumes on one reference point
+    (1.1 x the worst normalised validation loss over both runs' sweeps)."""
+    from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
+
+    reports = {
+        str(p): json.loads((p / "report.json").read_text())["validation"] for p in (run, other)
+    }
+    bases = [np.array(v["baseline"]["losses"]) for v in reports.values()]
+    if not np.allclose(bases[0], bases[1], rtol=1e-6):
+        raise ValueError(f"{run} and {other} have different single-task anchors")
+    out = {}
+    for key in reports[str(run)]["delta_m"]:
+        norm = {}
+        for name, v in reports.items():
+            rows = [r for r in v["rows"] if f"{r['budget']:g}" == key]
+            norm[name] = normalised_losses(np.array([r["losses"] for r in rows]), bases[0])
+        ref = reference_point(np.concatenate(list(norm.values())))
+        out[key] = {
+            name: {
+                "hypervolume": hypervolume(norm[name], ref),
+                "delta_m": v["delta_m"][key],
+                "spearman": v["controllability"][key],
+                "vs_others": {t: g["vs_others"] for t, g in v["corner_gain"][key]["tasks"].items()}
+                if "corner_gain" in v
+                else None,
+                "distinct_trees": len({r["tree"] for r in v["rows"] if f"{r['budget']:g}" == key}),
+            }
+            for name, v in reports.items()
+        }
+        out[key]["reference_point"] = ref.tolist()
+    return out
+
+
 def _want(check: dict) -> str:
     want = check["want"]
     return want if isinstance(want, str) else f">= {want:.3g}"
@@ -155,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", required=True, help="a finished search (repeat)")
     ap.add_argument("--kind", choices=("two_task", "default"), required=True)
+    ap.add_argument(
+        "--against",
+        help="another run of the first run's anchor: their validation figures side by side "
+        "(the split a choice between their settings is made on)",
+    )
     ap.add_argument("--out", help="write the figures here as JSON")
     args = ap.parse_args(argv)
     try:
@@ -170,8 +223,23 @@ def main(argv: list[str] | None = None) -> int:
         "corner_gain_over_seeds": _spread(runs),
         "targets": _targets(args.kind, runs),
     }
+    if args.against:
+        try:
+            out["validation_choice"] = _choice(Path(args.run[0]), Path(args.against))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"preference_control: cannot compare with {args.against}: {exc}", file=sys.stderr)
+            return 2
+        for key, row in out["validation_choice"].items():
+            for name, v in row.items():
+                if name != "reference_point":
+                    print(
+                        f"validation, budget {key}, {name}: HV {v['hypervolume']:.4f}, delta_m "
+                        f"{v['delta_m']:+.2f}, trees {v['distinct_trees']}, Spearman "
+                        f"{v['spearman']}, own vs other corner {v['vs_others']}"
+                    )
     for r in runs:
-        print(f"{r['run']} (seed {r['seed']}):")
+        took = "" if r["wall_s"] is None else f", {r['wall_s'] / 60:.1f} min"
+        print(f"{r['run']} (seed {r['seed']}{took}):")
         for k, row in r["budgets"].items():
             gains = ", ".join(
                 f"{t} {g['gain']:+.2f} (vs others {g['vs_others']:+.2f}, "
