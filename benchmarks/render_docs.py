@@ -624,7 +624,52 @@ def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
     return lines
 
 
+@renderer("preference_trunk_choice", "preference_control_multimnist_cpu.json")
+def preference_trunk_choice(mnist: dict) -> list[str]:
+    choice = mnist["validation_choice"]
+    rows = []
+    for key, row in choice.items():
+        if float(key) >= 1:
+            continue
+        for name, v in row.items():
+            if name == "reference_point":
+                continue
+            rule = "edge" if name.endswith("_edge") else "preference"
+            rows.append(
+                [
+                    f"{float(key):.3f}" if key != "0.75" else key,
+                    f"`{rule}` ({name})",
+                    str(v["distinct_trees"]),
+                    num(v["hypervolume"], 4),
+                    signed(v["delta_m"], 2),
+                    _spearmans(v["spearman"]),
+                    " / ".join(signed(x, 2) for x in v["vs_others"].values()),
+                ]
+            )
+    header = ["budget", "stage1.trunk", "trees / 20", "HV (one reference point)", "delta_m %"]
+    header += ["Spearman", "own corner - other corner, points"]
+    return table(header, rows)
+
+
 # ---------------------------------------------------------------- docs/deploy.md
+
+
+@renderer("bundle_switch", "bundle_switch_multimnist_cpu.json")
+def bundle_switch(result: dict) -> list[str]:
+    header = ["models (preferences)", "trees", "bundle MB", "one model per tree, MB"]
+    header += ["switch, first load, ms", "switch, loaded, ms", "latency batch 1, ms"]
+    lat = result["latency_b1_ms"]
+    row = [
+        str(result["preferences"]),
+        str(result["trees"]),
+        num(result["bundle_bytes"] / 1e6, 2),
+        num(result["bundle_bytes_one_model_per_tree"] / 1e6, 2),
+        num(result["switch_cold_ms"]["median"], 1),
+        num(result["switch_warm_ms"]["median"], 3),
+        f"{num(lat['median'], 3)} ({value_range(lat['min'], lat['max'], 3)})",
+    ]
+    return table(header, [row])
+
 
 BACKENDS = {
     "onnxruntime": "ONNX Runtime",

@@ -243,3 +243,42 @@ def test_delta_m_is_reexported():
     results = {"a": {"acc": 0.9}}
     baselines = {"a": {"acc": 0.8}}
     assert delta_m(results, baselines, {"a": {"acc": True}}) == pytest.approx(12.5)
+
+
+def test_corner_gains_size_the_lever_in_each_metrics_better_direction():
+    from types import SimpleNamespace
+
+    from dymu.evaluate.search import corner_gains, corner_preferences
+
+    np.testing.assert_allclose(
+        corner_preferences(3),
+        [[1 / 3, 1 / 3, 1 / 3], [0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]],
+    )
+    tasks = [
+        SimpleNamespace(name="seg", primary_metric="miou", metric_directions={"miou": True}),
+        SimpleNamespace(name="depth", primary_metric="err", metric_directions={"err": False}),
+    ]
+
+    def row(corner, miou, err, losses):
+        metrics = {"seg": {"miou": miou}, "depth": {"err": err}}
+        return {
+            "budget": 0.5,
+            "corner": corner,
+            "tree": f"t{corner}",
+            "losses": losses,
+            "metrics": metrics,
+        }
+
+    rows = [
+        row(0, 50.0, 2.0, [1.0, 1.0]),
+        row(1, 53.0, 2.5, [0.8, 1.3]),
+        row(2, 49.0, 1.5, [1.2, 0.7]),
+    ]
+    gains = corner_gains(tasks, [0.5], rows)["0.5"]
+    assert gains["trees"] == 3
+    seg, depth = gains["tasks"]["seg"], gains["tasks"]["depth"]
+    assert seg["gain"] == pytest.approx(3.0) and seg["vs_others"] == pytest.approx(4.0)
+    assert seg["loss_gain"] == pytest.approx(0.2)
+    # Lower is better for depth's error: 2.0 -> 1.5 at its corner is a gain of +0.5.
+    assert depth["gain"] == pytest.approx(0.5) and depth["vs_others"] == pytest.approx(1.0)
+    assert depth["loss_gain"] == pytest.approx(0.3)
