@@ -7,7 +7,8 @@ per distinct tree would take (the export before per-preference models), the time
 switch to a preference whose model is not loaded yet (a session is created) and to one
 already loaded (a lookup), and each model's latency at batch 1 (the table protocol's
 interleaved medians). It also records how far the models of one tree differ on the golden
-input: the adaptation the bundle now ships.
+input (the adaptation the bundle now ships) and the largest difference of any model from
+the search's evaluation of its preference (``parity_evaluated``, checked by the export).
 
     python benchmarks/bundle_switch.py --run runs/mm_s0 --budget 0.75 --grid 10 \
         --out benchmarks/results/bundle_switch_multimnist_cpu.json
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "latency_b1_ms": {"median": float(np.median(ms)), "min": min(ms), "max": max(ms)},
         "latency_b1_ms_by_tree": lat_by_tree,
         "golden_output_spread_within_tree": spread,
+        "parity_evaluated_max": max(m["parity_evaluated"] for m in models),
+        "parity_onnxruntime_max": max(m["parity"]["overall"] for m in models),
         "backend": "onnxruntime (CPU)",
     }
     print(
