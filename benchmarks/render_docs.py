@@ -588,7 +588,8 @@ def _control_rows(name: str, result: dict) -> list[list[str]]:
     for run in result["runs"]:
         for key, b in run["budgets"].items():
             gains = b["corner_gain"]["tasks"]
-            label = f"{float(key):.3f} (cheapest)" if float(key) == run["min_flops"] else key
+            cheapest = abs(float(key) - run["min_flops"]) < 1e-4  # keys are rounded (:g)
+            label = f"{float(key):.3f} (cheapest)" if cheapest else key
             rows.append(
                 [
                     name,
@@ -616,12 +617,29 @@ def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
     rows = _control_rows("MultiMNIST", mnist) + _control_rows("MultiFashion", fashion)
     lines = [*table(header, rows), ""]
     for name, result in (("MultiMNIST", mnist), ("MultiFashion", fashion)):
+        for run in result["runs"]:
+            hv = run["budgets"].get("0.75", {}).get("hv_shared_reference")
+            if hv:
+                labels = run["budgets"]["0.75"]["baseline_labels"]
+                others = ", ".join(f"{labels[m]} {num(v, 2)}" for m, v in hv.items() if m != "dymu")
+                lines += [
+                    *paragraph(
+                        f"{name}, seed {run['seed']}, budget 0.75, hypervolume on the baselines "
+                        f"report's reference point (`dymu baselines`, 2 epochs each): DYMU "
+                        f"{num(hv['dymu'], 2)}; {others}."
+                    ),
+                    "",
+                ]
         for seed, checks in result["targets"].items():
-            missed = [k for k, c in checks.items() if not c["met"]]
-            text = f"{name}, {seed}: {len(checks) - len(missed)} of {len(checks)} targets met"
-            text += f"; missed: {', '.join(missed)}." if missed else "."
-            lines += paragraph(text)
-    return lines
+            missed = [k for k, c in checks.items() if c["met"] is False]
+            unmeasured = [k for k, c in checks.items() if c["met"] is None]
+            met = sum(c["met"] is True for c in checks.values())
+            text = f"{name}, {seed}: {met} of {len(checks)} targets met"
+            text += f"; missed: {', '.join(missed)}" if missed else ""
+            text += f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""
+            text += "."
+            lines += [*paragraph(text), ""]
+    return lines[:-1]  # no blank line before the source note's own
 
 
 @renderer("preference_trunk_choice", "preference_control_multimnist_cpu.json")
