@@ -1,8 +1,10 @@
 """Stage 2: train the weight hypernet (METHOD.md 1.6) on the trees the edge hypernet derives.
 
 Anchor and edge hypernet are frozen. Each step draws (r, b), derives the hard tree for it
-(argmax parents, repaired to fit b), and trains the BatchNorm offsets of that tree's nodes
-on the task loss weighted by r mixed with a uniform floor (``stage2.task_floor``, so no
+(argmax parents, repaired to fit b; :meth:`EdgeHypernet.tree`), and trains the adaptation
+of that tree's non-private nodes (:mod:`dymu.hypernet.weight`; a step whose tree is all
+private, the anchor tree, has nothing to train) on the task loss weighted by r mixed with
+a uniform floor (``stage2.task_floor``, so no
 task is left without a gradient). Writes ``weight_hnet.safetensors`` and
 ``weight_hnet.json``, and every ``run.checkpoint_every`` steps ``stage2/checkpoint.pt``, from
 which ``resume=True`` continues exactly.
