@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dymu.io import write_json
+
 TWO_TASK = {
     "spearman": 0.6,  # every evaluated budget below 1, every task
     "trees": 2,  # distinct trees over the sweep, every evaluated budget below 1
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         tail += f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""
         print(f"{seed}: {met}/{len(checks)} targets met{tail}")
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(Path(args.out), out)
         print(f"wrote {args.out}")
     return 0
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
 from dymu.evaluate.summary import loss_controllability
+from dymu.io import write_json
 
 # The search-quality targets on the default config: budget -> (min mean FLOPs, max mean
 # FLOPs, min delta_m %, (baseline, min HV ratio)).
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if k in hv:
             print(f"{k}: HV {hv[k]:.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(Path(args.out), out)
         print(f"wrote {args.out}")
     return 0
 

@@ -244,7 +244,7 @@ def _derive_trees(run: TrainedRun, prefs: np.ndarray, budget: float, lat):
             if lat is None:
                 tree = run.edge.tree(rt, budget, run.space)
             else:
-                tree = lat.derive(alpha, rt if run.edge.trunk == "preference" else None)
+                tree = lat.derive(alpha, run.edge.trunk_preference(rt))
             served.setdefault(tree.hash(), (tree, []))[1].append(r)
             alphas.setdefault(tree.hash(), alpha)
     return served, alphas

@@ -203,8 +203,7 @@ def materialize(
     for layer, stream in tree.used_nodes():  # layer-major: parents come before children
         source = sources[layer][stream]
         module = _frozen_copy(source.streams[stream].layers[layer])
-        # Private nodes run stage 0 exactly, as in TreeNet: the anchor tree is the anchor.
-        adapted = bn_offsets is not None and (streams.stage0 is None or source is streams.tuned)
+        adapted = bn_offsets is not None and streams.takes_offsets(source)
         deltas = bn_offsets.get((layer, stream)) if adapted else None
         if deltas:
             _bake_offsets(module, deltas, (layer, stream))

@@ -207,8 +207,7 @@ def _sample(args: argparse.Namespace, run):
         if lat is None:
             tree = edge.tree(r, budget, space)
         else:
-            preference = r if edge.trunk == "preference" else None
-            tree = lat.derive(edge.alpha(r, budget).detach(), preference)
+            tree = lat.derive(edge.alpha(r, budget).detach(), edge.trunk_preference(r))
     flops = tree.flops(space)
     record = {
         "hash": tree.hash(),

@@ -91,8 +91,13 @@ class EdgeHypernet(nn.Module):
         from dymu.space.derive import derive_tree
 
         r = torch.as_tensor(r, dtype=torch.float32, device=self.task_embed.device)
-        preference = r.cpu() if self.trunk == "preference" else None
-        return derive_tree(self.alpha(r, b).cpu(), space, b, preference)
+        return derive_tree(self.alpha(r, b).cpu(), space, b, self.trunk_preference(r))
+
+    def trunk_preference(self, r: Tensor) -> Tensor | None:
+        """What derivation moves shared nodes by (``preference`` of
+        :func:`~dymu.space.derive.derive_tree`): ``r`` under ``trunk: preference``, else
+        None (the parents' own streams)."""
+        return r.detach().cpu() if self.trunk == "preference" else None
 
 
 def sample_parents(

@@ -68,14 +68,19 @@ class TreeStreams:
             for layer in range(tree.num_layers)
         ]
 
+    def takes_offsets(self, source: Anchor) -> bool:
+        """Whether a node that runs ``source`` (one of :meth:`sources`) takes the weight
+        hypernet's adaptation: every node but the private ones, which run stage 0 exactly,
+        so that a task that shares nothing keeps its single-task network."""
+        return self.stage0 is None or source is not self.stage0
+
     def adapted(self, tree) -> bool:
         """Whether any used node of ``tree`` takes the weight hypernet's adaptation: False
         when every used node is private (the anchor tree under the private-node rule), whose
         outputs then do not depend on the preference."""
         sources = self.sources(tree)
         return any(
-            sources[layer][j] is not self.stage0 or self.stage0 is None
-            for layer, j in tree.canonical().used_nodes()
+            self.takes_offsets(sources[layer][j]) for layer, j in tree.canonical().used_nodes()
         )
 
     def to(self, device) -> TreeStreams:

@@ -30,6 +30,7 @@ class TreeNet(nn.Module):
         super().__init__()
         streams = TreeStreams.of(streams)
         self._sources = streams.sources(tree)  # [L][N]; refuses a tree of another shape
+        self._adapts = [[streams.takes_offsets(s) for s in row] for row in self._sources]
         self.anchor = streams.tuned
         self.private = streams.stage0  # registered, so .to() moves both
         self.tree = tree.canonical()
@@ -56,10 +57,8 @@ class TreeNet(nn.Module):
                 if not is_used:
                     continue
                 x = image if layer == 0 else nodes[(layer - 1, self.tree.parents[layer - 1][j])]
-                source = self.source(layer, j)
-                module = source.streams[j].layers[layer]
-                # Private nodes run stage 0 exactly: the anchor tree is the anchor itself.
-                adapted = bn_offsets is not None and source is not self.private
+                module = self.source(layer, j).streams[j].layers[layer]
+                adapted = bn_offsets is not None and self._adapts[layer][j]
                 deltas = bn_offsets.get((layer, j)) if adapted else None
                 if deltas:
                     own = dict(module.named_parameters())
