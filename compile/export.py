@@ -51,7 +51,7 @@ from dymu.errors import RuntimeFailure, UserError
 from dymu.io import atomic_dir, clean_stale, ensure_dir, sha256_file, write_json
 from dymu.models.flops import count_flops, count_params
 from dymu.search import TrainedRun, load_run
-from dymu.space.derive import check_budget
+from dymu.space.derive import check_budget, preferred_trunks
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -234,19 +234,20 @@ def export_bundle(
 
 def _derive_trees(run: TrainedRun, prefs: np.ndarray, budget: float, lat):
     """The tree of every preference at ``budget`` (repaired by predicted latency with
-    ``lat``): ``{hash: (tree, its preferences)}`` and ``{hash: alpha of its first}``."""
+    ``lat``): ``{hash: (tree, its preferences)}`` and, with ``lat``, ``{hash: alpha of
+    its first}`` (what the measure-and-repair loop ranks merges by)."""
     served: dict[str, tuple[Any, list[np.ndarray]]] = {}
     alphas: dict[str, Any] = {}
     with torch.no_grad():
         for r in prefs:
             rt = torch.tensor(r, dtype=torch.float32)
-            alpha = run.edge.alpha(rt, budget)
             if lat is None:
                 tree = run.edge.tree(rt, budget, run.space)
             else:
+                alpha = run.edge.alpha(rt, budget)
                 tree = lat.derive(alpha, run.edge.trunk_preference(rt))
+                alphas.setdefault(tree.hash(), alpha)
             served.setdefault(tree.hash(), (tree, []))[1].append(r)
-            alphas.setdefault(tree.hash(), alpha)
     return served, alphas
 
 
@@ -386,15 +387,30 @@ def _settle_latency(run, served, alphas, lat, size, trt_version, dynamic_batch):
                     )
                 tree, repairs = faster, repairs + 1
                 got = timed(tree)
-            settled.setdefault(tree.hash(), (tree, []))[1].extend(rs)
-            records[tree.hash()] = {
-                "target_ms": lat.target_ms,
-                "predicted_ms": lat.predicted_ms(tree),
-                "measured_ms": got["ms"],
-                "spread": got["spread"],
-                "repairs_after_measuring": repairs,
-            }
+            for r in rs:  # a merge changes which tasks a node serves: trunks again
+                mine = _preferred(run, tree, r, lat) if repairs else tree
+                settled.setdefault(mine.hash(), (mine, []))[1].append(r)
+                records[mine.hash()] = {
+                    "target_ms": lat.target_ms,
+                    "predicted_ms": lat.predicted_ms(mine),
+                    "measured_ms": got["ms"],
+                    "spread": got["spread"],
+                    "repairs_after_measuring": repairs,
+                }
     return settled, records
+
+
+def _preferred(run: TrainedRun, tree, r: np.ndarray, lat: LatencyBudget):
+    """``tree`` with its shared nodes on the streams ``r`` prefers (``stage1.trunk:
+    preference``), as the edge hypernet's own derivation places them; ``tree`` itself
+    where the moved tree is predicted slower (streams of unequal cost), since its
+    measured latency is what met the target. Moving trunks keeps the branching, so the
+    measurement of ``tree`` stands for it."""
+    pref = run.edge.trunk_preference(torch.tensor(r, dtype=torch.float32))
+    if pref is None:
+        return tree
+    moved = preferred_trunks(tree, pref, lat.space)
+    return moved if lat.predicted_ms(moved) <= lat.predicted_ms(tree) else tree
 
 
 def _compile_aoti(net, folder: Path, job: _TreeJob) -> dict[str, Any]:

@@ -142,6 +142,38 @@ def test_faster_steps_down_to_the_fastest_tree():
     assert seen[-1] == pytest.approx(budget.fastest / 1e6)
 
 
+class _Edge:
+    """An edge hypernet stand-in whose trunk preference is the preference itself."""
+
+    def __init__(self, trunk: bool):
+        self.trunk = trunk
+
+    def trunk_preference(self, r):
+        return r if self.trunk else None
+
+
+class _Run:
+    def __init__(self, trunk: bool):
+        self.edge = _Edge(trunk)
+
+
+def test_a_tree_repaired_after_measuring_takes_the_preferred_trunk_again():
+    G = _space()
+    flat = np.ones((LAYERS - 1, N))  # [L-1, N] every stream costs the same
+    budget = latency.LatencyBudget(G, _table(0.5, flat), 100.0)
+    merged = TreeSpec.all_sharing(N, LAYERS, trunk=0)  # what the repair reaches last
+    r = np.array([0.1, 0.2, 0.7])
+    moved = export._preferred(_Run(trunk=True), merged, r, budget)
+    assert all(moved.path(t)[:-1] == [2] * (LAYERS - 1) for t in range(N))
+    assert budget.predicted_ms(moved) == pytest.approx(budget.predicted_ms(merged))
+    assert export._preferred(_Run(trunk=False), merged, r, budget) is merged
+    dearer = flat.copy()
+    dearer[:, 2] = 5.0  # task c's stream is predicted slower: the measured tree stays
+    slow = latency.LatencyBudget(G, _table(0.5, dearer), 100.0)
+    kept = export._preferred(_Run(trunk=True), merged, r, slow)
+    assert kept is merged
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("latency")

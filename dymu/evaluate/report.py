@@ -148,6 +148,11 @@ def _control_png(run_dir: Path, report: dict[str, Any], plt) -> str:
     return "control.png"
 
 
+def _header(*cells: str) -> list[str]:
+    """A markdown table's header row and rule."""
+    return ["| " + " | ".join(cells) + " |", "|" + " --- |" * len(cells)]
+
+
 def _corner_lines(report: dict[str, Any]) -> list[str]:
     """The corner gains: each task's primary metric at its own corner against uniform."""
     gains = report.get("corner_gain")
@@ -160,8 +165,7 @@ def _corner_lines(report: dict[str, Any]) -> list[str]:
         "its loss lowered by the corner, and its metric at its own corner against the other "
         "tasks' corners:",
         "",
-        "| budget | trees | " + " | ".join(report["tasks"]) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in report["tasks"]) + " |",
+        *_header("budget", "trees", *report["tasks"]),
     ]
     for b in report["budgets"]:
         k = f"{b:g}"
@@ -196,8 +200,9 @@ def _validation_lines(report: dict[str, Any]) -> list[str]:
         "",
         "Validation split (choices are made on these; the tables above are on the test split):",
         "",
-        "| budget | hypervolume | uniformity | delta_m % | controllability | on losses |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *_header(
+            "budget", "hypervolume", "uniformity", "delta_m %", "controllability", "on losses"
+        ),
     ]
     for b in report["budgets"]:
         k = f"{b:g}"
@@ -228,11 +233,16 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
             f"{', '.join(report['delta_m_excluded'])}.",
             "",
         ]
-    lines += [
-        "| budget | hypervolume | uniformity | delta_m % | weighted % | FLOPs mean | adherence "
-        "| trees |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines += _header(
+        "budget",
+        "hypervolume",
+        "uniformity",
+        "delta_m %",
+        "weighted %",
+        "FLOPs mean",
+        "adherence",
+        "trees",
+    )
     for b in report["budgets"]:
         k = f"{b:g}"
         lines.append(
@@ -247,8 +257,7 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
         "over the sweep in brackets (how far the preference moves it) and the same Spearman "
         "on the task's test loss:",
         "",
-        "| budget | " + " | ".join(report["tasks"]) + " |",
-        "| --- | " + " | ".join("---" for _ in report["tasks"]) + " |",
+        *_header("budget", *report["tasks"]),
     ]
     for b in report["budgets"]:
         k = f"{b:g}"
