@@ -354,6 +354,10 @@ class Stage2Config:
     """Rank of the per-edge low-rank adapter on the first convolution of every node fed by
     another stream (folded into that convolution at export; 0 = BatchNorm offsets only,
     the paper's weight hypernet)."""
+    task_rank: int = 0
+    """Rank of the per-task low-rank adapters mixed by the preference, ``sum_i r_i U_i
+    V_i^T``, on the first convolution of every node but the private ones (folded at export
+    like the edge adapters; 0 = none)."""
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "lr_every"):
@@ -364,8 +368,9 @@ class Stage2Config:
         for key in ("uniform_share", "full_budget_share", "task_floor"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise UserError(f"config: {prefix}.{key} must be in [0, 1]")
-        if self.adapter_rank < 0:
-            raise UserError(f"config: {prefix}.adapter_rank must be >= 0")
+        for key in ("adapter_rank", "task_rank"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config: {prefix}.{key} must be >= 0")
 
 
 @dataclass

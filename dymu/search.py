@@ -53,7 +53,9 @@ def load_edge(run: Path, num_tasks: int, num_layers: int, cfg: Config) -> EdgeHy
 
 
 def load_weights(run: Path, anchor: Anchor, cfg: Config) -> WeightHypernet:
-    weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, cfg.stage2.adapter_rank)
+    weights = build_weight_hypernet(
+        len(anchor.tasks), anchor.streams, cfg.stage2.adapter_rank, cfg.stage2.task_rank
+    )
     load_into(weights, run / WEIGHT_WEIGHTS, "weight hypernet", rerun_fix(run))
     return weights
 

@@ -231,16 +231,17 @@ def test_bad_input_is_refused(anchor):
 
 @pytest.mark.parametrize("index", range(1, 5))
 def test_edge_adapters_fold_exactly_into_the_convolutions(anchor, space, index):
-    """The per-edge low-rank adapters (weight hypernet, rank 2, made non-zero) are weight
-    deltas of the child's first convolution: the materialized tree, with no adapter left,
+    """The per-edge low-rank adapters (weight hypernet, rank 2, made non-zero) and the task
+    adapters mixed by r (rank 2, non-zero) are weight deltas of a node's first
+    convolution, summed where both apply: the materialized tree, with no adapter left,
     equals TreeNet with them in float64, and fvcore counts the same FLOPs as without."""
     from dymu.hypernet.weight import build_weight_hypernet
 
     tree = _trees(len(SPECS), anchor.num_layers)[index]
-    hnet = build_weight_hypernet(len(SPECS), anchor.streams, rank=2).double()
+    hnet = build_weight_hypernet(len(SPECS), anchor.streams, rank=2, task_rank=2).double()
     torch.manual_seed(1)
     with torch.no_grad():
-        for name, p in hnet.adapters.items():
+        for name, p in [*hnet.adapters.items(), *hnet.task_adapters.items()]:
             if name.endswith("_u"):
                 nn.init.normal_(p, std=0.3)
         r = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
@@ -254,9 +255,11 @@ def test_edge_adapters_fold_exactly_into_the_convolutions(anchor, space, index):
             net = materialize(a64, tree, offsets)
             got, want = net(x), TreeNet(a64, tree).eval()(x, offsets)
             bn_only = TreeNet(a64, tree).eval()(x, hnet(r, 0.7))
+            other = TreeNet(a64, tree).eval()(x, hnet(r.flip(0), 0.7, tree))
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10)
         assert any((want[k] - bn_only[k]).abs().max() > 1e-4 for k in want)  # adapters matter
+        assert all((want[k] - other[k]).abs().max() > 1e-4 for k in want)  # and follow r
         plain = materialize(a64, tree, hnet(r, 0.7))
         image = torch.zeros(1, 3, *SIZE, dtype=torch.float64)
         assert count_flops(net, image) == count_flops(plain, image)

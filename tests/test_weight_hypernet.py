@@ -131,3 +131,31 @@ def test_private_nodes_take_no_offsets_so_the_anchor_tree_is_the_anchor():
         assert streams.adapted(shared)
         a, b = TreeNet(streams, shared)(x), TreeNet(streams, shared)(x, offsets)
     assert all((a[k] - b[k]).abs().max() > 1e-3 for k in a)
+
+
+def test_task_adapters_start_at_the_anchor_and_leave_the_offsets_as_they_were():
+    """Task adapters (``stage2.task_rank``) start at zero, so a shared tree starts at the
+    anchor; they add one convolution delta per adapted node and change nothing else the
+    hypernet predicts (the same BatchNorm offsets as without them)."""
+    from dymu.hypernet.weight import build_weight_hypernet
+
+    anchor = build_anchor(ModelConfig(width=4), SPECS).eval()
+    torch.manual_seed(0)
+    plain = build_weight_hypernet(2, anchor.streams, rank=0)
+    torch.manual_seed(0)
+    mixed = build_weight_hypernet(2, anchor.streams, rank=0, task_rank=3)
+    r = torch.tensor([0.8, 0.2])
+    a, b = plain(r, 0.5), mixed(r, 0.5)
+    assert set(a) == set(b)
+    for node in a:
+        convs = set(b[node]) - set(a[node])
+        assert len(convs) == (1 if node[0] >= 1 else 0)  # every node's first conv but layer 0
+        for name in a[node]:
+            torch.testing.assert_close(a[node][name], b[node][name], rtol=0, atol=0)
+        assert all(b[node][c].abs().max() == 0 for c in convs)
+    tree = TreeSpec.all_sharing(2, anchor.num_layers)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        base, got = TreeNet(anchor, tree)(x), TreeNet(anchor, tree)(x, b)
+    for k in base:
+        torch.testing.assert_close(got[k], base[k])

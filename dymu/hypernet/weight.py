@@ -19,6 +19,12 @@ node (l, j), the one that reads the parent's output: a learned per-edge weight c
 used only by trees that hold that edge. It is a change of that convolution's weights, so it
 folds into the materialized convolution exactly and costs no FLOPs (the identity shortcut
 of a residual block is left as it is). ``U`` starts at zero: training starts at the anchor.
+
+With ``task_rank > 0`` every adapted node's first convolution also takes
+``sum_i r_i U_i V_i^T``: one rank-``task_rank`` adapter per task, mixed by the preference
+(PaLoRA's task adapters, METHOD.md 1.10): a weight change that follows r, which BatchNorm
+offsets (a scale and a shift per channel) cannot make. It folds into the convolution at
+export like the edge adapters; ``U_i`` starts at zero.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from torch import Tensor, nn
 
 ADAPTATION = (
     "BatchNorm offsets = MLP(sum_i r_i e_i + b e_b) + sum_i r_i D_i on every node but the "
-    "private ones; rank-k adapters on cross-task edges"
+    "private ones; rank-k adapters on cross-task edges; sum_i r_i U_i V_i^T task adapters "
+    "on the first convolution of every node but the private ones"
 )
 """What the weight hypernet predicts and where it applies: part of stage 2's spec, so a
 weight hypernet made under another rule is never reused."""
@@ -71,11 +78,13 @@ def edge_layout(streams: Sequence[nn.Module]) -> EdgeLayout:
 
 
 def build_weight_hypernet(
-    num_tasks: int, streams: Sequence[nn.Module], rank: int
+    num_tasks: int, streams: Sequence[nn.Module], rank: int, task_rank: int = 0
 ) -> WeightHypernet:
-    """The weight hypernet of an anchor's streams, with rank-``rank`` edge adapters."""
+    """The weight hypernet of an anchor's streams, with rank-``rank`` edge adapters and
+    rank-``task_rank`` task adapters."""
+    convs = edge_layout(streams) if rank or task_rank else None
     return WeightHypernet(
-        num_tasks, bn_layout(streams), edges=edge_layout(streams) if rank else None, rank=rank
+        num_tasks, bn_layout(streams), edges=convs, rank=rank, task_rank=task_rank
     )
 
 
@@ -91,11 +100,14 @@ class WeightHypernet(nn.Module):
         hidden: int = 100,
         edges: EdgeLayout | None = None,
         rank: int = 0,
+        task_rank: int = 0,
     ) -> None:
         super().__init__()
         self.layout = layout
-        self.rank = rank
-        self.edges = {node: (name, shape) for node, name, shape in (edges or [])} if rank else {}
+        self.rank, self.task_rank = rank, task_rank
+        convs = {node: (name, shape) for node, name, shape in (edges or [])}
+        self.edges = convs if rank else {}
+        self.convs = convs if task_rank else {}
         self.adapters = nn.ParameterDict()
         gen = torch.Generator().manual_seed(0)
         for (layer, j), (_, shape) in self.edges.items():
@@ -105,6 +117,13 @@ class WeightHypernet(nn.Module):
                     self.adapters[f"{layer}_{j}_{i}_u"] = nn.Parameter(torch.zeros(shape[0], rank))
                     v = torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)
                     self.adapters[f"{layer}_{j}_{i}_v"] = nn.Parameter(v)
+        self.task_adapters = nn.ParameterDict()
+        for (layer, j), (_, shape) in self.convs.items():
+            fan_in = math.prod(shape[1:])  # C_in * k * k
+            u = torch.zeros(num_tasks, shape[0], task_rank)  # [N, C_out, k]
+            v = torch.randn(num_tasks, task_rank, fan_in, generator=gen) / math.sqrt(fan_in)
+            self.task_adapters[f"{layer}_{j}_u"] = nn.Parameter(u)
+            self.task_adapters[f"{layer}_{j}_v"] = nn.Parameter(v)  # [N, k, C_in * k * k]
         self.total = sum(2 * c for _, bns in layout for _, c in bns)
         self.task_embed = nn.Parameter(torch.randn(num_tasks, embed_dim) * 0.1)
         self.budget_embed = nn.Parameter(torch.randn(embed_dim) * 0.1)
@@ -144,9 +163,20 @@ class WeightHypernet(nn.Module):
                 out[(layer, j)] = {name: (u @ v).view(shape)}  # [C_out, C_in, k, k]
         return out
 
+    def task_deltas(self, r: Tensor) -> dict[Node, dict[str, Tensor]]:
+        """The task adapters mixed by ``r`` as weight deltas ``{node: {conv weight name:
+        sum_i r_i U_i V_i^T}}`` (empty without task adapters)."""
+        out: dict[Node, dict[str, Tensor]] = {}
+        for (layer, j), (name, shape) in self.convs.items():
+            u, v = self.task_adapters[f"{layer}_{j}_u"], self.task_adapters[f"{layer}_{j}_v"]
+            mixed = torch.einsum("i,iok,ikf->of", r.to(u), u, v)  # [C_out, C_in * k * k]
+            out[(layer, j)] = {name: mixed.view(shape)}  # [C_out, C_in, k, k]
+        return out
+
     def forward(self, r: Tensor, b: Tensor | float, tree=None) -> dict[Node, dict[str, Tensor]]:
-        """Per node, ``{parameter name: delta}``: BatchNorm offsets for (r, b), and with a
-        ``tree`` the adapters of its cross-task edges."""
+        """Per node, ``{parameter name: delta}``: BatchNorm offsets and task adapters for
+        (r, b), and with a ``tree`` the adapters of its cross-task edges (added to the task
+        adapters of the same convolution)."""
         flat = self.flat(r, b)
         out: dict[Node, dict[str, Tensor]] = {}
         offset = 0
@@ -158,7 +188,12 @@ class WeightHypernet(nn.Module):
                 deltas[prefix + "bias"] = flat[offset + c : offset + 2 * c]
                 offset += 2 * c
             out[node] = deltas
+        extra = [self.task_deltas(r)]
         if tree is not None:
-            for node, deltas in self.edge_deltas(tree).items():
-                out[node] = {**out.get(node, {}), **deltas}
+            extra.append(self.edge_deltas(tree))
+        for deltas_of in extra:
+            for node, deltas in deltas_of.items():
+                mine = out.setdefault(node, {})
+                for name, d in deltas.items():
+                    mine[name] = mine[name] + d if name in mine else d
         return out

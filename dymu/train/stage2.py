@@ -176,7 +176,9 @@ def train_stage2(
     anchor = streams.tuned
     edge = frozen(edge, device)
     torch.manual_seed(cfg.run.seed + 1)  # the hypernet's initial weights
-    weights = build_weight_hypernet(len(anchor.tasks), anchor.streams, s2.adapter_rank)
+    weights = build_weight_hypernet(
+        len(anchor.tasks), anchor.streams, s2.adapter_rank, s2.task_rank
+    )
     weights = weights.to(device)
     opt = torch.optim.Adam(weights.parameters(), lr=s2.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s2.lr_every, gamma=s2.lr_decay)
@@ -205,8 +207,8 @@ def train_stage2(
     seed, workers = cfg.run.seed + 1, cfg.stage0.workers
     step.batches = loop.batches(train_ds, s2.batch_size, seed, resume, workers, device)
     # Under torchrun: DDP averages the weight hypernet's gradients over the ranks.
-    # Adapters of edges the step's tree lacks get no gradient: DDP must expect that.
-    unused = s2.adapter_rank > 0
+    # Adapters of nodes the step's tree lacks get no gradient: DDP must expect that.
+    unused = s2.adapter_rank > 0 or s2.task_rank > 0
     with parallel.data_parallel(weights, device, find_unused=unused) as step.hypernet:
         last = loop.run().get("loss", 0.0)
     for m in streams.modules():
