@@ -10,7 +10,7 @@ PHN-BN on the baselines report's shared reference point; then the spread of the 
 gains over the seeds and each target met or missed.
 
     python benchmarks/preference_control.py --kind two_task --run runs/mm_s0 --run runs/mm_s1 \
-        --out benchmarks/results/preference_control_multimnist_cpu.json
+        --against runs/mm_other --out benchmarks/results/preference_control_multimnist_cpu.json
 
 ``--kind two_task`` checks the MultiMNIST-family targets, ``--kind default`` those of the
 default config. A run's ``baselines/report.json`` is read when it exists.
@@ -168,18 +168,50 @@ def _spread(runs: list[dict]) -> dict:
     return out
 
 
-def _choice(run: Path, other: Path) -> dict:
-    """The validation split's figures of two runs of one anchor side by side, per budget:
-    what a choice between their settings is made on. Hypervolumes on one reference point
-    (1.1 x the worst normalised validation loss over both runs' sweeps)."""
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as ``{"section.key": value}``."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _setting(run: Path, first: Path) -> dict:
+    """The config keys where ``run`` differs from ``first``, the seed and data location
+    aside: what a choice between them is a choice of. A key a run's version did not have
+    takes today's built-in default, which keeps what that version did."""
+    import dataclasses
+
+    import yaml
+
+    from dymu.config import Config
+
+    defaults = _flat(dataclasses.asdict(Config()))
+    mine, theirs = (
+        {**defaults, **_flat(yaml.safe_load((p / "config.yaml").read_text()))}
+        for p in (run, first)
+    )
+    skip = {"run.seed", "data.root"}
+    return {k: mine[k] for k in sorted(mine) if k not in skip and mine[k] != theirs.get(k)}
+
+
+def _choice(run: Path, others: list[Path]) -> dict:
+    """The validation split's figures of runs of one anchor side by side, per budget: what a
+    choice between their settings is made on. Hypervolumes on one reference point (1.1 x
+    the worst normalised validation loss over all the runs' sweeps); each run's ``setting``
+    is how its config differs from the first run's."""
     from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
 
-    reports = {
-        str(p): json.loads((p / "report.json").read_text())["validation"] for p in (run, other)
-    }
+    paths = [run, *others]
+    reports = {str(p): json.loads((p / "report.json").read_text())["validation"] for p in paths}
     bases = [np.array(v["baseline"]["losses"]) for v in reports.values()]
-    if not np.allclose(bases[0], bases[1], rtol=1e-6):
-        raise ValueError(f"{run} and {other} have different single-task anchors")
+    for p, base in zip(paths[1:], bases[1:], strict=True):
+        if not np.allclose(bases[0], base, rtol=1e-6):
+            raise ValueError(f"{run} and {p} have different single-task anchors")
+    settings = {str(p): _setting(p, run) for p in paths}
     out = {}
     for key in reports[str(run)]["delta_m"]:
         norm = {}
@@ -189,6 +221,7 @@ def _choice(run: Path, other: Path) -> dict:
         ref = reference_point(np.concatenate(list(norm.values())))
         out[key] = {
             name: {
+                "setting": settings[name],
                 "hypervolume": hypervolume(norm[name], ref),
                 "delta_m": v["delta_m"][key],
                 "spearman": v["controllability"][key],
@@ -214,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=("two_task", "default"), required=True)
     ap.add_argument(
         "--against",
-        help="another run of the first run's anchor: their validation figures side by side "
-        "(the split a choice between their settings is made on)",
+        action="append",
+        default=[],
+        help="another run of the first run's anchor (repeat): the validation figures side by "
+        "side (the split a choice between their settings is made on)",
     )
     ap.add_argument("--out", help="write the figures here as JSON")
     args = ap.parse_args(argv)
@@ -234,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.against:
         try:
-            out["validation_choice"] = _choice(Path(args.run[0]), Path(args.against))
+            out["validation_choice"] = _choice(Path(args.run[0]), [Path(a) for a in args.against])
         except (OSError, ValueError, KeyError) as exc:
             print(f"preference_control: cannot compare with {args.against}: {exc}", file=sys.stderr)
             return 2
@@ -242,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, v in row.items():
                 if name != "reference_point":
                     print(
-                        f"validation, budget {key}, {name}: HV {v['hypervolume']:.4f}, delta_m "
+                        f"validation, budget {key}, {name} {v['setting']}: HV "
+                        f"{v['hypervolume']:.4f}, delta_m "
                         f"{v['delta_m']:+.2f}, trees {v['distinct_trees']}, Spearman "
                         f"{v['spearman']}, own vs other corner {v['vs_others']}"
                     )

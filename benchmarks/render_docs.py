@@ -652,11 +652,11 @@ def preference_trunk_choice(mnist: dict) -> list[str]:
         for name, v in row.items():
             if name == "reference_point":
                 continue
-            rule = "edge" if name.endswith("_edge") else "preference"
+            setting = ", ".join(f"`{k}: {x}`" for k, x in v["setting"].items()) or "the recipe"
             rows.append(
                 [
                     f"{float(key):.3f}" if key != "0.75" else key,
-                    f"`{rule}` ({name})",
+                    f"{name}: {setting}",
                     str(v["distinct_trees"]),
                     num(v["hypervolume"], 4),
                     signed(v["delta_m"], 2),
@@ -664,8 +664,8 @@ def preference_trunk_choice(mnist: dict) -> list[str]:
                     " / ".join(signed(x, 2) for x in v["vs_others"].values()),
                 ]
             )
-    header = ["budget", "stage1.trunk", "trees / 20", "HV (one reference point)", "delta_m %"]
-    header += ["Spearman", "own corner - other corner, points"]
+    header = ["budget", "run: how it differs", "trees / 20", "HV (one reference point)"]
+    header += ["delta_m %", "Spearman", "own corner - other corner, points"]
     return table(header, rows)
 
 
