@@ -84,13 +84,16 @@ def _run(run: Path) -> dict:
 
 def _wall_s(run: Path) -> float | None:
     """Seconds from the run's start (``env.json``'s ``created``) to its report: the whole
-    search where it ran in one go."""
+    search where it ran in one go; None where its stage-0 anchor is older than its start
+    (reused, so not a whole search)."""
     from datetime import datetime
 
     env = run / "env.json"
     if not env.is_file():
         return None
     start = datetime.fromisoformat(json.loads(env.read_text())["created"]).timestamp()
+    if (run / "anchor.json").stat().st_mtime < start:
+        return None
     return (run / "report.json").stat().st_mtime - start
 
 

@@ -669,6 +669,41 @@ def preference_trunk_choice(mnist: dict) -> list[str]:
     return table(header, rows)
 
 
+@renderer("preference_control_default", "preference_control_default_cpu.json")
+def preference_control_default(result: dict) -> list[str]:
+    tasks = list(next(iter(result["runs"][0]["budgets"].values()))["spearman"])
+    choice = result.get("validation_choice", {})
+    first, *others = next(iter(choice.values()), {"reference_point": None})
+    before = [name for name in others if name != "reference_point"]
+    header = ["seed", "budget", "FLOPs", "trees / 20", "delta_m % (test)"]
+    header += [f"validation delta_m %: this version / {name}" for name in before[:1]]
+    header += [f"Spearman: {' / '.join(tasks)}", f"corner loss gain: {' / '.join(tasks)}"]
+    rows = []
+    for run in result["runs"]:
+        for key, b in run["budgets"].items():
+            gains = b["corner_gain"]["tasks"]
+            cheapest = abs(float(key) - run["min_flops"]) < 1e-4  # keys are rounded (:g)
+            label = f"{float(key):.3f} (cheapest)" if cheapest else key
+            row = [str(run["seed"]), label, num(b["flops_mean"], 3), str(b["distinct_trees"])]
+            row.append(delta(b["delta_m"]))
+            if before and key in choice:
+                row.append(
+                    f"{delta(choice[key][first]['delta_m'])} / "
+                    f"{delta(choice[key][before[0]]['delta_m'])}"
+                )
+            row.append(_spearmans(b["spearman"]))
+            row.append(" / ".join(f"{gains[t]['loss_gain']:+.1e}" for t in tasks))
+            rows.append(row)
+    lines = [*table(header, rows), ""]
+    for seed, checks in result["targets"].items():
+        missed = [k for k, c in checks.items() if c["met"] is False]
+        met = sum(c["met"] is True for c in checks.values())
+        text = f"{seed}: {met} of {len(checks)} targets met"
+        text += f"; missed: {', '.join(missed)}" if missed else ""
+        lines += [*paragraph(text + "."), ""]
+    return lines[:-1]
+
+
 # ---------------------------------------------------------------- docs/deploy.md
 
 
