@@ -194,8 +194,7 @@ def _setting(run: Path, first: Path) -> dict:
 
     defaults = _flat(dataclasses.asdict(Config()))
     mine, theirs = (
-        {**defaults, **_flat(yaml.safe_load((p / "config.yaml").read_text()))}
-        for p in (run, first)
+        {**defaults, **_flat(yaml.safe_load((p / "config.yaml").read_text()))} for p in (run, first)
     )
     skip = {"run.seed", "data.root"}
     return {k: mine[k] for k in sorted(mine) if k not in skip and mine[k] != theirs.get(k)}
