@@ -260,13 +260,17 @@ def features(tree: TreeSpec) -> np.ndarray:
 
 
 def fit(trees: Sequence[TreeSpec], measured_ms: Sequence[float]) -> tuple[float, np.ndarray]:
-    """``(c, t [L-1, N])`` of the latency model, every node cost >= 0."""
+    """``(c, t [L-1, N])`` of the latency model, every cost >= 0, the constant too: it
+    prices the heads in :func:`latency_space`, and noisy timings on a busy machine once fitted
+    it at -0.35 ms (sklearn's ``positive`` leaves the intercept free, so it is a column)."""
     from sklearn.linear_model import LinearRegression
 
     x = np.stack([features(t) for t in trees])  # [K, N*(L-1)]
-    model = LinearRegression(positive=True).fit(x, np.asarray(measured_ms, dtype=np.float64))
+    x = np.hstack([np.ones((len(x), 1)), x])  # [K, 1 + N*(L-1)] the constant first
+    model = LinearRegression(positive=True, fit_intercept=False)
+    model.fit(x, np.asarray(measured_ms, dtype=np.float64))
     n, num_layers = trees[0].num_tasks, trees[0].num_layers
-    return float(model.intercept_), model.coef_.reshape(num_layers - 1, n)
+    return float(model.coef_[0]), model.coef_[1:].reshape(num_layers - 1, n)
 
 
 @dataclass

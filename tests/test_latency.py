@@ -73,6 +73,20 @@ def test_fit_never_prices_a_node_below_zero():
     assert node[1, 1] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_fit_never_prices_the_constant_below_zero():
+    """The constant prices the heads of the latency space, which refuses negative costs:
+    timings whose best line crosses zero (noise on a busy machine) get a constant of 0."""
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(0.5, 2.0, size=(LAYERS - 1, N))  # [L-1, N] ms per node
+    trees = [TreeSpec.no_sharing(N, LAYERS)] + [
+        TreeSpec.random(N, LAYERS, rng).canonical() for _ in range(40)
+    ]
+    ms = [-0.35 + float(latency.features(t) @ truth.ravel()) for t in trees]
+    const, node = latency.fit(trees, ms)
+    assert const == pytest.approx(0.0, abs=1e-9) and node.min() >= 0
+    latency.latency_space(_space(), _table(const, node))  # builds: no negative head cost
+
+
 def test_features_mark_the_used_nodes_below_the_last_layer():
     tree = TreeSpec.all_sharing(N, LAYERS, trunk=1)
     assert latency.features(tree).tolist() == [0.0, 1.0, 0.0] * (LAYERS - 1)
