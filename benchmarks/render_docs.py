@@ -582,14 +582,30 @@ def multimnist_phn(result: dict) -> list[str]:
     return table(header, rows)
 
 
+def _budget_label(run: dict, key: str) -> str:
+    """A preference_control.py budget key, ``0.606 (cheapest)`` for the cheapest tree's."""
+    cheapest = abs(float(key) - run["min_flops"]) < 1e-4  # keys are rounded (:g)
+    return f"{float(key):.3f} (cheapest)" if cheapest else key
+
+
+def _target_lines(prefix: str, checks: dict) -> list[str]:
+    """``<prefix>: k of n targets met; missed: ...; not measured: ...`` and a blank line."""
+    missed = [k for k, c in checks.items() if c["met"] is False]
+    unmeasured = [k for k, c in checks.items() if c["met"] is None]
+    met = sum(c["met"] is True for c in checks.values())
+    text = f"{prefix}: {met} of {len(checks)} targets met"
+    text += f"; missed: {', '.join(missed)}" if missed else ""
+    text += f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""
+    return [*paragraph(text + "."), ""]
+
+
 def _control_rows(name: str, result: dict) -> list[list[str]]:
     """One row per (seed, budget) of a preference_control.py result."""
     rows = []
     for run in result["runs"]:
         for key, b in run["budgets"].items():
             gains = b["corner_gain"]["tasks"]
-            cheapest = abs(float(key) - run["min_flops"]) < 1e-4  # keys are rounded (:g)
-            label = f"{float(key):.3f} (cheapest)" if cheapest else key
+            label = _budget_label(run, key)
             rows.append(
                 [
                     name,
@@ -631,14 +647,7 @@ def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
                     "",
                 ]
         for seed, checks in result["targets"].items():
-            missed = [k for k, c in checks.items() if c["met"] is False]
-            unmeasured = [k for k, c in checks.items() if c["met"] is None]
-            met = sum(c["met"] is True for c in checks.values())
-            text = f"{name}, {seed}: {met} of {len(checks)} targets met"
-            text += f"; missed: {', '.join(missed)}" if missed else ""
-            text += f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""
-            text += "."
-            lines += [*paragraph(text), ""]
+            lines += _target_lines(f"{name}, {seed}", checks)
     return lines[:-1]  # no blank line before the source note's own
 
 
@@ -682,8 +691,7 @@ def preference_control_default(result: dict) -> list[str]:
     for run in result["runs"]:
         for key, b in run["budgets"].items():
             gains = b["corner_gain"]["tasks"]
-            cheapest = abs(float(key) - run["min_flops"]) < 1e-4  # keys are rounded (:g)
-            label = f"{float(key):.3f} (cheapest)" if cheapest else key
+            label = _budget_label(run, key)
             row = [str(run["seed"]), label, num(b["flops_mean"], 3), str(b["distinct_trees"])]
             row.append(delta(b["delta_m"]))
             if before and key in choice:
@@ -696,11 +704,7 @@ def preference_control_default(result: dict) -> list[str]:
             rows.append(row)
     lines = [*table(header, rows), ""]
     for seed, checks in result["targets"].items():
-        missed = [k for k, c in checks.items() if c["met"] is False]
-        met = sum(c["met"] is True for c in checks.values())
-        text = f"{seed}: {met} of {len(checks)} targets met"
-        text += f"; missed: {', '.join(missed)}" if missed else ""
-        lines += [*paragraph(text + "."), ""]
+        lines += _target_lines(seed, checks)
     return lines[:-1]
 
 
