@@ -678,6 +678,24 @@ def preference_trunk_choice(mnist: dict) -> list[str]:
     return table(header, rows)
 
 
+@renderer("joint_sweep_multimnist", "joint_sweep_multimnist_cpu.json")
+def joint_sweep_multimnist(sweep: dict) -> list[str]:
+    first = sweep["settings"][0]
+    trunks = list(first["trunks"])
+    tasks = list(first["trunks"][trunks[0]]["val_losses"])
+    header = ["setting"]
+    header += [f"{t}'s trunk: {' / '.join(tasks)} loss" for t in trunks]
+    header += ["mean weighted loss", "joint stage s"]
+    rows = []
+    for s in sweep["settings"]:
+        row = [" ".join(f"`{o}`" for o in s["overrides"]) or "the run's config"]
+        for t in trunks:
+            row.append(" / ".join(num(v, 4) for v in s["trunks"][t]["val_losses"].values()))
+        row += [num(s["mean_weighted"], 3), num(s["seconds"], 0)]
+        rows.append(row)
+    return table(header, rows)
+
+
 @renderer("preference_control_default", "preference_control_default_cpu.json")
 def preference_control_default(result: dict) -> list[str]:
     tasks = list(next(iter(result["runs"][0]["budgets"].values()))["spearman"])
