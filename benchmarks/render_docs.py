@@ -654,10 +654,14 @@ def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
 @renderer("preference_trunk_choice", "preference_control_multimnist_cpu.json")
 def preference_trunk_choice(mnist: dict) -> list[str]:
     choice = mnist["validation_choice"]
-    rows = []
+    rows, shown, same = [], [], []
     for key, row in choice.items():
         if float(key) >= 1:
             continue
+        if any(choice[k] == row for k in shown):  # a budget that derives the same trees
+            same.append(key)
+            continue
+        shown.append(key)
         for name, v in row.items():
             if name == "reference_point":
                 continue
@@ -675,25 +679,40 @@ def preference_trunk_choice(mnist: dict) -> list[str]:
             )
     header = ["budget", "run: how it differs", "trees / 20", "HV (one reference point)"]
     header += ["delta_m %", "Spearman", "own corner - other corner, points"]
-    return table(header, rows)
+    lines = table(header, rows)
+    if same:
+        budgets = " and ".join(same)
+        lines += ["", f"Budget {budgets} gives the same figures for every run (the same trees)."]
+    return lines
 
 
-@renderer("joint_sweep_multimnist", "joint_sweep_multimnist_cpu.json")
-def joint_sweep_multimnist(sweep: dict) -> list[str]:
+def _joint_sweep(sweep: dict) -> list[str]:
     first = sweep["settings"][0]
     trunks = list(first["trunks"])
     tasks = list(first["trunks"][trunks[0]]["val_losses"])
     header = ["setting"]
-    header += [f"{t}'s trunk: {' / '.join(tasks)} loss" for t in trunks]
-    header += ["mean weighted loss", "joint stage s"]
+    owner = {t: f"{t}'" if t.endswith("s") else f"{t}'s" for t in trunks}  # edges' trunk
+    header += [f"{owner[t]} trunk: {' / '.join(tasks)} loss" for t in trunks]
+    header += ["weighted loss: mean / best trunk", "joint stage s"]
     rows = []
     for s in sweep["settings"]:
         row = [" ".join(f"`{o}`" for o in s["overrides"]) or "the run's config"]
         for t in trunks:
             row.append(" / ".join(num(v, 4) for v in s["trunks"][t]["val_losses"].values()))
-        row += [num(s["mean_weighted"], 3), num(s["seconds"], 0)]
+        row += [f"{num(s['mean_weighted'], 3)} / {num(s['best_weighted'], 3)}"]
+        row.append(num(s["seconds"], 0))
         rows.append(row)
     return table(header, rows)
+
+
+@renderer("joint_sweep_multimnist", "joint_sweep_multimnist_cpu.json")
+def joint_sweep_multimnist(sweep: dict) -> list[str]:
+    return _joint_sweep(sweep)
+
+
+@renderer("joint_sweep_default", "joint_sweep_default_cpu.json")
+def joint_sweep_default(sweep: dict) -> list[str]:
+    return _joint_sweep(sweep)
 
 
 @renderer("preference_control_default", "preference_control_default_cpu.json")
