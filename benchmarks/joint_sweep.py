@@ -35,10 +35,7 @@ from dymu.data import get_builder
 from dymu.errors import UserError
 from dymu.io import write_json
 from dymu.models.streams import TreeStreams
-from dymu.space.tree import TreeSpec
-from dymu.space.treenet import TreeNet
-from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint
-from dymu.train.loop import evaluate_model
+from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, cheapest_trees, ensure_joint
 from dymu.train.scales import loss_scales
 from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor
 
@@ -62,16 +59,15 @@ def _setting(run: Path, work: Path, overrides: list[str], data_split) -> dict:
     scales = loss_scales(anchor, val, device)  # [N] w_i
     tuned = ensure_joint(cfg, folder, anchor, train, val, scales=scales)
     streams = TreeStreams(tuned, anchor if cfg.joint.private_nodes else None)
-    n, layers = len(anchor.tasks), anchor.num_layers
-    trunks = {}
-    for k, stream in enumerate(anchor.tasks):
-        net = TreeNet(streams, TreeSpec.all_sharing(n, layers, k))
-        metrics, losses = evaluate_model(net, val, anchor.tasks, cfg.evaluate.batch_size, device)
-        trunks[stream.name] = {
-            "val_losses": dict(zip(anchor.task_names, losses, strict=True)),
-            "weighted": sum(w * v for w, v in zip(scales.tolist(), losses, strict=True)),
-            "val_metrics": metrics,
+    trees = cheapest_trees(streams, scales, val, cfg.evaluate.batch_size, device)
+    trunks = {
+        name: {
+            "val_losses": dict(zip(anchor.task_names, t["losses"], strict=True)),
+            "weighted": t["weighted"],
+            "val_metrics": t["metrics"],
         }
+        for name, t in trees.items()
+    }
     record = json.loads((folder / JOINT_JSON).read_text())
     return {
         "overrides": overrides,

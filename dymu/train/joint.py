@@ -267,6 +267,23 @@ def _optimizer(js: JointConfig, student: Anchor):
 
 
 @torch.no_grad()
+def cheapest_trees(
+    streams: TreeStreams | Anchor, scales: torch.Tensor, ds, batch_size: int, device
+) -> dict[str, dict[str, Any]]:
+    """Every stream's cheapest tree (every task on that stream's trunk) evaluated on ``ds``:
+    ``{stream: {"metrics", "losses" [N], "weighted": sum_i w_i L_i}}``, in task order."""
+    streams = TreeStreams.of(streams)
+    tasks = streams.tasks
+    n, num_layers = len(tasks), streams.num_layers
+    out = {}
+    for k, stream in enumerate(tasks):
+        net = TreeNet(streams, TreeSpec.all_sharing(n, num_layers, k))
+        metrics, losses = evaluate_model(net, ds, tasks, batch_size, device)
+        weighted = sum(w * v for w, v in zip(scales.tolist(), losses, strict=True))
+        out[stream.name] = {"metrics": metrics, "losses": losses, "weighted": weighted}
+    return out
+
+
 def best_trunk(
     anchor: Anchor, scales: torch.Tensor, val_ds, batch_size: int, device
 ) -> tuple[int, dict[str, float]]:
@@ -275,13 +292,9 @@ def best_trunk(
 
     Every rank computes it over the whole split, so all ranks agree without a broadcast.
     """
-    n, num_layers = len(anchor.tasks), anchor.num_layers
-    weighted = {}
-    for k, stream in enumerate(anchor.tasks):
-        net = TreeNet(anchor, TreeSpec.all_sharing(n, num_layers, k))
-        _, losses = evaluate_model(net, val_ds, anchor.tasks, batch_size, device)
-        weighted[stream.name] = sum(w * v for w, v in zip(scales.tolist(), losses, strict=True))
-    best = min(range(n), key=lambda k: weighted[anchor.tasks[k].name])
+    trees = cheapest_trees(anchor, scales, val_ds, batch_size, device)
+    weighted = {name: t["weighted"] for name, t in trees.items()}
+    best = min(range(len(anchor.tasks)), key=lambda k: weighted[anchor.tasks[k].name])
     return best, weighted
 
 
