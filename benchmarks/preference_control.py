@@ -73,13 +73,39 @@ def _run(run: Path) -> dict:
                 m: methods[m]["label"] for m in ("static", "phn_bn") if m in methods
             }
         budgets[k] = row
-    return {
+    out = {
         "run": str(run),
         "seed": seed,
         "wall_s": _wall_s(run),
         "min_flops": report["min_flops_fraction"],
         "budgets": budgets,
     }
+    static = run / "baselines" / "static.json"
+    if static.is_file():
+        first = next(iter(budgets.values()))["corner_gain"]["tasks"]
+        out["static_span"] = _static_span(json.loads(static.read_text())["points"], first)
+    return out
+
+
+def _static_span(points: list[dict], gains: dict) -> dict:
+    """Per task, the static shared models' own lever: the task's metric under the model
+    trained with the most weight on it minus under the one with the least (test split).
+    What per-preference training buys a task on this data, beside DYMU's corner gaps."""
+    out = {}
+    for k, (task, gain) in enumerate(gains.items()):
+        metric = gain["metric"]
+        hi = max(points, key=lambda p: p["preference"][k])
+        lo = min(points, key=lambda p: p["preference"][k])
+        top, low = hi["metrics"][task][metric], lo["metrics"][task][metric]
+        out[task] = {
+            "metric": metric,
+            "most_weight": hi["preference"][k],
+            "least_weight": lo["preference"][k],
+            "at_most": top,
+            "at_least": low,
+            "gap": (top - low) if gain["higher_is_better"] else (low - top),
+        }
+    return out
 
 
 def _wall_s(run: Path) -> float | None:
@@ -297,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  budget {k}: trees {row['distinct_trees']}, delta_m {row['delta_m']:+.2f}, "
                 f"Spearman {spear}; corner gain {gains}"
+            )
+        for t, v in r.get("static_span", {}).items():
+            print(
+                f"  static models, {t}: {v['at_most']:.2f} at weight {v['most_weight']:.2f}, "
+                f"{v['at_least']:.2f} at {v['least_weight']:.2f} ({v['gap']:+.2f})"
             )
     for seed, checks in out["targets"].items():
         missed = [

@@ -638,14 +638,23 @@ def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
             if hv:
                 labels = run["budgets"]["0.75"]["baseline_labels"]
                 others = ", ".join(f"{labels[m]} {num(v, 2)}" for m, v in hv.items() if m != "dymu")
-                lines += [
-                    *paragraph(
-                        f"{name}, seed {run['seed']}, budget 0.75, hypervolume on the baselines "
-                        f"report's reference point (`dymu baselines`, 2 epochs each): DYMU "
-                        f"{num(hv['dymu'], 2)}; {others}."
-                    ),
-                    "",
-                ]
+                text = (
+                    f"{name}, seed {run['seed']}, budget 0.75, hypervolume on the baselines "
+                    f"report's reference point (`dymu baselines`, 2 epochs each): DYMU "
+                    f"{num(hv['dymu'], 2)}; {others}."
+                )
+                span = run.get("static_span")
+                if span:
+                    text += " The static models' own lever, each task's metric under the model "
+                    text += "with the most weight on it minus under the one with the least: "
+                    text += "; ".join(
+                        f"{t} {num(v['at_most'], 2)} at {num(v['most_weight'], 2)} - "
+                        f"{num(v['at_least'], 2)} at {num(v['least_weight'], 2)} = "
+                        f"{signed(v['gap'], 2)}"
+                        for t, v in span.items()
+                    )
+                    text += "."
+                lines += [*paragraph(text), ""]
         for seed, checks in result["targets"].items():
             lines += _target_lines(f"{name}, {seed}", checks)
     return lines[:-1]  # no blank line before the source note's own

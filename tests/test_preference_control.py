@@ -1,0 +1,101 @@
+"""benchmarks/preference_control.py: the issue's targets and the static models' own lever,
+read from a run's report and baselines, on hand-made files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pc():
+    spec = importlib.util.spec_from_file_location(
+        "preference_control", ROOT / "benchmarks" / "preference_control.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gain(own: float, other: float) -> dict:
+    return {
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "own_corner": own,
+        "uniform": own - 0.5,
+        "gain": 0.5,
+        "loss_gain": 0.01,
+        "vs_others": own - other,
+    }
+
+
+def _point(preference: list[float], left: float, right: float) -> dict:
+    """One static model's test point."""
+    metrics = {"left": {"accuracy": left}, "right": {"accuracy": right}}
+    return {"preference": preference, "metrics": metrics}
+
+
+def _write_run(folder: Path, seed: int, vs_left: float, with_static: bool) -> Path:
+    """A run whose two budgets (0.6 cheapest, 0.75) share one set of figures."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"run:\n  seed: {seed}\n")
+    per_budget = {
+        "0.6": {"left": 0.8, "right": 0.7},
+        "0.75": {"left": 0.8, "right": 0.7},
+    }
+    corner = {"tasks": {"left": _gain(97.0, 97.0 - vs_left), "right": _gain(96.0, 94.0)}}
+    report = {
+        "budgets": [0.6, 0.75],
+        "min_flops_fraction": 0.6,
+        "flops": {k: {"mean": float(k)} for k in per_budget},
+        "delta_m": {k: -1.0 for k in per_budget},
+        "distinct_trees": {k: 2 for k in per_budget},
+        "controllability": per_budget,
+        "controllability_loss": per_budget,
+        "corner_gain": {k: corner for k in per_budget},
+        "hypervolume": {k: 0.1 for k in per_budget},
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+    if with_static:
+        points = [
+            _point([0.9, 0.1], 97.5, 90.0),
+            _point([0.5, 0.5], 97.2, 95.0),
+            _point([0.25, 0.75], 96.5, 95.5),
+        ]
+        (folder / "baselines").mkdir()
+        (folder / "baselines" / "static.json").write_text(json.dumps({"points": points}))
+    return folder
+
+
+def test_corner_gap_target_and_static_lever(pc, tmp_path, capsys):
+    met = _write_run(tmp_path / "met", 0, vs_left=1.6, with_static=True)
+    missed = _write_run(tmp_path / "missed", 1, vs_left=1.4, with_static=False)
+    out = tmp_path / "out.json"
+    argv = ["--kind", "two_task", "--run", str(met), "--run", str(missed), "--out", str(out)]
+    assert pc.main(argv) == 0
+    result = json.loads(out.read_text())
+    first, second = result["targets"].values()
+    assert first["0.6 own corner vs other"]["met"] is True
+    assert second["0.6 own corner vs other"]["met"] is False
+    assert second["0.6 own corner vs other"]["got"] == pytest.approx(1.4)
+    # the static models' lever: most weight on a task minus least, per task
+    span = result["runs"][0]["static_span"]
+    assert span["left"]["gap"] == pytest.approx(97.5 - 96.5)
+    assert (span["left"]["most_weight"], span["left"]["least_weight"]) == (0.9, 0.25)
+    assert span["right"]["gap"] == pytest.approx(95.5 - 90.0)
+    assert "static_span" not in result["runs"][1]  # no baselines: nothing invented
+    assert (
+        "static models, right: 95.50 at weight 0.75, 90.00 at 0.10 (+5.50)"
+        in capsys.readouterr().out
+    )
+
+
+def test_a_missing_run_is_one_line_and_exit_2(pc, tmp_path, capsys):
+    assert pc.main(["--kind", "two_task", "--run", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("preference_control: cannot read a run")
