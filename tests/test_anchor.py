@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from dymu.config import ModelConfig
 from dymu.errors import UserError
 from dymu.models.anchor import StackedAnchor, build_anchor, load_anchor_weights, save_anchor
 from dymu.models.flops import count_flops
+from dymu.models.streams import TreeStreams
 from dymu.space.anchor_space import anchor_space
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
@@ -114,6 +117,62 @@ def test_shared_prefix_runs_once(anchor):
     last = num_layers - 1
     expected = {(li, 1): 1 for li in range(last)} | {(last, j): 1 for j in range(3)}
     assert calls == expected
+
+
+def test_trees_of_one_batch_share_nodes_and_match_separate_runs(anchor):
+    """The joint stage's sandwich (``shared=``): nodes and heads two trees have in common
+    run once, and outputs and gradients equal those of each tree run on its own (float64,
+    with the private-node rule, so one (layer, stream) runs two sets of weights)."""
+    tuned = copy.deepcopy(anchor).double()
+    private = copy.deepcopy(anchor).double()
+    with torch.no_grad():
+        for q in tuned.parameters():
+            q.add_(0.01 * torch.randn_like(q))  # the tuned weights differ from stage 0's
+    streams = TreeStreams(tuned, private)
+    n, num_layers = len(SPECS), anchor.num_layers
+    trees = [
+        TreeSpec.all_sharing(n, num_layers, trunk=1),
+        TreeSpec.branching(n, num_layers, 1, [1, num_layers - 1, 0]),
+        TreeSpec.no_sharing(n, num_layers),  # all private: stage 0's weights
+        TreeSpec.random(n, num_layers, np.random.default_rng(3)),
+    ]
+    x = torch.rand(2, 3, *SIZE, dtype=torch.float64)
+    calls = {"n": 0}
+
+    def count(*_):
+        calls["n"] += 1
+
+    def run(shared):
+        tuned.zero_grad(set_to_none=True)
+        calls["n"] = 0
+        outs = [TreeNet(streams, t)(x, shared=shared) for t in trees]
+        sum(o.square().mean() for out in outs for o in out.values()).backward()
+        grads = [None if q.grad is None else q.grad.clone() for q in tuned.parameters()]
+        return outs, grads, calls["n"]
+
+    handles = [
+        layer.register_forward_hook(count)
+        for weights in (tuned, private)
+        for stream in weights.streams
+        for layer in stream.layers
+    ]
+    try:
+        alone, grads_alone, calls_alone = run(None)
+        shared, grads_shared, calls_shared = run({})
+    finally:
+        for h in handles:
+            h.remove()
+    for a, b in zip(alone, shared, strict=True):
+        _close(a, b, atol=1e-12)
+    assert sum(g is not None for g in grads_alone) > 0
+    for a, b in zip(grads_alone, grads_shared, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    # the trunk's layers 0..1 (and the rest of the trunk task's path) run once, not twice
+    assert calls_shared < calls_alone
+    with pytest.raises(ValueError, match="do not mix"):
+        TreeNet(streams, trees[0])(x, bn_offsets={}, shared={})
 
 
 def test_save_and_load_round_trip_and_mismatch(anchor, tmp_path):

@@ -45,29 +45,51 @@ class TreeNet(nn.Module):
         self,
         image: Tensor,
         bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
+        shared: dict[tuple, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Every task's head output; ``bn_offsets`` (from the weight hypernet) are added to
         the BatchNorm affine parameters of the nodes they name, except private nodes (those
         that run stage 0's weights), so that a task that shares nothing keeps its
-        single-task network exactly."""
+        single-task network exactly.
+
+        ``shared``: a dict kept across the trees of one batch (the joint stage's sandwich).
+        A node is named by the weights it runs and its whole path from the image, a head by
+        its task, weights and path, so every node and head two trees have in common runs
+        once and both trees read it: the same outputs and gradients as running each tree
+        on its own, for a part of the compute (the sandwich's trees share their trunk). Not
+        with ``bn_offsets``, which differ per tree.
+        """
+        if shared is not None and bn_offsets is not None:
+            raise ValueError("TreeNet: shared nodes and bn_offsets do not mix")
+        cache: dict[tuple, Tensor] = {} if shared is None else shared
         size = (image.shape[-2], image.shape[-1])
-        nodes: dict[tuple[int, int], Tensor] = {}
+        keys: dict[tuple[int, int], tuple] = {}  # (layer, j) -> the node's name in the cache
         for layer, used in enumerate(self._used):
             for j, is_used in enumerate(used):
                 if not is_used:
                     continue
-                x = image if layer == 0 else nodes[(layer - 1, self.tree.parents[layer - 1][j])]
-                module = self.source(layer, j).streams[j].layers[layer]
+                parent = None if layer == 0 else keys[(layer - 1, self.tree.parents[layer - 1][j])]
+                source = self.source(layer, j)
+                key = keys[(layer, j)] = (layer, j, id(source), parent)
+                if key in cache:
+                    continue
+                x = image if parent is None else cache[parent]
+                module = source.streams[j].layers[layer]
                 adapted = bn_offsets is not None and self._adapts[layer][j]
                 deltas = bn_offsets.get((layer, j)) if adapted else None
                 if deltas:
                     own = dict(module.named_parameters())
                     shifted = {name: own[name] + d for name, d in deltas.items()}
-                    nodes[(layer, j)] = functional_call(module, shifted, (x,))
+                    cache[key] = functional_call(module, shifted, (x,))
                 else:
-                    nodes[(layer, j)] = module(x)
+                    cache[key] = module(x)
         out = {}
+        last = len(self._used) - 1
         for j, task in enumerate(self.anchor.tasks):
-            path = [nodes[(layer, s)] for layer, s in enumerate(self.tree.path(j))]
-            out[task.name] = self.source(len(self._used) - 1, j).run_head(j, path, size)
+            path = tuple(keys[(layer, s)] for layer, s in enumerate(self.tree.path(j)))
+            source = self.source(last, j)
+            key = ("head", j, id(source), path)
+            if key not in cache:
+                cache[key] = source.run_head(j, [cache[k] for k in path], size)
+            out[task.name] = cache[key]
         return out

@@ -13,10 +13,12 @@ step runs
 - ``joint.random_trees`` random trees: with ``joint.random_kind: branch`` every task leaves
   the cheapest tree's trunk at a random layer, with ``uniform`` every parent is random,
 
-on the same batch, and sums their losses. Each tree's loss is its label loss plus in-place
-distillation towards the frozen stage-0 anchor's outputs (the teacher every tree should
-approximate; with the anchor tree in the sandwich it still drifted, by 6-23% in validation
-loss on the default config, which is why private nodes keep stage 0's weights):
+on the same batch, and sums their losses (a node or head two trees share, the same weights
+on the same path from the image, runs once for both). Each tree's loss is its label loss
+plus in-place distillation towards the frozen stage-0 anchor's outputs (the teacher every
+tree should approximate; with the anchor tree in the sandwich it still drifted, by 6-23%
+in validation loss on the default config, which is why private nodes keep stage 0's
+weights):
 
     sum_trees sum_i w_i [ L_i(y_T, labels) + distill * ||y_T,i - y_0,i||^2 / Var(y_0,i) ]
 
@@ -133,6 +135,7 @@ class JointStep:
     flip_gen: torch.Generator
     device: torch.device
     batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
+    share: bool = True  # nodes the trees share run once (False: each tree on its own)
 
     def __call__(self, i: int, log: bool) -> dict[str, float] | None:
         js, tasks = self.js, self.teacher.tasks
@@ -152,8 +155,9 @@ class JointStep:
         with torch.no_grad():
             target = self.teacher(batch["image"])
         labels = distilled = torch.zeros((), device=self.device)
-        for tree in trees:
-            out = TreeNet(TreeStreams(self.student, self.private), tree)(batch["image"])
+        streams, shared = TreeStreams(self.student, self.private), {} if self.share else None
+        for tree in trees:  # nodes the trees share (the trunk, at least) run once
+            out = TreeNet(streams, tree)(batch["image"], shared=shared)
             for k, t in enumerate(tasks):
                 labels = labels + self.scales[k] * t.loss(out[t.name], batch[t.name])
                 distilled = distilled + self.scales[k] * distillation(out[t.name], target[t.name])
