@@ -724,6 +724,27 @@ def joint_sweep_default(sweep: dict) -> list[str]:
     return _joint_sweep(sweep)
 
 
+@renderer("joint_step", "joint_step_default_cpu.json", "joint_step_multimnist_cpu.json")
+def joint_step(default: dict, mnist: dict) -> list[str]:
+    header = ["config", "trees per step", "batch", "shared nodes, ms/step"]
+    header += ["each tree on its own, ms/step", "speed-up"]
+    rows = []
+    for name, r in (("default", default), ("MultiMNIST", mnist)):
+        trees = 1 + r["joint"]["random_trees"] + (0 if r["joint"]["private_nodes"] else 1)
+        ms = r["ms_per_step"]
+        rows.append(
+            [
+                name,
+                str(trees),
+                str(r["batch_size"]),
+                num(ms["shared"], 1),
+                num(ms["separate"], 1),
+                f"x{num(r['speedup'], 2)}",
+            ]
+        )
+    return table(header, rows)
+
+
 @renderer("preference_control_default", "preference_control_default_cpu.json")
 def preference_control_default(result: dict) -> list[str]:
     tasks = list(next(iter(result["runs"][0]["budgets"].values()))["spearman"])
@@ -740,10 +761,13 @@ def preference_control_default(result: dict) -> list[str]:
             label = _budget_label(run, key)
             row = [str(run["seed"]), label, num(b["flops_mean"], 3), str(b["distinct_trees"])]
             row.append(delta(b["delta_m"]))
-            if before and key in choice:
+            if before:  # the comparison is of the first run (its anchor) only
+                compared = key in choice and run is result["runs"][0]
                 row.append(
                     f"{delta(choice[key][first]['delta_m'])} / "
                     f"{delta(choice[key][before[0]]['delta_m'])}"
+                    if compared
+                    else "-"
                 )
             row.append(_spearmans(b["spearman"]))
             row.append(" / ".join(f"{gains[t]['loss_gain']:+.1e}" for t in tasks))
