@@ -719,6 +719,11 @@ def joint_sweep_multimnist(sweep: dict) -> list[str]:
     return _joint_sweep(sweep)
 
 
+@renderer("joint_sweep_multimnist_steps", "joint_sweep_multimnist_steps_cpu.json")
+def joint_sweep_multimnist_steps(sweep: dict) -> list[str]:
+    return _joint_sweep(sweep)
+
+
 @renderer("joint_sweep_default", "joint_sweep_default_cpu.json")
 def joint_sweep_default(sweep: dict) -> list[str]:
     return _joint_sweep(sweep)
