@@ -1,0 +1,24 @@
+"""benchmarks/joint_step.py: bad input is one line and exit 2 (its timings are benchmarks,
+not tests; the sharing it times is checked in tests/test_anchor.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "joint_step", ROOT / "benchmarks" / "joint_step.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_refused_override_is_one_line_and_exit_2(capsys):
+    assert _script().main(["joint.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("joint_step: ")
