@@ -16,7 +16,6 @@ each and their ratio.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import statistics
@@ -24,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dymu.config import load_config, to_dict
@@ -33,7 +31,7 @@ from dymu.errors import UserError
 from dymu.io import write_json
 from dymu.models.anchor import build_anchor
 from dymu.train.engine import frozen
-from dymu.train.joint import JointStep, _optimizer
+from dymu.train.joint import JointStep
 from dymu.train.stage0 import load_splits
 
 
@@ -41,15 +39,9 @@ def _step(cfg, anchor, train) -> JointStep:
     """The joint stage's step as ``train_joint`` builds it (every trunk drawn at random
     when ``joint.trunk`` is random, else the first stream's: timing does not depend on it)."""
     js = cfg.joint
-    teacher = frozen(anchor, torch.device("cpu"))
-    student = copy.deepcopy(teacher)
-    student.requires_grad_(True)
-    opt, sched = _optimizer(js, student)
-    step = JointStep(
-        js, teacher, student, teacher if js.private_nodes else None,
-        torch.ones(len(anchor.tasks)), None if js.trunk == "random" else 0, opt, sched,
-        np.random.default_rng(0), torch.Generator().manual_seed(0), torch.device("cpu"),
-    )  # fmt: skip
+    cpu = torch.device("cpu")
+    trunk = None if js.trunk == "random" else 0
+    step = JointStep.build(js, frozen(anchor, cpu), torch.ones(len(anchor.tasks)), trunk, 0, cpu)
     step.batches = endless(train, js.batch_size, seed=0)
     return step
 

@@ -3,19 +3,15 @@ not tests; the sharing it times is checked in tests/test_anchor.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import load_script
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "joint_step.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "joint_step", ROOT / "benchmarks" / "joint_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PATH, "joint_step_under_test")
 
 
 def test_a_refused_override_is_one_line_and_exit_2(capsys):

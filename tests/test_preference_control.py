@@ -3,23 +3,18 @@ read from a run's report and baselines, on hand-made files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from tiny import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "preference_control.py"
 
 
 @pytest.fixture(scope="module")
 def pc():
-    spec = importlib.util.spec_from_file_location(
-        "preference_control", ROOT / "benchmarks" / "preference_control.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PATH, "preference_control_under_test")
 
 
 def _gain(own: float, other: float) -> dict:

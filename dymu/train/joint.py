@@ -137,6 +137,31 @@ class JointStep:
     batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
     share: bool = True  # nodes the trees share run once (False: each tree on its own)
 
+    @classmethod
+    def build(
+        cls,
+        js: JointConfig,
+        teacher: Anchor,
+        scales: torch.Tensor,
+        trunk: int | None,
+        seed: int,
+        device: torch.device,
+    ) -> JointStep:
+        """The step ``train_joint`` runs: a trainable copy of the frozen ``teacher`` (which
+        private nodes run under ``joint.private_nodes``), its optimizer and schedule, and
+        the tree and flip generators seeded with ``seed``, all on ``device``."""
+        student = copy.deepcopy(teacher)
+        student.requires_grad_(True)
+        student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
+        opt, sched = _optimizer(js, student)
+        # joint.private_nodes: private nodes run stage 0's weights, as the trees will later;
+        # the anchor tree (all private) then trains nothing and leaves the sandwich.
+        private = teacher if js.private_nodes else None
+        return cls(
+            js, teacher, student, private, scales, trunk, opt, sched,
+            np.random.default_rng(seed), torch.Generator().manual_seed(seed), device,
+        )  # fmt: skip
+
     def __call__(self, i: int, log: bool) -> dict[str, float] | None:
         js, tasks = self.js, self.teacher.tasks
         n, num_layers = len(tasks), self.teacher.num_layers
@@ -202,26 +227,17 @@ def train_joint(
     check_flips(train_ds.info, {"joint.hflip": js.hflip})
     dist.setup(device)
     teacher = frozen(anchor, device)
-    student = copy.deepcopy(teacher)
-    student.requires_grad_(True)
-    student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
     if scales is None:  # [N] w_i: the caller's, else computed by their one definition
         scales = loss_scales(teacher, val_ds, device)
     scales = scales.to(device)
-    opt, sched = _optimizer(js, student)
     trunk, trunk_losses = None, None
     if js.trunk == "best":
         trunk, trunk_losses = best_trunk(teacher, scales, val_ds, js.batch_size, device)
         if dist.is_main():
             print(f"joint stage: cheapest trees on {anchor.tasks[trunk].name}'s trunk")
-    # joint.private_nodes: private nodes run stage 0's weights, as the trees will later;
-    # the anchor tree (all private) then trains nothing and leaves the sandwich.
-    private = teacher if js.private_nodes else None
     seed = cfg.run.seed + 7
-    step = JointStep(
-        js, teacher, student, private, scales, trunk, opt, sched,
-        np.random.default_rng(seed), torch.Generator().manual_seed(seed), device,
-    )  # fmt: skip
+    step = JointStep.build(js, teacher, scales, trunk, seed, device)
+    student, opt, sched, private = step.student, step.optimizer, step.scheduler, step.private
     loop = StepLoop(
         name="joint",
         label="joint stage",
