@@ -230,11 +230,13 @@ def _choice(run: Path, others: list[Path]) -> dict:
     """The validation split's figures of runs of one anchor side by side, per budget: what a
     choice between their settings is made on. Hypervolumes on one reference point (1.1 x
     the worst normalised validation loss over all the runs' sweeps); each run's ``setting``
-    is how its config differs from the first run's."""
+    is how its config differs from the first run's. ``test_delta_m`` is there to report
+    what the choice gave, not to make it."""
     from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
 
     paths = [run, *others]
-    reports = {str(p): json.loads((p / "report.json").read_text())["validation"] for p in paths}
+    full = {str(p): json.loads((p / "report.json").read_text()) for p in paths}
+    reports = {name: report["validation"] for name, report in full.items()}
     bases = [np.array(v["baseline"]["losses"]) for v in reports.values()]
     for p, base in zip(paths[1:], bases[1:], strict=True):
         if not np.allclose(bases[0], base, rtol=1e-6):
@@ -252,6 +254,7 @@ def _choice(run: Path, others: list[Path]) -> dict:
                 "setting": settings[name],
                 "hypervolume": hypervolume(norm[name], ref),
                 "delta_m": v["delta_m"][key],
+                "test_delta_m": full[name]["delta_m"][key],  # reported, not chosen on
                 "spearman": v["controllability"][key],
                 "vs_others": {t: g["vs_others"] for t, g in v["corner_gain"][key]["tasks"].items()}
                 if "corner_gain" in v

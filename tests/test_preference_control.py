@@ -94,3 +94,41 @@ def test_a_missing_run_is_one_line_and_exit_2(pc, tmp_path, capsys):
     assert pc.main(["--kind", "two_task", "--run", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("preference_control: cannot read a run")
+
+
+def _write_validated(folder: Path, config: str, losses: list[list[float]], test_dm: float) -> Path:
+    """A run with a validation section at one budget (0.5): its rows' losses, against a
+    single-task baseline of 1.0 per task."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(config)
+    rows = [{"budget": 0.5, "losses": row, "tree": f"t{i % 2}"} for i, row in enumerate(losses)]
+    validation = {
+        "baseline": {"losses": [1.0, 1.0]},
+        "rows": rows,
+        "delta_m": {"0.5": -1.0 - test_dm},
+        "controllability": {"0.5": {"left": 0.5, "right": 0.5}},
+    }
+    report = {"delta_m": {"0.5": test_dm}, "validation": validation}
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_validation_choice_shows_settings_and_test_delta_m_beside(pc, tmp_path):
+    first = _write_validated(tmp_path / "a", "run:\n  seed: 0\n", [[1.0, 1.2], [1.2, 1.0]], -1.0)
+    worse = _write_validated(
+        tmp_path / "b", "run:\n  seed: 0\nstage2:\n  adapter_rank: 0\n", [[1.1, 1.3], [1.3, 1.1]], -2.0
+    )
+    choice = pc._choice(first, [worse])["0.5"]
+    a, b = choice[str(first)], choice[str(worse)]
+    assert a["setting"] == {} and b["setting"] == {"stage2.adapter_rank": 0}
+    assert (a["test_delta_m"], b["test_delta_m"]) == (-1.0, -2.0)
+    assert (a["delta_m"], b["delta_m"]) == (0.0, 1.0)  # the validation figures decide
+    assert a["hypervolume"] > b["hypervolume"] > 0  # b is dominated, on one reference point
+    assert (a["distinct_trees"], b["distinct_trees"]) == (2, 2)
+    # another anchor: no comparison
+    other = _write_validated(tmp_path / "c", "run:\n  seed: 1\n", [[1.0, 1.0]], 0.0)
+    other_report = json.loads((other / "report.json").read_text())
+    other_report["validation"]["baseline"]["losses"] = [2.0, 1.0]
+    (other / "report.json").write_text(json.dumps(other_report))
+    with pytest.raises(ValueError, match="different single-task anchors"):
+        pc._choice(first, [other])

@@ -1,0 +1,42 @@
+"""benchmarks/adaptation_ceiling.py: the within-tree gaps it reports, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import load_script
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "adaptation_ceiling.py"
+
+
+@pytest.fixture(scope="module")
+def ceiling():
+    return load_script(PATH, "adaptation_ceiling_under_test")
+
+
+def test_corners_put_the_issue_weight_on_one_task(ceiling):
+    r = ceiling.corner(3, 1)
+    assert r.tolist() == pytest.approx([0.05, 0.9, 0.05])
+
+
+def test_gap_is_own_corner_minus_the_others_mean_signed_so_better_is_positive(ceiling):
+    # rows: the corner an adaptation was trained for; columns: each task's metric under it
+    at = {
+        "acc": {"acc": 90.0, "err": 0.30, "iou": 50.0},
+        "err": {"acc": 86.0, "err": 0.20, "iou": 49.0},
+        "iou": {"acc": 88.0, "err": 0.40, "iou": 53.0},
+    }
+    signs = {"acc": 1.0, "err": -1.0, "iou": 1.0}
+    gaps = ceiling._gaps(at, signs)
+    assert gaps["acc"] == pytest.approx(90.0 - 87.0)
+    assert gaps["err"] == pytest.approx(-(0.20 - 0.35))  # a lower error at its corner: > 0
+    assert gaps["iou"] == pytest.approx(53.0 - 49.5)
+
+
+def test_a_folder_that_is_not_a_finished_run_is_one_line_and_status_2(ceiling, tmp_path, capsys):
+    assert ceiling.main(["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"adaptation_ceiling: {tmp_path} is not a finished search run: config.yaml is missing"
+    ]
