@@ -695,6 +695,33 @@ def preference_trunk_choice(mnist: dict) -> list[str]:
     return lines
 
 
+@renderer("ablation_valtest", "ablation_validation_default_cpu.json")
+def ablation_valtest(result: dict) -> list[str]:
+    """The deciding comparisons of the ablation, run again on one anchor and decided on
+    validation; test's delta_m beside, as reported."""
+    choice, rows = result["validation_choice"], []
+    for key, row in choice.items():
+        for name, v in row.items():
+            if name == "reference_point":
+                continue
+            setting = ", ".join(f"`{k}={x}`" for k, x in v["setting"].items()) or "the default"
+            rows.append(
+                [
+                    budget_label(key) if key in BUDGETS else f"{float(key):.3f} (cheapest)",
+                    f"{name}: {setting}",
+                    str(v["distinct_trees"]),
+                    num(v["hypervolume"] * 1e4, 3),
+                    f"{signed(v['delta_m'], 2)} / {signed(v['test_delta_m'], 2)}",
+                    _spearmans(v["spearman"]),
+                ]
+            )
+    some = next(v for row in choice.values() for n, v in row.items() if n != "reference_point")
+    tasks = " / ".join(some["spearman"])
+    header = ["budget", "run: how it differs", "trees / 20", "HV x 1e4, val (one reference point)"]
+    header += ["delta_m %: val / test", f"controllability, val: {tasks}"]
+    return table(header, rows)
+
+
 def _joint_sweep(sweep: dict) -> list[str]:
     first = sweep["settings"][0]
     trunks = list(first["trunks"])

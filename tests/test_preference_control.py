@@ -115,9 +115,8 @@ def _write_validated(folder: Path, config: str, losses: list[list[float]], test_
 
 def test_validation_choice_shows_settings_and_test_delta_m_beside(pc, tmp_path):
     first = _write_validated(tmp_path / "a", "run:\n  seed: 0\n", [[1.0, 1.2], [1.2, 1.0]], -1.0)
-    worse = _write_validated(
-        tmp_path / "b", "run:\n  seed: 0\nstage2:\n  adapter_rank: 0\n", [[1.1, 1.3], [1.3, 1.1]], -2.0
-    )
+    config = "run:\n  seed: 0\nstage2:\n  adapter_rank: 0\n"
+    worse = _write_validated(tmp_path / "b", config, [[1.1, 1.3], [1.3, 1.1]], -2.0)
     choice = pc._choice(first, [worse])["0.5"]
     a, b = choice[str(first)], choice[str(worse)]
     assert a["setting"] == {} and b["setting"] == {"stage2.adapter_rank": 0}
