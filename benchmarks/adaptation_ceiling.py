@@ -124,15 +124,17 @@ def _probe(argv: list[str] | None) -> int:
         frozen(m, device)
     scales = loss_scales(run.baseline, val, device)  # [N] w_i, as stage 2's
     corners = [corner(n, k) for k in range(n)]
-    trees = {}
-    for r in corners:  # the trees the run derives at the corners, each once
+    trees, at_corner = {}, {}
+    for k, r in enumerate(corners):  # the trees the run derives at the corners, each once
         tree = run.edge.tree(torch.tensor(r, dtype=torch.float32), budget, run.space)
         trees.setdefault(tree.hash(), tree)
+        at_corner[names[k]] = tree.hash()
     out = {
         "command": "python benchmarks/adaptation_ceiling.py "
         + " ".join(sys.argv[1:] if argv is None else argv)
     }
-    out.update(run=str(args.run), budget=budget, corner=CORNER, split="val", trees=[])
+    out.update(run=str(args.run), budget=budget, corner=CORNER, split="val")
+    out.update(tree_at_corner=at_corner, trees=[])
     for h, tree in trees.items():
         row = {"tree": h, "trained_for_corner": {}, "hypernet_at_corner": {}}
         for k, r in enumerate(corners):
@@ -145,15 +147,38 @@ def _probe(argv: list[str] | None) -> int:
         row["ceiling"] = _gaps(row["trained_for_corner"], signs)
         row["hypernet"] = _gaps(row["hypernet_at_corner"], signs)
         out["trees"].append(row)
+    out["corner_gap"] = corner_gaps(out, signs)
     out["seconds"] = time.perf_counter() - start
     for row in out["trees"]:
         cells = ", ".join(
             f"{t} {row['ceiling'][t]:+.2f} (hypernet {row['hypernet'][t]:+.2f})" for t in names
         )
         print(f"tree {row['tree']}: own corner - other corners, val, trained for each: {cells}")
+    cells = ", ".join(
+        f"{t} {g['trained_for_corner']:+.2f} (hypernet {g['hypernet_at_corner']:+.2f})"
+        for t, g in out["corner_gap"].items()
+    )
+    print(f"each corner on its own tree: own corner - other corners, val: {cells}")
     if args.out is not None:
         write_json(args.out, out)
     return 0
+
+
+def corner_gaps(out: dict, signs: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per task, the corner gap a user would see if each corner ran its own tree (the one the
+    run derives there) with the adaptation trained for that corner alone, and with the weight
+    hypernetwork's: its metric at its own corner minus the mean over the other corners,
+    signed so that positive is better."""
+    rows = {row["tree"]: row for row in out["trees"]}
+    at = out["tree_at_corner"]  # corner task -> the tree derived there
+    gaps = {}
+    for t, sign in signs.items():
+        gaps[t] = {}
+        for kind in ("trained_for_corner", "hypernet_at_corner"):
+            own = rows[at[t]][kind][t][t]
+            others = [rows[at[o]][kind][o][t] for o in signs if o != t]
+            gaps[t][kind] = sign * (own - float(np.mean(others)))
+    return gaps
 
 
 def _gaps(at_corner: dict[str, dict[str, float]], signs: dict[str, float]) -> dict[str, float]:

@@ -72,6 +72,9 @@ def _run(run: Path) -> dict:
             row["baseline_labels"] = {
                 m: methods[m]["label"] for m in ("static", "phn_bn") if m in methods
             }
+            row["baseline_delta_m"] = {
+                m: methods[m]["delta_m"] for m in ("static", "phn_bn") if m in methods
+            }
         budgets[k] = row
     out = {
         "run": str(run),
@@ -230,8 +233,8 @@ def _choice(run: Path, others: list[Path]) -> dict:
     """The validation split's figures of runs of one anchor side by side, per budget: what a
     choice between their settings is made on. Hypervolumes on one reference point (1.1 x
     the worst normalised validation loss over all the runs' sweeps); each run's ``setting``
-    is how its config differs from the first run's. ``test_delta_m`` is there to report
-    what the choice gave, not to make it."""
+    is how its config differs from the first run's. The ``test_*`` figures are there to
+    report what the choice gave, not to make it."""
     from dymu.evaluate.metrics import hypervolume, normalised_losses, reference_point
 
     paths = [run, *others]
@@ -254,17 +257,26 @@ def _choice(run: Path, others: list[Path]) -> dict:
                 "setting": settings[name],
                 "hypervolume": hypervolume(norm[name], ref),
                 "delta_m": v["delta_m"][key],
-                "test_delta_m": full[name]["delta_m"][key],  # reported, not chosen on
+                # the test split's figures, reported beside, never chosen on
+                "test_delta_m": full[name]["delta_m"][key],
+                "test_spearman": full[name]["controllability"][key],
+                "test_vs_others": _vs_others(full[name], key),
                 "spearman": v["controllability"][key],
-                "vs_others": {t: g["vs_others"] for t, g in v["corner_gain"][key]["tasks"].items()}
-                if "corner_gain" in v
-                else None,
+                "vs_others": _vs_others(v, key),
                 "distinct_trees": len({r["tree"] for r in v["rows"] if f"{r['budget']:g}" == key}),
             }
             for name, v in reports.items()
         }
         out[key]["reference_point"] = ref.tolist()
     return out
+
+
+def _vs_others(report: dict, key: str) -> dict | None:
+    """Per task, its metric at its own corner minus at the other corners (None in a report
+    written before corner gains existed)."""
+    if "corner_gain" not in report:
+        return None
+    return {t: g["vs_others"] for t, g in report["corner_gain"][key]["tasks"].items()}
 
 
 def _want(check: dict) -> str:

@@ -660,9 +660,117 @@ def preference_control_two_task(mnist: dict, fashion: dict) -> list[str]:
     return lines[:-1]  # no blank line before the source note's own
 
 
+@renderer(
+    "two_task_hypervolume",
+    "preference_control_multimnist_cpu.json",
+    "preference_control_multifashion_cpu.json",
+)
+def two_task_hypervolume(mnist: dict, fashion: dict) -> list[str]:
+    """DYMU's hypervolume at 0.75 against the baselines of the same anchor, per run."""
+    rows, subset = [], None
+    for name, result in (("MultiMNIST", mnist), ("MultiFashion", fashion)):
+        for run in result["runs"]:
+            b = run["budgets"].get("0.75", {})
+            hv = b.get("hv_shared_reference")
+            if not hv:
+                continue
+            subset = re.search(r"\((\d+ of .*)\)", b["baseline_labels"]["static"])
+            dm = b["baseline_delta_m"]
+            rows.append(
+                [
+                    f"{name} seed {run['seed']}",
+                    f"{num(b['flops_mean'], 3)}",
+                    num(hv["dymu"], 3),
+                    num(hv["static"], 3),
+                    num(hv["dymu"] / hv["static"], 3),
+                    num(hv["phn_bn"], 3),
+                    f"{signed(b['delta_m'], 2)} / {signed(dm['static'], 2)} / "
+                    f"{signed(dm['phn_bn'], 2)}",
+                ]
+            )
+    models = f"static models ({subset.group(1)})" if subset else "static models"
+    header = ["run", "DYMU FLOPs at 0.75", "DYMU HV", models, "DYMU / static", "PHN-BN"]
+    header += ["delta_m %: DYMU / static / PHN-BN"]
+    return table(header, rows)
+
+
+CANDIDATES = {
+    ("MultiMNIST", 0): "recipe_candidates_multimnist_seed0_cpu.json",
+    ("MultiMNIST", 1): "recipe_candidates_multimnist_seed1_cpu.json",
+    ("MultiFashion", 0): "recipe_candidates_multifashion_seed0_cpu.json",
+    ("MultiFashion", 1): "recipe_candidates_multifashion_seed1_cpu.json",
+}
+
+
+@renderer("recipe_candidates", *CANDIDATES.values())
+def recipe_candidates(*results: dict) -> list[str]:
+    """The recipe beside the longer stages it could spend time on, at budget 0.75: validation
+    figures (the choice) and test figures (the report), per dataset and seed."""
+    rows = []
+    for (name, seed), result in zip(CANDIDATES, results, strict=True):
+        row = result["validation_choice"]["0.75"]
+        for run, v in row.items():
+            if run == "reference_point":
+                continue
+            setting = ", ".join(f"`{k}: {x}`" for k, x in v["setting"].items()) or "the recipe"
+            rows.append(
+                [
+                    f"{name} {seed}",
+                    f"{run}: {setting}",
+                    num(v["hypervolume"], 4),
+                    f"{signed(v['delta_m'], 2)} / {signed(v['test_delta_m'], 2)}",
+                    f"{_spearmans(v['spearman'])} ; {_spearmans(v['test_spearman'])}",
+                    " / ".join(signed(x, 2) for x in v["vs_others"].values())
+                    + " ; "
+                    + " / ".join(signed(x, 2) for x in v["test_vs_others"].values()),
+                ]
+            )
+    header = ["config, seed", "run: how it differs", "HV, val (one reference point per row group)"]
+    header += ["delta_m %: val / test", "Spearman left / right: val ; test"]
+    header += ["own corner - other corner, points: val ; test"]
+    return table(header, rows)
+
+
+@renderer(
+    "adaptation_ceiling",
+    "adaptation_ceiling_multimnist_cpu.json",
+    "adaptation_ceiling_multifashion_cpu.json",
+)
+def adaptation_ceiling(*results: dict) -> list[str]:
+    """What an adaptation trained for each corner alone moves, beside the hypernetwork."""
+    rows = []
+    for name, result in zip(("MultiMNIST", "MultiFashion"), results, strict=True):
+        gap = result["corner_gap"]
+        within = [
+            " / ".join(signed(v, 2) for v in row["ceiling"].values()) for row in result["trees"]
+        ]
+        rows.append(
+            [
+                f"{name} ({result['run']}, budget {num(result['budget'], 2)})",
+                " ; ".join(within),
+                " / ".join(signed(g["trained_for_corner"], 2) for g in gap.values()),
+                " / ".join(signed(g["hypernet_at_corner"], 2) for g in gap.values()),
+            ]
+        )
+    tasks = " / ".join(results[0]["corner_gap"])
+    header = ["config", f"within each corner tree, trained for each corner: {tasks}"]
+    header += ["own corner - other corner, trained for each corner", "the weight hypernetwork"]
+    return table(header, rows)
+
+
 @renderer("preference_trunk_choice", "preference_control_multimnist_cpu.json")
 def preference_trunk_choice(mnist: dict) -> list[str]:
-    choice = mnist["validation_choice"]
+    return _choice_table(mnist["validation_choice"])
+
+
+@renderer("preference_choice_multifashion", "preference_control_multifashion_cpu.json")
+def preference_choice_multifashion(fashion: dict) -> list[str]:
+    return _choice_table(fashion["validation_choice"])
+
+
+def _choice_table(choice: dict) -> list[str]:
+    """A two-task run beside the runs it was chosen against, on validation, per budget below 1
+    (a budget that derives the same trees as one shown is named, not repeated)."""
     rows, shown, same = [], [], []
     for key, row in choice.items():
         if float(key) >= 1:

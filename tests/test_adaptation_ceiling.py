@@ -40,3 +40,27 @@ def test_a_folder_that_is_not_a_finished_run_is_one_line_and_status_2(ceiling, t
     assert err == [
         f"adaptation_ceiling: {tmp_path} is not a finished search run: config.yaml is missing"
     ]
+
+
+def test_corner_gap_runs_each_corner_on_its_own_tree(ceiling):
+    # left's corner derives tree A, right's tree B; under each tree, each corner's metrics
+    out = {
+        "tree_at_corner": {"left": "A", "right": "B"},
+        "trees": [
+            {
+                "tree": "A",
+                "trained_for_corner": {"left": {"left": 97.0, "right": 95.0}, "right": {}},
+                "hypernet_at_corner": {"left": {"left": 96.8, "right": 95.2}, "right": {}},
+            },
+            {
+                "tree": "B",
+                "trained_for_corner": {"left": {}, "right": {"left": 95.5, "right": 96.5}},
+                "hypernet_at_corner": {"left": {}, "right": {"left": 96.0, "right": 96.0}},
+            },
+        ],
+    }
+    gaps = ceiling.corner_gaps(out, {"left": 1.0, "right": 1.0})
+    assert gaps["left"]["trained_for_corner"] == pytest.approx(97.0 - 95.5)
+    assert gaps["right"]["trained_for_corner"] == pytest.approx(96.5 - 95.0)
+    assert gaps["left"]["hypernet_at_corner"] == pytest.approx(96.8 - 96.0)
+    assert gaps["right"]["hypernet_at_corner"] == pytest.approx(96.0 - 95.2)

@@ -108,7 +108,9 @@ def _write_validated(folder: Path, config: str, losses: list[list[float]], test_
         "delta_m": {"0.5": -1.0 - test_dm},
         "controllability": {"0.5": {"left": 0.5, "right": 0.5}},
     }
-    report = {"delta_m": {"0.5": test_dm}, "validation": validation}
+    test_spearman = {"0.5": {"left": 0.25, "right": -0.25}}
+    report = {"delta_m": {"0.5": test_dm}, "controllability": test_spearman}
+    report["validation"] = validation
     (folder / "report.json").write_text(json.dumps(report))
     return folder
 
@@ -121,6 +123,9 @@ def test_validation_choice_shows_settings_and_test_delta_m_beside(pc, tmp_path):
     a, b = choice[str(first)], choice[str(worse)]
     assert a["setting"] == {} and b["setting"] == {"stage2.adapter_rank": 0}
     assert (a["test_delta_m"], b["test_delta_m"]) == (-1.0, -2.0)
+    assert a["test_spearman"] == {"left": 0.25, "right": -0.25}  # test's, not validation's
+    assert a["spearman"] == {"left": 0.5, "right": 0.5}
+    assert a["test_vs_others"] is None  # a report without corner gains: nothing invented
     assert (a["delta_m"], b["delta_m"]) == (0.0, 1.0)  # the validation figures decide
     assert a["hypervolume"] > b["hypervolume"] > 0  # b is dominated, on one reference point
     assert (a["distinct_trees"], b["distinct_trees"]) == (2, 2)
