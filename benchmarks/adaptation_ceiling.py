@@ -11,7 +11,9 @@ each task's metric with the adaptation trained for its own corner minus with the
 trained for the other tasks' corners (their mean; signed so that positive is better) is
 what the adaptation could buy on that tree if the hypernetwork fitted every corner as well
 as one trained for that corner alone; the run's own weight hypernetwork at the same
-corners is shown beside.
+corners is shown beside. ``corner_gap`` runs each corner on its own tree, as a user gets
+it: the gap the issue's target reads, under the adaptation trained for each corner and
+under the hypernetwork.
 
     python benchmarks/adaptation_ceiling.py --run runs/mf_s0_j45 --budget 0.75 \
         --out benchmarks/results/adaptation_ceiling_multifashion_cpu.json
@@ -61,7 +63,9 @@ def measure(run, tree, offsets, ds, device) -> dict[str, float]:
 
 def fit_corner(run, tree, r: np.ndarray, budget: float, train, scales, seed: int, device):
     """A fresh adaptation of the run's kind trained for ``tree`` at the fixed preference ``r``
-    (stage 2's recipe, no preference drawn): its offsets for (r, budget)."""
+    (stage 2's steps, batch, optimizer and schedule; no preference drawn, and the loss
+    weighted by r itself, without stage 2's task floor, so that it pulls towards the corner
+    as hard as the corner asks): its offsets for (r, budget)."""
     s2, tasks = run.cfg.stage2, run.anchor.tasks
     torch.manual_seed(seed)
     hyper = build_weight_hypernet(len(tasks), run.anchor.streams, s2.adapter_rank, s2.task_rank)
@@ -88,6 +92,7 @@ def fit_corner(run, tree, r: np.ndarray, budget: float, train, scales, seed: int
 
 
 def _forever(ds, batch_size: int, seed: int):
+    """Shuffled training batches, epoch after epoch (a new order each)."""
     epoch = 0
     while True:
         yield from iterate(ds, batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
