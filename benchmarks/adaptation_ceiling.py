@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from dymu.data import get_builder
-from dymu.data.batches import check_flips, iterate, random_hflip
+from dymu.data.batches import check_flips, endless, random_hflip
 from dymu.errors import UserError
 from dymu.evaluate.search import evaluate_net
 from dymu.hypernet.weight import build_weight_hypernet
@@ -74,7 +74,7 @@ def fit_corner(run, tree, r: np.ndarray, budget: float, train, scales, seed: int
     net = TreeNet(run.streams, tree)
     rt = torch.tensor(r, dtype=torch.float32)
     flips = torch.Generator().manual_seed(seed)
-    batches = _forever(train, s2.batch_size, seed)
+    batches = endless(train, s2.batch_size, seed)  # as stage 2 draws its batches
     for _ in tqdm(range(s2.steps), desc=f"adaptation at r={np.round(r, 2).tolist()}", leave=False):
         batch = next(batches)
         if s2.hflip:
@@ -89,14 +89,6 @@ def fit_corner(run, tree, r: np.ndarray, budget: float, train, scales, seed: int
         sched.step()
     with torch.no_grad():
         return hyper(rt, budget, tree)
-
-
-def _forever(ds, batch_size: int, seed: int):
-    """Shuffled training batches, epoch after epoch (a new order each)."""
-    epoch = 0
-    while True:
-        yield from iterate(ds, batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
-        epoch += 1
 
 
 def main(argv: list[str] | None = None) -> int:
