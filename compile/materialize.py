@@ -7,7 +7,8 @@ call, and keeps the whole anchor alive. :func:`materialize` turns one (streams, 
 offsets) into a self-contained module for export and deployment:
 
 1. copy only the used nodes (stream ``j``'s layer ``l`` for node ``(l, j)``) and every head;
-2. add the offsets to the BatchNorm affine parameters of the node they name;
+2. add the offsets to the BatchNorm affine parameters of the node they name, then, for a
+   tree with widths, keep each node's first channels (:mod:`dymu.models.slim`);
 3. fold every BatchNorm that directly follows a convolution into that convolution
    (:func:`fold_batchnorms`, torch's ``fuse_conv_bn_eval``);
 4. precompute the order of node calls, so ``forward`` replays a fixed program with no
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from dymu.models import slim
 from dymu.models.anchor import Anchor
 from dymu.models.backbones import BasicBlock
 from dymu.models.streams import TreeStreams
@@ -123,6 +125,11 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
+def _input_channels(layer: nn.Module) -> int:
+    """Channels a layer-0 node reads: its first convolution's input channels."""
+    return next(m for m in layer.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
 class MaterializedTree(nn.Module):
     """One tree as a fixed sequence of node calls followed by one call per head.
 
@@ -200,6 +207,7 @@ def materialize(
 
     nodes: dict[str, nn.Module] = {}
     steps: list[tuple[str, str]] = []
+    channels: dict[str, int] = {}  # node name -> its output channels, where widths slim them
     for layer, stream in tree.used_nodes():  # layer-major: parents come before children
         source = sources[layer][stream]
         module = _frozen_copy(source.streams[stream].layers[layer])
@@ -208,8 +216,14 @@ def materialize(
         if deltas:
             _bake_offsets(module, deltas, (layer, stream))
         name = node_name(layer, stream)
-        nodes[name] = module
         parent = _IMAGE if layer == 0 else node_name(layer - 1, tree.parents[layer - 1][stream])
+        if tree.widths is not None:  # offsets first: they are per channel of the full layer
+            cin = channels.get(parent) or _input_channels(module)
+            width = tree.width(layer, stream)
+            channels[name] = slim.out_channels(module, cin, width)
+            module = slim.slim(module, slim.skeleton(module, cin, width))
+            module.eval().requires_grad_(False)
+        nodes[name] = module
         steps.append((name, parent))
 
     heads: dict[str, nn.Module] = {}
@@ -218,14 +232,14 @@ def materialize(
         head = _frozen_copy(sources[tree.num_layers - 1][j].heads[task.name])
         path = tree.path(j)  # stream of task j's node at each layer
         low = head.low_layer
+        high_name = node_name(tree.num_layers - 1, path[-1])
+        low_name = node_name(low, path[low]) if low is not None else None
+        if tree.widths is not None:
+            low_c = channels[low_name] if low_name is not None else None
+            sk = slim.head_skeleton(head, channels[high_name], low_c)
+            head = slim.slim(head, sk).eval().requires_grad_(False)
         heads[task.name] = head
-        head_inputs.append(
-            (
-                task.name,
-                node_name(tree.num_layers - 1, path[-1]),
-                node_name(low, path[low]) if low is not None else None,
-            )
-        )
+        head_inputs.append((task.name, high_name, low_name))
 
     net = MaterializedTree(nodes, heads, steps, head_inputs, tree.hash()).eval()
     net.unfolded_bns = tuple(fold_batchnorms(net))

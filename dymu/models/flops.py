@@ -139,3 +139,67 @@ def head_cost(
     high = torch.zeros(_batched(high_shape))
     low = None if low_shape is None else torch.zeros(_batched(low_shape))
     return count_flops(head, high, low, tuple(out_size)), count_params(head)
+
+
+def slim_layer_costs(
+    backbone: Backbone,
+    input_size: tuple[int, int],
+    widths: Sequence[float],
+    in_channels: int = 3,
+) -> list[list[list[tuple[int, int]]]]:
+    """``costs[l][a][b]`` = ``(flops, params)`` of layer ``l`` at width ``widths[b]`` read
+    by its parent at width ``widths[a]`` (METHOD.md 1.11); layer 0 reads the image, so
+    ``costs[0]`` has one row.
+
+    Each entry is fvcore's count of the slimmed layer (:func:`dymu.models.slim.skeleton`),
+    the module that materialization exports, so a priced configuration and fvcore's count
+    of its materialized network agree exactly. Layers of equal structure and input shape
+    (the N streams of an anchor) are counted once.
+    """
+    from dymu.models import slim  # slim imports heads, which import nothing from here
+
+    spatial = [(*input_size,), *(s[1:] for s in layer_output_shapes(backbone, input_size))]
+    table: list[list[list[tuple[int, int]]]] = []
+    reads = [in_channels]  # channels layer 0 may be read with
+    for layer_index, layer in enumerate(backbone.layers):
+        rows = []
+        for cin in reads:
+            x = torch.zeros(1, cin, *spatial[layer_index])
+            row = []
+            for w in widths:
+                sk = slim.skeleton(layer, cin, w)
+                row.append((count_flops(sk, x), count_params(sk)))
+            rows.append(row)
+        table.append(rows)
+        reads = [slim.out_channels(layer, reads[-1], w) for w in widths]
+    return table
+
+
+def slim_head_costs(
+    head: Head,
+    high_shape: Sequence[int],
+    low_shape: Sequence[int] | None,
+    out_size: tuple[int, int],
+    widths: Sequence[float],
+) -> list[list[tuple[int, int]]]:
+    """``costs[a][c]`` = ``(flops, params)`` of ``head`` reading its high input at width
+    ``widths[a]`` and its low input at ``widths[c]`` (one column when it reads none).
+
+    ``high_shape`` and ``low_shape`` are the full-width ``(C, h, w)`` inputs; the head
+    keeps its own widths (:func:`dymu.models.slim.head_skeleton`).
+    """
+    from dymu.models import slim
+
+    lows = [None] if low_shape is None else list(widths)
+    table = []
+    for wh in widths:
+        high_c = slim.width_channels(high_shape[0], wh)
+        row = []
+        for wl in lows:
+            low_c = None if wl is None else slim.width_channels(low_shape[0], wl)
+            sk = slim.head_skeleton(head, high_c, low_c)
+            high = (high_c, *high_shape[1:])
+            low = None if low_c is None else (low_c, *low_shape[1:])
+            row.append(head_cost(sk, high, low, out_size))
+        table.append(row)
+    return table

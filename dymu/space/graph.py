@@ -24,6 +24,7 @@ import json
 import numbers
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,101 @@ def _table(values: Sequence[Sequence[Any]], rows: int, cols: int, what: str) -> 
     ]
 
 
+@dataclass(frozen=True)
+class WidthCosts:
+    """What every (tree, widths) configuration of a slimmable space costs (METHOD.md 1.11).
+
+    A node's FLOPs depend on its own width and its parent's (the convolutions that read
+    the parent shrink with it); a head's on the widths of the nodes it reads.
+
+    Attributes:
+        widths: the width fractions nodes may run at, sorted, ending with 1.0.
+        node_flops: ``[L][N][a][b]``: node ``(l, j)`` at ``widths[b]`` read by a parent at
+            ``widths[a]``; layer 0 reads the image, so ``node_flops[0][j]`` has one row.
+        node_params: the same shape, parameter counts.
+        head_flops: ``[N][a][c]``: task j's head reading its last node at ``widths[a]`` and
+            its low-level node at ``widths[c]`` (one column when it reads none).
+        head_params: the same shape, parameter counts.
+        low_layers: ``[N]``: the layer each head's low-level input comes from, or None.
+    """
+
+    widths: tuple[float, ...]
+    node_flops: list
+    node_params: list
+    head_flops: list
+    head_params: list
+    low_layers: tuple[int | None, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "widths": list(self.widths),
+            "node_flops": self.node_flops,
+            "node_params": self.node_params,
+            "head_flops": self.head_flops,
+            "head_params": self.head_params,
+            "low_layers": list(self.low_layers),
+        }
+
+
+def _width_costs(wc: WidthCosts, n: int, num_layers: int) -> WidthCosts:
+    """``wc`` checked against the space's shape, every count an exact int."""
+    widths = wc.widths
+    if (
+        not widths
+        or list(widths) != sorted(set(widths))
+        or widths[-1] != 1.0
+        or not all(0.0 < w <= 1.0 for w in widths)
+    ):
+        raise UserError(f"widths must be distinct, sorted, in (0, 1] and end with 1.0: {widths}")
+    k = len(widths)
+    low_layers = tuple(None if v is None else int(v) for v in wc.low_layers)
+    if len(low_layers) != n or any(v is not None and not 0 <= v < num_layers for v in low_layers):
+        raise UserError(f"low_layers must give one layer (or None) per task: {wc.low_layers}")
+
+    def grid(values: Any, rows: int, cols: int, what: str) -> list[list[int]]:
+        if len(values) != rows or any(len(r) != cols for r in values):
+            raise UserError(f"{what} must be [{rows}][{cols}]")
+        return [[_as_count(v, what) for v in r] for r in values]
+
+    tables: dict[str, list] = {}
+    for name in ("node_flops", "node_params"):
+        values = getattr(wc, name)
+        if len(values) != num_layers or any(len(row) != n for row in values):
+            raise UserError(f"{name} must be [{num_layers} layers][{n} streams][..][..]")
+        tables[name] = [
+            [
+                grid(cell, 1 if layer == 0 else k, k, f"{name}[{layer}][{j}]")
+                for j, cell in enumerate(row)
+            ]
+            for layer, row in enumerate(values)
+        ]
+    for name in ("head_flops", "head_params"):
+        values = getattr(wc, name)
+        if len(values) != n:
+            raise UserError(f"{name} needs one table per task ({n})")
+        tables[name] = [
+            grid(cell, k, 1 if low_layers[j] is None else k, f"{name}[{j}]")
+            for j, cell in enumerate(values)
+        ]
+    for name, cells in (
+        ("node_flops", [c for row in tables["node_flops"] for c in row]),
+        ("head_flops", tables["head_flops"]),
+    ):
+        for cell in cells:  # what makes min_flops exact: narrower never costs more
+            for r in range(len(cell)):
+                for c in range(len(cell[r])):
+                    if (r and cell[r - 1][c] > cell[r][c]) or (c and cell[r][c - 1] > cell[r][c]):
+                        raise UserError(f"{name} must not decrease as a width grows")
+    return WidthCosts(tuple(float(w) for w in widths), low_layers=low_layers, **tables)
+
+
 def build_space(
     tasks: Sequence[str],
     node_flops: Sequence[Sequence[int]],
     node_params: Sequence[Sequence[int]],
     head_flops: Sequence[int],
     head_params: Sequence[int],
+    width_costs: WidthCosts | None = None,
 ) -> nx.DiGraph:
     """Build the space of all trees over N streams of L layers.
 
@@ -81,6 +171,9 @@ def build_space(
         node_params: ``node_params[l][j]`` = parameter count of node ``(l, j)``.
         head_flops: FLOPs of task ``j``'s head (heads are fixed, outside the search).
         head_params: parameter count of task ``j``'s head.
+        width_costs: the costs at every width (a slimmable space, METHOD.md 1.11); their
+            full-width entries must equal the tables above. None: every node runs at its
+            full width only.
 
     Returns:
         The DiGraph described in the module docstring.
@@ -112,6 +205,17 @@ def build_space(
     hparams = [_as_count(v, f"head_params[{j}]") for j, v in enumerate(head_params)]
 
     G = nx.DiGraph(schema_version=SCHEMA_VERSION, tasks=list(tasks), num_layers=num_layers)
+    if width_costs is not None:
+        wc = _width_costs(width_costs, n, num_layers)
+        full = (
+            [[cell[-1][-1] for cell in row] for row in wc.node_flops],
+            [[cell[-1][-1] for cell in row] for row in wc.node_params],
+            [cell[-1][-1] for cell in wc.head_flops],
+            [cell[-1][-1] for cell in wc.head_params],
+        )
+        if full != (flops, params, hflops, hparams):
+            raise UserError("width_costs at full width must equal the space's own cost tables")
+        G.graph["width_costs"] = wc.to_json()
     G.add_node(IMAGE, kind="image")
     for layer in range(num_layers):
         for j, task in enumerate(tasks):
@@ -159,6 +263,27 @@ def costs(G: nx.DiGraph) -> tuple[list[list[int]], list[list[int]], list[int], l
     return flops, params, hflops, hparams
 
 
+def width_costs(G: nx.DiGraph) -> WidthCosts | None:
+    """The costs at every width of a slimmable space, or None (full width only)."""
+    data = G.graph.get("width_costs")
+    if data is None:
+        return None
+    return WidthCosts(
+        widths=tuple(data["widths"]),
+        node_flops=data["node_flops"],
+        node_params=data["node_params"],
+        head_flops=data["head_flops"],
+        head_params=data["head_params"],
+        low_layers=tuple(data["low_layers"]),
+    )
+
+
+def space_widths(G: nx.DiGraph) -> tuple[float, ...]:
+    """The widths nodes of ``G`` may run at: ``(1.0,)`` for a space without width costs."""
+    wc = width_costs(G)
+    return (1.0,) if wc is None else wc.widths
+
+
 def anchor_flops(G: nx.DiGraph) -> int:
     """FLOPs of the anchor: all N streams and heads (= the no-sharing tree).
 
@@ -194,17 +319,32 @@ def min_flops(G: nx.DiGraph) -> int:
     switch streams between layers at no cost). The dynamic programme over layers therefore
     reduces to: all of layer L-1, plus the cheapest node of each lower layer, plus all
     heads. Tests check this against brute-force enumeration.
+
+    In a slimmable space (:func:`width_costs`) the same holds with every node and head at
+    the narrowest width, which costs the least in every table (checked when it is built).
     """
-    flops, _, hflops, _ = costs(G)
+    flops = _narrowest(G)
+    wc = width_costs(G)
+    hflops = costs(G)[2] if wc is None else [cell[0][0] for cell in wc.head_flops]
     return sum(flops[-1]) + sum(min(row) for row in flops[:-1]) + sum(hflops)
 
 
+def _narrowest(G: nx.DiGraph) -> list[list[int]]:
+    """``[L][N]`` FLOPs of every node at the narrowest width read by the narrowest parent
+    (the full-width costs in a space without widths)."""
+    wc = width_costs(G)
+    if wc is None:
+        return costs(G)[0]
+    return [[cell[0][0] for cell in row] for row in wc.node_flops]
+
+
 def cheapest_streams(G: nx.DiGraph) -> list[int]:
-    """For each layer below L-1, the stream of its cheapest node (lowest index on ties).
+    """For each layer below L-1, the stream of its cheapest node (lowest index on ties;
+    at the narrowest width in a slimmable space).
 
     The chain through these nodes is the cheapest tree (see :func:`min_flops`).
     """
-    flops, _, _, _ = costs(G)
+    flops = _narrowest(G)
     return [min(range(len(row)), key=lambda j, row=row: (row[j], j)) for row in flops[:-1]]
 
 
@@ -287,11 +427,13 @@ def load_space(path: str | os.PathLike) -> nx.DiGraph:
             for d in data["edges"]
         ]
         G = _node_link_graph(data)
-        expected = build_space(G.graph["tasks"], *costs(G))
+        expected = build_space(G.graph["tasks"], *costs(G), width_costs=width_costs(G))
     except (KeyError, TypeError, ValueError, nx.NetworkXError) as exc:
         raise UserError(f"space file {path} is malformed: {type(exc).__name__}: {exc}") from exc
     if set(G.nodes) != set(expected.nodes) or set(G.edges) != set(expected.edges):
         raise UserError(f"space file {path} is malformed: its nodes or edges are not a space")
+    if G.graph.get("width_costs") != expected.graph.get("width_costs"):
+        raise UserError(f"space file {path} is malformed: its width costs are not exact")
     for node, attrs in expected.nodes(data=True):
         if G.nodes[node] != attrs:
             raise UserError(f"space file {path} is malformed: node {node} has wrong attributes")

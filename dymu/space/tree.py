@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dymu.errors import UserError
-from dymu.space.graph import SCHEMA_VERSION, cheapest_streams, costs, space_shape
+from dymu.space.graph import SCHEMA_VERSION, cheapest_streams, costs, space_shape, width_costs
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -42,6 +42,32 @@ def _check_shape(num_tasks: Any, num_layers: Any) -> tuple[int, int]:
     return n, num_layers
 
 
+def _check_widths(widths: Any, num_layers: int, n: int) -> tuple[tuple[float, ...], ...] | None:
+    """``widths`` as an ``[L][N]`` tuple of floats in (0, 1], or None when every one is 1."""
+    if widths is None:
+        return None
+    if isinstance(widths, np.ndarray):
+        widths = widths.tolist()
+    if (
+        isinstance(widths, (str, bytes))
+        or not isinstance(widths, Sequence)
+        or len(widths) != num_layers
+        or any(not isinstance(r, Sequence) or isinstance(r, str) or len(r) != n for r in widths)
+    ):
+        raise UserError(f"tree widths must be a [{num_layers} layers][{n} tasks] table")
+    rows = []
+    for layer, row in enumerate(widths):
+        out = []
+        for j, w in enumerate(row):
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
+                raise UserError(f"width of node ({layer}, {j}) must be a number, got {w!r}")
+            if not 0.0 < float(w) <= 1.0:
+                raise UserError(f"width of node ({layer}, {j}) must be in (0, 1], got {w!r}")
+            out.append(float(w))
+        rows.append(tuple(out))
+    return None if all(w == 1.0 for row in rows for w in row) else tuple(rows)
+
+
 @dataclass(frozen=True)
 class TreeSpec:
     """One parent choice per node of layers 1..L-1: a tree-structured multi-task network.
@@ -51,11 +77,17 @@ class TreeSpec:
             the parent ``(l - 1, i)`` of node ``(l, j)``. Lists and numpy arrays are
             accepted and stored as tuples of ints, so a TreeSpec is hashable.
 
-    Equality and ``hash()`` (the builtin) compare raw parents; compare ``canonical()`` forms
-    or :meth:`hash` strings to ask whether two trees are the same network.
+        widths: ``[L][N]`` width fractions in (0, 1] (METHOD.md 1.11): node ``(l, j)`` runs
+            the first ``widths[l][j]`` of its channels. None, and a table of all 1.0 (which
+            is stored as None), run every node at full width.
+
+    Equality and ``hash()`` (the builtin) compare raw parents and widths; compare
+    ``canonical()`` forms or :meth:`hash` strings to ask whether two trees are the same
+    network.
     """
 
     parents: tuple[tuple[int, ...], ...]
+    widths: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         rows = self.parents
@@ -87,6 +119,7 @@ class TreeSpec:
                         f"parent of node ({layer}, {j}) is stream {p}, not in 0..{n - 1}"
                     )
         object.__setattr__(self, "parents", tuple(norm))
+        object.__setattr__(self, "widths", _check_widths(self.widths, len(norm) + 1, n))
 
     # -- shape ---------------------------------------------------------------------------
 
@@ -137,15 +170,29 @@ class TreeSpec:
             tuple(p if used[layer][j] else j for j, p in enumerate(row))
             for layer, row in enumerate(self.parents, start=1)
         )
-        return TreeSpec(rows)
+        widths = None
+        if self.widths is not None:
+            widths = [
+                [w if used[layer][j] else 1.0 for j, w in enumerate(row)]
+                for layer, row in enumerate(self.widths)
+            ]
+        return TreeSpec(rows, widths)
+
+    def width(self, layer: int, stream: int) -> float:
+        """The width node ``(layer, stream)`` runs at (1.0 without widths)."""
+        return 1.0 if self.widths is None else self.widths[layer][stream]
 
     def hash(self) -> str:
         """12 hex characters naming the network (sha256 of the canonical parents as JSON).
 
-        Only ints and fixed separators go into the digest, so it is the same on every run,
-        platform and Python version.
+        Only ints, the widths' shortest float reprs and fixed separators go into the digest,
+        so it is the same on every run, platform and Python version.
         """
-        text = json.dumps([list(row) for row in self.canonical().parents], separators=(",", ":"))
+        tree = self.canonical()
+        data: Any = [list(row) for row in tree.parents]
+        if tree.widths is not None:  # full-width trees keep the names they always had
+            data = {"parents": data, "widths": [list(row) for row in tree.widths]}
+        text = json.dumps(data, separators=(",", ":"))
         return hashlib.sha256(text.encode("ascii")).hexdigest()[:12]
 
     def path(self, task_index: int) -> list[int]:
@@ -207,16 +254,44 @@ class TreeSpec:
             )
 
     def flops(self, G: nx.DiGraph) -> int:
-        """Exact FLOPs of this tree in space ``G``: used nodes plus all heads (fvcore)."""
-        self._check_space(G)
-        flops, _, hflops, _ = costs(G)
-        return sum(flops[layer][j] for layer, j in self.used_nodes()) + sum(hflops)
+        """Exact FLOPs of this tree in space ``G``: used nodes plus all heads (fvcore), each
+        at its width where the tree has widths."""
+        return self._cost(G, params=False)
 
     def params(self, G: nx.DiGraph) -> int:
         """Exact parameter count of this tree in space ``G``: used nodes plus all heads."""
+        return self._cost(G, params=True)
+
+    def _cost(self, G: nx.DiGraph, params: bool) -> int:
         self._check_space(G)
-        _, params, _, hparams = costs(G)
-        return sum(params[layer][j] for layer, j in self.used_nodes()) + sum(hparams)
+        if self.widths is None:
+            node_flops, node_params, head_flops, head_params = costs(G)
+            node, head = (node_params, head_params) if params else (node_flops, head_flops)
+            return sum(node[layer][j] for layer, j in self.used_nodes()) + sum(head)
+        wc = width_costs(G)
+        if wc is None:
+            raise UserError("this tree has widths, but the space prices full widths only")
+        index = {w: i for i, w in enumerate(wc.widths)}
+
+        def at(layer: int, j: int) -> int:
+            w = self.widths[layer][j]  # type: ignore[index]
+            if w not in index:
+                raise UserError(
+                    f"node ({layer}, {j}) runs at width {w}, "
+                    f"not one of the space's {list(wc.widths)}"
+                )
+            return index[w]
+
+        node_t = wc.node_params if params else wc.node_flops  # [L][N][a][b]
+        head_t = wc.head_params if params else wc.head_flops  # [N][a][c]
+        total = 0
+        for layer, j in self.used_nodes():
+            a = 0 if layer == 0 else at(layer - 1, self.parents[layer - 1][j])
+            total += node_t[layer][j][a][at(layer, j)]
+        for j, low in enumerate(wc.low_layers):
+            c = 0 if low is None else at(low, self.path(j)[low])
+            total += head_t[j][at(self.num_layers - 1, j)][c]
+        return total
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -227,6 +302,7 @@ class TreeSpec:
             "num_tasks": self.num_tasks,
             "num_layers": self.num_layers,
             "parents": [list(row) for row in self.parents],
+            **({} if self.widths is None else {"widths": [list(r) for r in self.widths]}),
             "hash": self.hash(),
         }
 
@@ -243,7 +319,7 @@ class TreeSpec:
         """
         if not isinstance(d, dict):
             raise UserError(f"a tree must be a JSON object, got {type(d).__name__}")
-        known = {"schema_version", "num_tasks", "num_layers", "parents", "hash"}
+        known = {"schema_version", "num_tasks", "num_layers", "parents", "widths", "hash"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown tree keys {unknown}; valid keys: {sorted(known)}")
@@ -254,7 +330,7 @@ class TreeSpec:
             raise UserError(
                 f"tree has schema version {version!r}, this dymu reads {SCHEMA_VERSION}"
             )
-        tree = cls(d["parents"])
+        tree = cls(d["parents"], d.get("widths"))
         for key in ("num_tasks", "num_layers"):
             if key in d and d[key] != getattr(tree, key):
                 raise UserError(

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dymu.models import slim
 from dymu.models.anchor import Anchor
 from dymu.models.streams import TreeStreams
 from dymu.space.tree import TreeSpec
@@ -35,6 +36,25 @@ class TreeNet(nn.Module):
         self.private = streams.stage0  # registered, so .to() moves both
         self.tree = tree.canonical()
         self._used = self.tree.used()
+        self._skeletons = slim.Skeletons()
+
+    def _slim(self, layer: int, stream: int) -> bool:
+        """Whether node (layer, stream) runs narrower than its layer, or reads a narrower
+        parent (then its slimmed skeleton runs; otherwise the layer itself)."""
+        if self.tree.widths is None:
+            return False
+        parent = None if layer == 0 else self.tree.parents[layer - 1][stream]
+        narrow_in = parent is not None and self.tree.width(layer - 1, parent) != 1.0
+        return narrow_in or self.tree.width(layer, stream) != 1.0
+
+    def _run_slim_head(
+        self, source: Anchor, j: int, feats: list[Tensor], size: tuple[int, int]
+    ) -> Tensor:
+        """Task j's head reading the (possibly narrowed) features of its path."""
+        head = source.heads[source.tasks[j].name]
+        low = feats[head.low_layer] if head.low_layer is not None else None
+        sk = self._skeletons.head(head, feats[-1].shape[1], None if low is None else low.shape[1])
+        return slim.run(head, sk, feats[-1], low, size)
 
     def source(self, layer: int, stream: int) -> Anchor:
         """The weights node (layer, stream) runs (``layer = L - 1`` also: task ``stream``'s
@@ -70,16 +90,20 @@ class TreeNet(nn.Module):
                     continue
                 parent = None if layer == 0 else keys[(layer - 1, self.tree.parents[layer - 1][j])]
                 source = self.source(layer, j)
-                key = keys[(layer, j)] = (layer, j, id(source), parent)
+                width = self.tree.width(layer, j)
+                key = keys[(layer, j)] = (layer, j, id(source), parent, width)
                 if key in cache:
                     continue
                 x = image if parent is None else cache[parent]
                 module = source.streams[j].layers[layer]
                 adapted = bn_offsets is not None and self._adapts[layer][j]
                 deltas = bn_offsets.get((layer, j)) if adapted else None
-                if deltas:
-                    own = dict(module.named_parameters())
-                    shifted = {name: own[name] + d for name, d in deltas.items()}
+                own = dict(module.named_parameters()) if deltas else {}
+                shifted = {name: own[name] + d for name, d in deltas.items()} if deltas else {}
+                if self._slim(layer, j):
+                    sk = self._skeletons.layer(module, x.shape[1], self.tree.width(layer, j))
+                    cache[key] = slim.run(module, sk, x, state=shifted)
+                elif deltas:
                     cache[key] = functional_call(module, shifted, (x,))
                 else:
                     cache[key] = module(x)
@@ -90,6 +114,11 @@ class TreeNet(nn.Module):
             source = self.source(last, j)
             key = ("head", j, id(source), path)
             if key not in cache:
-                cache[key] = source.run_head(j, [cache[k] for k in path], size)
+                feats = [cache[k] for k in path]
+                cache[key] = (
+                    self._run_slim_head(source, j, feats, size)
+                    if self.tree.widths is not None
+                    else source.run_head(j, feats, size)
+                )
             out[task.name] = cache[key]
         return out
