@@ -758,6 +758,30 @@ def adaptation_ceiling(*results: dict) -> list[str]:
     return table(header, rows)
 
 
+@renderer("width_space", "width_space_default_cpu.json", "width_space_multimnist_cpu.json")
+def width_space(*results: dict) -> list[str]:
+    """How far widths reach, what greedy widening spends, and price / export checks."""
+    budgets = list(results[0]["greedy_spend"])
+    rows = []
+    for name, result in zip(("default", "MultiMNIST"), results, strict=True):
+        spend = result["greedy_spend"]
+        checks = result["configurations"]
+        rows.append(
+            [
+                name,
+                num(result["cheapest_tree_full_width"], 3),
+                num(result["cheapest_configuration"], 3),
+                " / ".join(num(spend[b]["best"], 3) for b in budgets),
+                f"{sum(c['price'] == c['fvcore'] for c in checks)} / {len(checks)}",
+                f"{result['onnx_max_abs_diff']:.1e}",
+            ]
+        )
+    header = ["config", "cheapest tree, full width", "cheapest configuration"]
+    header += [f"greedy widening reaches, at budgets {' / '.join(budgets)}"]
+    header += ["price = fvcore count", "ONNX Runtime vs PyTorch, max abs"]
+    return table(header, rows)
+
+
 @renderer("preference_trunk_choice", "preference_control_multimnist_cpu.json")
 def preference_trunk_choice(mnist: dict) -> list[str]:
     return _choice_table(mnist["validation_choice"])

@@ -228,3 +228,22 @@ def test_heads_without_a_width_rule_are_refused():
         slim.head_skeleton(Odd(), 4, None)
     with pytest.raises(UserError, match="no width rule"):
         slim.skeleton(nn.Sequential(nn.LayerNorm(4)), 4, 0.5)
+
+
+def test_a_slimmed_tree_exports_to_onnx_with_parity(anchor, tmp_path):
+    """Shortcuts between unequal widths become Slice / Pad, which ONNX Runtime runs as
+    PyTorch does and the TensorRT op check accepts."""
+    from dymu.compile.onnx_export import export_onnx, ort_parity
+    from dymu.compile.trt_support import check_graph
+
+    rng = np.random.default_rng(3)
+    tree = TreeSpec(
+        TreeSpec.random(len(SPECS), anchor.num_layers, rng).parents,
+        [[0.25, 1.0, 0.5]] + [[0.75, 0.25, 1.0]] * (anchor.num_layers - 1),
+    )
+    net = materialize(anchor, tree)
+    path = tmp_path / "m.onnx"
+    export_onnx(net, path, input_shape=(1, 3, *SIZE))
+    assert ort_parity(net, path, batch_sizes=(2,))["overall"] <= 1e-4
+    report = check_graph(path, "10.3")
+    assert report.ok and {"Pad", "Slice"} <= set(report.op_counts)
