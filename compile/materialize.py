@@ -125,6 +125,19 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
+def _set_statistics(module: nn.Module, stats: Mapping[str, Tensor] | None, node: Node) -> None:
+    """Give a narrowed node the BatchNorm statistics calibrated for its configuration."""
+    if stats is None:
+        raise ValueError(
+            f"node {node} runs narrower than full width: give its calibrated BatchNorm "
+            "statistics (bn_stats, from TreeNet.calibrate)"
+        )
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in stats.items():
+            buffers[name].copy_(value)
+
+
 def _input_channels(layer: nn.Module) -> int:
     """Channels a layer-0 node reads: its first convolution's input channels."""
     return next(m for m in layer.modules() if isinstance(m, nn.Conv2d)).in_channels
@@ -184,6 +197,7 @@ def materialize(
     streams: TreeStreams | Anchor,
     tree: TreeSpec,
     bn_offsets: BNOffsets | None = None,
+    bn_stats: Mapping[Node, Mapping[str, Tensor]] | None = None,
 ) -> MaterializedTree:
     """The inference module of ``tree`` on ``streams``, offsets baked in and BN folded.
 
@@ -197,6 +211,9 @@ def materialize(
         tree: the tree to build; only its used nodes are copied.
         bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
             inside the layer: delta}}``; offsets of unused and private nodes are ignored.
+        bn_stats: the statistics of every node narrower than full width
+            (:meth:`~dymu.space.treenet.TreeNet.calibrate` of this configuration); required
+            when the tree narrows a node, whose BatchNorms fold with them.
 
     Returns:
         A :class:`MaterializedTree` in eval mode with frozen parameters.
@@ -222,6 +239,8 @@ def materialize(
             width = tree.width(layer, stream)
             channels[name] = slim.out_channels(module, cin, width)
             module = slim.slim(module, slim.skeleton(module, cin, width))
+            if width < 1.0:
+                _set_statistics(module, (bn_stats or {}).get((layer, stream)), (layer, stream))
             module.eval().requires_grad_(False)
         nodes[name] = module
         steps.append((name, parent))

@@ -134,10 +134,11 @@ def test_the_price_of_every_configuration_is_fvcores_count_of_its_network(anchor
     image = torch.rand(2, 3, *SIZE)
     for _ in range(8):
         tree = _random_widths(TreeSpec.random(len(SPECS), anchor.num_layers, rng), rng)
-        net = materialize(anchor, tree)
+        stats = TreeNet(anchor, tree).calibrate([torch.rand(4, 3, *SIZE)])
+        net = materialize(anchor, tree, bn_stats=stats)
         assert count_flops(net, image[:1]) == tree.flops(space)
         with torch.no_grad():
-            got, want = net(image), TreeNet(anchor, tree)(image)
+            got, want = net(image), TreeNet(anchor, tree, stats)(image)
         for task in want:
             torch.testing.assert_close(got[task], want[task], rtol=1e-4, atol=1e-4)
 
@@ -241,9 +242,54 @@ def test_a_slimmed_tree_exports_to_onnx_with_parity(anchor, tmp_path):
         TreeSpec.random(len(SPECS), anchor.num_layers, rng).parents,
         [[0.25, 1.0, 0.5]] + [[0.75, 0.25, 1.0]] * (anchor.num_layers - 1),
     )
-    net = materialize(anchor, tree)
+    net = materialize(
+        anchor, tree, bn_stats=TreeNet(anchor, tree).calibrate([torch.rand(4, 3, *SIZE)])
+    )
     path = tmp_path / "m.onnx"
     export_onnx(net, path, input_shape=(1, 3, *SIZE))
     assert ort_parity(net, path, batch_sizes=(2,))["overall"] <= 1e-4
     report = check_graph(path, "10.3")
     assert report.ok and {"Pad", "Slice"} <= set(report.op_counts)
+
+
+def _narrow_tree(anchor, seed: int = 5) -> TreeSpec:
+    rng = np.random.default_rng(seed)
+    tree = TreeSpec.random(len(SPECS), anchor.num_layers, rng)
+    widths = [[0.5, 1.0, 0.75]] + [[0.5, 0.75, 1.0]] * (anchor.num_layers - 1)
+    return TreeSpec(tree.parents, widths)
+
+
+def test_calibrated_statistics_are_those_of_the_batch_they_came_from(anchor):
+    """Calibrated on one batch, a narrowed configuration computes on that batch what it
+    computes with batch statistics; the anchor's own statistics are left untouched."""
+    anchor.double()
+    try:
+        tree = _narrow_tree(anchor)
+        batch = torch.rand(3, 3, *SIZE, dtype=torch.float64)
+        before = {k: v.clone() for k, v in anchor.state_dict().items()}
+        net = TreeNet(anchor, tree)
+        with torch.no_grad():
+            on_batch = net(batch)
+        stats = net.calibrate([batch])
+        narrowed = {(layer, j) for layer, j in tree.used_nodes() if tree.width(layer, j) < 1}
+        assert set(stats) == narrowed
+        with torch.no_grad():
+            calibrated = TreeNet(anchor, tree, stats)(batch)
+        for task in on_batch:
+            torch.testing.assert_close(calibrated[task], on_batch[task], rtol=0, atol=1e-10)
+        after = anchor.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    finally:
+        anchor.float()
+
+
+def test_a_narrowed_node_needs_its_statistics_to_materialize(anchor):
+    with pytest.raises(ValueError, match="calibrated BatchNorm"):
+        materialize(anchor, _narrow_tree(anchor))
+
+
+def test_a_narrowed_node_on_its_own_stream_is_not_private():
+    n, num_layers = 2, 3
+    widths = [[1.0, 1.0], [0.5, 1.0], [1.0, 1.0]]
+    tree = TreeSpec(TreeSpec.no_sharing(n, num_layers).parents, widths)
+    assert tree.private() == [[True, True], [False, True], [False, True]]

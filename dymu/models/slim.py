@@ -162,6 +162,19 @@ def skeleton(layer: nn.Module, in_channels: int, width: float) -> nn.Module:
     return _like(out, layer).train(layer.training)
 
 
+def without_statistics(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose BatchNorms keep no running statistics, so they normalise
+    with each batch's own in training and evaluation alike (a narrowed node's, until
+    statistics are calibrated for its configuration)."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                m.register_buffer(name, None)
+    return out
+
+
 def _like(module: nn.Module, original: nn.Module) -> nn.Module:
     """``module`` on ``original``'s device and in its floating dtype."""
     p = next(original.parameters(), None)
@@ -254,10 +267,15 @@ class Skeletons:
     def __init__(self) -> None:
         self._cache: dict[tuple, nn.Module] = {}
 
-    def layer(self, module: nn.Module, in_channels: int, width: float) -> nn.Module:
-        key = ("layer", id(module), in_channels, width)
+    def layer(
+        self, module: nn.Module, in_channels: int, width: float, batch_stats: bool = False
+    ) -> nn.Module:
+        """``module``'s skeleton; with ``batch_stats``, one whose BatchNorms normalise with
+        batch statistics (:func:`without_statistics`)."""
+        key = ("layer", id(module), in_channels, width, batch_stats)
         if key not in self._cache:
-            self._cache[key] = skeleton(module, in_channels, width)
+            sk = skeleton(module, in_channels, width)
+            self._cache[key] = without_statistics(sk) if batch_stats else sk
         return self._cache[key]
 
     def head(self, head: Head, high_channels: int, low_channels: int | None) -> Head:

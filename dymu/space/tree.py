@@ -209,15 +209,16 @@ class TreeSpec:
 
     def private(self) -> list[list[bool]]:
         """``private[l][j]``: node (l, j) and every node before it on task j's path belong to
-        stream j and run for task j alone, so the node sees exactly what stream j alone
-        would show it (the anchor tree's nodes are all private; a shared trunk's are not).
+        stream j, run for task j alone and at full width, so the node sees exactly what
+        stream j alone would show it (the anchor tree's nodes are all private; a shared
+        trunk's are not, nor a narrowed node's).
         """
         n, num_layers = self.num_tasks, self.num_layers
         paths = [self.path(j) for j in range(n)]
         out = [[False] * n for _ in range(num_layers)]
         for j in range(n):
             for layer in range(num_layers):
-                mine = paths[j][layer] == j
+                mine = paths[j][layer] == j and self.width(layer, j) == 1.0
                 if not mine or any(paths[k][layer] == j for k in range(n) if k != j):
                     break
                 out[layer][j] = True

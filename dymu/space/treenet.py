@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterable, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -25,9 +27,20 @@ class TreeNet(nn.Module):
     ``streams`` says which weights each node runs (:class:`~dymu.models.streams.TreeStreams`:
     with the private-node rule, a task that shares nothing keeps its single-task network);
     a plain :class:`Anchor` runs every node on its weights.
+
+    A tree with widths runs each node on its first channels (:mod:`dymu.models.slim`). A
+    node narrower than full width normalises with statistics of its own configuration:
+    ``bn_stats`` (``{(layer, stream): {"<bn>.running_mean": ..., "<bn>.running_var": ...}}``,
+    from :meth:`calibrate`) where given, else each batch's own, in training and evaluation
+    alike; full-width nodes keep their running statistics.
     """
 
-    def __init__(self, streams: TreeStreams | Anchor, tree: TreeSpec) -> None:
+    def __init__(
+        self,
+        streams: TreeStreams | Anchor,
+        tree: TreeSpec,
+        bn_stats: Mapping[Node, Mapping[str, Tensor]] | None = None,
+    ) -> None:
         super().__init__()
         streams = TreeStreams.of(streams)
         self._sources = streams.sources(tree)  # [L][N]; refuses a tree of another shape
@@ -37,6 +50,58 @@ class TreeNet(nn.Module):
         self.tree = tree.canonical()
         self._used = self.tree.used()
         self._skeletons = slim.Skeletons()
+        self.bn_stats = bn_stats
+        self._record: dict[Node, dict[str, list]] | None = None  # set while calibrating
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        images: Iterable[Tensor],
+        bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
+    ) -> dict[Node, dict[str, Tensor]]:
+        """BatchNorm statistics of every narrowed node for this configuration: each node
+        normalises with batch statistics while the mean and (biased) variance of every
+        BatchNorm's input are accumulated over all of ``images`` (batches ``[B, 3, H, W]``),
+        as universally slimmable networks recalibrate each width after training. Feed them
+        back as ``bn_stats`` (and to :func:`~dymu.compile.materialize.materialize`)."""
+        self._record = {}
+        try:
+            for image in images:
+                self(image, bn_offsets)
+            record = self._record
+        finally:
+            self._record = None
+        out: dict[Node, dict[str, Tensor]] = {}
+        for node, per_bn in record.items():
+            out[node] = {}
+            for name, (total, squares, count, dtype) in per_bn.items():
+                mean = total / count
+                var = (squares / count - mean * mean).clamp_min(0.0)
+                out[node][f"{name}.running_mean"] = mean.to(dtype)
+                out[node][f"{name}.running_var"] = var.to(dtype)
+        return out
+
+    def _run_narrow(self, node: Node, module: nn.Module, x: Tensor, shifted: dict) -> Tensor:
+        """A node narrower than full width, on calibrated or batch statistics (class doc)."""
+        width = self.tree.width(*node)
+        stats = None if self.bn_stats is None or self._record is not None else self.bn_stats
+        if stats is not None and node in stats:
+            sk = self._skeletons.layer(module, x.shape[1], width)
+            return slim.run(module, sk, x, state={**shifted, **stats[node]})
+        sk = self._skeletons.layer(module, x.shape[1], width, batch_stats=True)
+        if self._record is None:
+            return slim.run(module, sk, x, state=shifted)
+        per_bn = self._record.setdefault(node, {})
+        hooks = [
+            m.register_forward_pre_hook(functools.partial(_accumulate, per_bn, name))
+            for name, m in sk.named_modules()
+            if isinstance(m, nn.BatchNorm2d)
+        ]
+        try:
+            return slim.run(module, sk, x, state=shifted)
+        finally:
+            for h in hooks:
+                h.remove()
 
     def _slim(self, layer: int, stream: int) -> bool:
         """Whether node (layer, stream) runs narrower than its layer, or reads a narrower
@@ -100,8 +165,10 @@ class TreeNet(nn.Module):
                 deltas = bn_offsets.get((layer, j)) if adapted else None
                 own = dict(module.named_parameters()) if deltas else {}
                 shifted = {name: own[name] + d for name, d in deltas.items()} if deltas else {}
-                if self._slim(layer, j):
-                    sk = self._skeletons.layer(module, x.shape[1], self.tree.width(layer, j))
+                if width < 1.0:
+                    cache[key] = self._run_narrow((layer, j), module, x, shifted)
+                elif self._slim(layer, j):  # full width, reading a narrowed parent
+                    sk = self._skeletons.layer(module, x.shape[1], width)
                     cache[key] = slim.run(module, sk, x, state=shifted)
                 elif deltas:
                     cache[key] = functional_call(module, shifted, (x,))
@@ -122,3 +189,15 @@ class TreeNet(nn.Module):
                 )
             out[task.name] = cache[key]
         return out
+
+
+def _accumulate(per_bn: dict[str, list], name: str, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: add a BatchNorm input's per-channel sums (float64) to ``per_bn``."""
+    x = args[0].detach().double()  # [B, C, h, w]
+    total, squares = x.sum((0, 2, 3)), x.pow(2).sum((0, 2, 3))
+    count = x.numel() // x.shape[1]
+    if name in per_bn:
+        old = per_bn[name]
+        per_bn[name] = [old[0] + total, old[1] + squares, old[2] + count, old[3]]
+    else:
+        per_bn[name] = [total, squares, count, args[0].dtype]
