@@ -139,10 +139,21 @@ class ModelConfig:
     """Start every stream's backbone from the same random weights (as fine-tuning all streams
     from one pretrained file does), so that the streams' features stay comparable and a
     cross-task edge feeds a node inputs it can use. False seeds stream j with seed + j."""
+    widths: list[float] = field(default_factory=lambda: [1.0])
+    """The widths every node of the space may run at (METHOD.md 1.11: its first channels,
+    e.g. ``[0.25, 0.5, 0.75, 1.0]``); ``[1.0]``: trees alone. Stage 0 trains full widths
+    either way. So far only the joint stage trains other widths (``dymu search`` refuses
+    them: stages 1 and 2 do not predict widths yet)."""
 
     def check(self, prefix: str) -> None:
         if self.width < 1:
             raise UserError(f"config: {prefix}.width must be >= 1, got {self.width}")
+        from dymu.models.slim import check_widths  # models import config, not the reverse
+
+        try:
+            self.widths = list(check_widths(self.widths))
+        except UserError as exc:
+            raise UserError(f"config: {prefix}.widths: {exc}") from exc
 
 
 @dataclass

@@ -160,6 +160,12 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     affinity estimate and the evaluation, short and written once, run on rank 0 while the
     others wait, then read its files, so every rank returns the same report.
     """
+    if cfg.model.widths != [1.0]:  # before the run directory is touched
+        raise UserError(
+            f"model.widths={cfg.model.widths}: stages 1 and 2 do not predict widths yet, so "
+            "dymu search runs trees alone (model.widths=[1.0]); benchmarks/width_joint.py "
+            "trains the joint stage at these widths"
+        )
     run = start_run(cfg, run_dir)  # takes the run directory's lock
     try:
         return _search(cfg, run, resume)

@@ -49,9 +49,9 @@ def _inputs(stage: str) -> set[str]:
     section = {k: k.split(".")[0] for k in keys}
     s0 = {k for k in keys if section[k] in ("data", "model", "stage0")} - NOT_INPUTS
     s0 = {k for k in s0 if not k.startswith("stage0.towers.")} | {"stage0.towers.gamma"}
-    s0 |= {"run.seed", "run.precision"}
+    s0 = (s0 - {"model.widths"}) | {"run.seed", "run.precision"}  # stage 0: full widths
     affinity = s0 | {k for k in keys if section[k] == "affinity"}
-    joint = s0 | {k for k in keys if section[k] == "joint"}
+    joint = s0 | {k for k in keys if section[k] == "joint"} | {"model.widths"}
     stage1 = joint | affinity | {k for k in keys if section[k] == "stage1"}
     stage2 = stage1 | {k for k in keys if section[k] == "stage2"}
     return {"stage0": s0, "affinity": affinity, "joint": joint, "stage1": stage1,

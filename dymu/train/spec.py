@@ -9,6 +9,7 @@ spec itself, so a reader can see what an artifact was made from.
 
 Settings a stage does not use are left out of its spec, so changing them reuses the
 artifact: the joint settings when ``joint.steps`` is 0, the towers when their weight is 0,
+the space's widths for stage 0 (and for every stage while they are full width only),
 where the dataset cache lives, and every later stage's settings.
 """
 
@@ -60,7 +61,7 @@ def _stage0(cfg: Config) -> StageSpec:
         "stage0",
         {
             "data": _section(cfg, "data", "cache_dir"),  # where the cache lives: no input
-            "model": _section(cfg, "model"),
+            "model": _section(cfg, "model", "widths"),  # stage 0 trains full widths
             "stage0": stage0,
             "seed": cfg.run.seed,
             "precision": cfg.run.precision,
@@ -86,6 +87,8 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
         "seed": cfg.run.seed,
         "precision": cfg.run.precision,
     }
+    if cfg.model.widths != [1.0]:  # a slimmable space; full widths leave specs as they were
+        trained["widths"] = list(cfg.model.widths)
     streams: dict[str, Any] = {"tuned": f"stage0 {h0}", "private": None}
     if cfg.joint.steps > 0:
         specs["joint"] = StageSpec(

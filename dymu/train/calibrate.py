@@ -1,0 +1,57 @@
+"""BatchNorm statistics for configurations that narrow nodes (METHOD.md 1.11).
+
+A narrowed node normalises with statistics of its own configuration
+(:class:`~dymu.space.treenet.TreeNet`). They are calibrated after training, as universally
+slimmable networks recalibrate each width: the configuration runs on a fixed set of
+training images with batch statistics, and the population mean and variance of every
+narrowed BatchNorm's input are kept. Evaluation and export both calibrate on the same
+images, so what is evaluated is what ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from dymu.data.base import MultiTaskDataset
+from dymu.data.batches import iterate, to_device
+from dymu.models.anchor import Anchor
+from dymu.models.streams import TreeStreams
+from dymu.space.tree import TreeSpec
+from dymu.space.treenet import TreeNet
+
+CALIBRATION_IMAGES = 512
+"""Training images a configuration's statistics are calibrated on (the split's first)."""
+
+
+def calibration_images(
+    ds: MultiTaskDataset,
+    device: torch.device,
+    count: int = CALIBRATION_IMAGES,
+    batch_size: int = 128,
+) -> list[Tensor]:
+    """The first ``count`` images of ``ds`` (its own order, no flips) in batches on ``device``."""
+    out, seen = [], 0
+    for batch in iterate(ds, batch_size, shuffle=False):
+        image = to_device(batch, device)["image"][: count - seen]
+        out.append(image)
+        seen += image.shape[0]
+        if seen >= count:
+            break
+    return out
+
+
+def calibrated(
+    streams: TreeStreams | Anchor,
+    tree: TreeSpec,
+    images: list[Tensor],
+    bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
+) -> TreeNet:
+    """``TreeNet(streams, tree)`` with its narrowed nodes' statistics calibrated on
+    ``images`` under ``bn_offsets`` (a full-width tree needs none and gets none)."""
+    net = TreeNet(streams, tree)
+    if tree.widths is None:
+        return net
+    return TreeNet(streams, tree, net.calibrate(images, bn_offsets))
