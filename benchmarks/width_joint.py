@@ -1,0 +1,162 @@
+"""What the joint stage with widths buys narrow configurations (METHOD.md 1.11), on a run.
+
+Stages 1 and 2 do not predict widths yet, so this script measures the joint stage alone:
+on a finished run's stage-0 anchor it trains the joint stage with ``model.widths`` (the
+run's joint settings otherwise, ``--steps`` to change them) into ``--work``, then measures
+a fixed family of configurations on the validation split: the cheapest tree (on the
+run's trunk) and the no-sharing tree, each with every node at one width of the set. Each
+configuration runs on three sets of weights: the joint stage trained with widths, the
+run's own joint stage (trained on full-width trees only) and stage 0's; narrowed nodes'
+statistics are calibrated on the training split's first images every time
+(:mod:`dymu.train.calibrate`). delta_m is against the run's single-task anchor on the same
+split; the static shared model of ``dymu baselines`` (its FLOPs and delta_m, test split)
+is shown beside where ``--baselines`` names its results.
+
+    python benchmarks/width_joint.py --run runs/def_s0 --work runs/def_s0_widths \\
+        --out benchmarks/results/width_joint_default_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dymu.data import get_builder
+from dymu.errors import UserError
+from dymu.evaluate.search import delta_m_directions
+from dymu.io import write_json
+from dymu.models.anchor import build_anchor, load_anchor_weights
+from dymu.models.slim import check_widths
+from dymu.models.streams import TreeStreams
+from dymu.run import read_run_config
+from dymu.space.anchor_space import anchor_space
+from dymu.space.graph import anchor_flops
+from dymu.space.tree import TreeSpec
+from dymu.tasks.delta import delta_m
+from dymu.train.calibrate import calibrated, calibration_images
+from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, load_joint
+from dymu.train.loop import evaluate_model
+from dymu.train.scales import loss_scales
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except UserError as exc:
+        print(f"width_joint: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a finished dymu search run")
+    parser.add_argument("--work", required=True, type=Path, help="where the joint stage goes")
+    parser.add_argument("--widths", default="0.25,0.5,0.75,1.0")
+    parser.add_argument("--steps", type=int, default=None, help="joint.steps (default: run's)")
+    parser.add_argument("--baselines", type=Path, default=None, help="dymu baselines JSON")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    run = Path(args.run)
+    base = read_run_config(run)
+    if base.joint.steps == 0:
+        raise UserError(f"{run} ran no joint stage: there is nothing to compare with")
+    try:
+        widths = list(check_widths(float(w) for w in args.widths.split(",")))
+    except ValueError as exc:
+        raise UserError(f"--widths takes comma-separated numbers: {exc}") from exc
+    if widths == [1.0]:
+        raise UserError("--widths must hold more than full width")
+    joint = base.joint if args.steps is None else replace(base.joint, steps=args.steps)
+    cfg = replace(base, model=replace(base.model, widths=widths), joint=joint)
+
+    device = torch.device("cpu")
+    builder = get_builder(cfg.data.name)
+    info = builder.info_for(cfg.data)
+    anchor = build_anchor(cfg.model, info.select(cfg.data.tasks), seed=cfg.run.seed)
+    load_anchor_weights(anchor, run / "anchor.safetensors")
+    anchor.eval()
+    train, val = builder.load(cfg.data, "train"), builder.load(cfg.data, "val")
+    scales = loss_scales(anchor, val, device)
+    args.work.mkdir(parents=True, exist_ok=True)
+    trained_with = ensure_joint(cfg, args.work, anchor, train, val, scales=scales)
+    joint_seconds = time.perf_counter() - start
+    trees_only = load_joint(anchor, run / JOINT_WEIGHTS)
+    private = anchor if cfg.joint.private_nodes else None
+    weights = {
+        "joint with widths": TreeStreams(trained_with, private),
+        "joint, trees only (the run's)": TreeStreams(trees_only, private),
+        "stage 0": TreeStreams(anchor),
+    }
+
+    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
+    space = anchor_space(anchor, size, widths)
+    full = anchor_flops(space)
+    n, num_layers = len(anchor.tasks), anchor.num_layers
+    trunk_name = read_json(run / JOINT_JSON).get("trunk", anchor.task_names[0])
+    trunk = anchor.task_names.index(trunk_name)
+    tasks, batch = anchor.tasks, cfg.evaluate.batch_size
+    base_metrics, _ = evaluate_model(
+        calibrated(anchor, TreeSpec.no_sharing(n, num_layers), []), val, tasks, batch, device
+    )
+    directions, _ = delta_m_directions(tasks, base_metrics)
+    images = calibration_images(train, device)
+    rows = []
+    for tree_name, tree in (
+        ("cheapest", TreeSpec.all_sharing(n, num_layers, trunk)),
+        ("no sharing", TreeSpec.no_sharing(n, num_layers)),
+    ):
+        for w in widths:
+            config = TreeSpec(tree.parents, [[w] * n for _ in range(num_layers)])
+            row = {"tree": tree_name, "width": w, "flops_fraction": config.flops(space) / full}
+            for name, streams in weights.items():
+                net = calibrated(streams, config, images)
+                metrics, losses = evaluate_model(net, val, tasks, batch, device)
+                row[name] = {
+                    "delta_m": delta_m(metrics, base_metrics, directions),
+                    "metrics": {t.name: metrics[t.name][t.primary_metric] for t in tasks},
+                    "losses": losses,
+                }
+            rows.append(row)
+            cells = ", ".join(f"{k} {row[k]['delta_m']:+.2f}" for k in weights)
+            print(f"{tree_name} at width {w:g} ({row['flops_fraction']:.3f}): delta_m % {cells}")
+    out = {
+        "command": "python benchmarks/width_joint.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "run": str(run),
+        "split": "val",
+        "widths": widths,
+        "joint_steps": cfg.joint.steps,
+        "joint_seconds": joint_seconds,
+        "joint_record": read_json(args.work / JOINT_JSON).get("val_losses"),
+        "configurations": rows,
+    }
+    if args.baselines is not None:
+        out["static"] = _static(read_json(args.baselines))
+    out["seconds"] = time.perf_counter() - start
+    if args.out is not None:
+        write_json(args.out, out)
+    return 0
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+
+
+def _static(baselines: dict) -> dict:
+    """The static shared model's FLOPs fraction and delta_m from ``dymu baselines``."""
+    static = baselines.get("methods", {}).get("static", {})
+    return {k: static[k] for k in ("flops_fraction", "delta_m") if k in static}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
