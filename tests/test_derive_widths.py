@@ -134,3 +134,26 @@ def test_bad_input_is_one_clear_error():
     plain = build_space(["a", "b"], [[1, 1], [1, 1]], [[1, 1], [1, 1]], [1, 1], [1, 1])
     with pytest.raises(UserError, match="no widths"):
         derive_configuration(np.ones((1, 2, 2)), np.ones((2, 2, 1)), plain, 1.0)
+
+
+def test_a_preference_narrows_the_other_tasks_first():
+    """No sharing, a budget that needs some narrowing: the preferred task keeps its width,
+    the other task's nodes give way, and the opposite preference mirrors it."""
+    from dymu.space.derive_widths import preference_omega
+
+    G = _space(2, 3, 11)
+    n, num_layers = space_shape(G)
+    tree = TreeSpec.no_sharing(n, num_layers)
+    alpha = np.tile(np.eye(n) * 0.98 + 0.01, (num_layers - 1, 1, 1))  # sure of no sharing
+    budget = 0.8 * tree.flops(G) / anchor_flops(G)
+    mean_width = {}
+    for favourite in range(n):
+        r = np.full(n, 0.1)
+        r[favourite] = 0.9
+        omega = preference_omega(tree, r, len(WIDTHS), strength=10.0)
+        config = derive_configuration(alpha, omega, G, budget)
+        assert config.parents == tree.parents and config.flops(G) <= budget * anchor_flops(G)
+        mean_width[favourite] = [
+            np.mean([config.width(layer, j) for layer in range(num_layers)]) for j in range(n)
+        ]
+    assert mean_width[0][0] > mean_width[0][1] and mean_width[1][1] > mean_width[1][0]

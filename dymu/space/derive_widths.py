@@ -285,3 +285,32 @@ def _lost(old, new, logp, logw) -> float:
                 before = lp[old_parents[layer - 1][j]] if was else 0.0
                 lost += before - lp[new_parents[layer - 1][j]]
     return lost
+
+
+def preference_omega(tree: TreeSpec, preference: Any, k: int, strength: float) -> np.ndarray:
+    """A width distribution ``[L, N, K]`` that follows a preference (ECMT's rule in a tree):
+    node (l, j) serves the tasks whose paths run through it, and each width step wider is
+    worth ``strength`` times their summed weight in log-probability,
+
+        omega[l, j, :] = softmax(strength * served(l, j) * [0, 1, ..., K-1]),
+
+    so :func:`derive_configuration` narrows first the nodes that serve the tasks the
+    preference weighs least (per FLOP saved) and spends a spare budget on the ones it
+    weighs most. An unused node counts its own stream's task.
+    """
+    r = np.asarray(preference.detach().cpu() if hasattr(preference, "detach") else preference)
+    r = r.astype(np.float64)
+    n, num_layers = tree.num_tasks, tree.num_layers
+    if r.shape != (n,):
+        raise UserError(f"preference must have {n} entries, got shape {list(r.shape)}")
+    served = np.tile(r, (num_layers, 1))  # [L, N]: unused nodes, their own task
+    used = tree.used()
+    paths = [tree.path(t) for t in range(n)]
+    for layer in range(num_layers):
+        for j in range(n):
+            if used[layer][j]:
+                served[layer, j] = sum(r[t] for t in range(n) if paths[t][layer] == j)
+    logits = strength * served[..., None] * np.arange(k)  # [L, N, K]
+    logits -= logits.max(-1, keepdims=True)
+    omega = np.exp(logits)
+    return omega / omega.sum(-1, keepdims=True)

@@ -1,0 +1,181 @@
+"""Width as the preference's capacity lever (METHOD.md 1.11), on a run and its width joint stage.
+
+Stages 1 and 2 do not predict widths yet. This script measures what widths could give a
+user once they do, with the simplest allocation: for each (preference, budget) the run's
+edge hypernetwork gives parent probabilities, and :func:`preference_omega` a width
+distribution in which each step wider is worth ``--strength`` times the summed weight of
+the tasks a node serves; :func:`derive_configuration` repairs the argmax to the budget on
+both axes and spends what is left. Each configuration runs on the joint stage trained with
+widths (``--joint``, from ``benchmarks/width_joint.py``), its statistics calibrated on the
+training split's first images, without any weight adaptation. Beside it, the run's own
+full-width tree for the same (preference, budget) on the run's joint weights, also without
+adaptation, so the two differ by the width axis alone.
+
+Per budget and split: each task's primary metric at the uniform preference and at every
+task's corner (0.9 on it), the corner gap (own corner minus the other corners' mean,
+signed so that positive is better), FLOPs fractions, and Spearman(r_i, metric_i) over a
+sweep of ``--preferences`` preferences.
+
+    python benchmarks/width_control.py --run runs/wj_mm --joint runs/wj_mm_work \\
+        --out benchmarks/results/width_control_multimnist_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from dymu.data import get_builder
+from dymu.errors import UserError
+from dymu.evaluate.metrics import preference_sweep
+from dymu.evaluate.search import corner_preferences
+from dymu.io import write_json
+from dymu.models.anchor import build_anchor, load_anchor_weights
+from dymu.models.streams import TreeStreams
+from dymu.run import read_run_config
+from dymu.search import load_edge
+from dymu.space.anchor_space import anchor_space
+from dymu.space.derive import argmax_tree
+from dymu.space.derive_widths import derive_configuration, preference_omega
+from dymu.space.graph import anchor_flops, min_flops
+from dymu.train.calibrate import calibrated, calibration_images
+from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, load_joint
+from dymu.train.loop import evaluate_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except UserError as exc:
+        print(f"width_control: {exc}", file=sys.stderr)
+        return 2
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a finished dymu search run")
+    parser.add_argument("--joint", required=True, type=Path, help="width_joint.py's --work")
+    parser.add_argument("--budgets", default="0.3,0.5,0.75")
+    parser.add_argument("--strength", type=float, default=10.0)
+    parser.add_argument("--preferences", type=int, default=11)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    run = Path(args.run)
+    cfg = read_run_config(run)
+    widths = _read(args.joint / JOINT_JSON).get("spec", {}).get("widths")
+    if not widths:
+        raise UserError(f"{args.joint} holds no joint stage trained with widths")
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError as exc:
+        raise UserError(f"--budgets takes comma-separated numbers: {exc}") from exc
+
+    device = torch.device("cpu")
+    builder = get_builder(cfg.data.name)
+    info = builder.info_for(cfg.data)
+    anchor = build_anchor(cfg.model, info.select(cfg.data.tasks), seed=cfg.run.seed)
+    load_anchor_weights(anchor, run / "anchor.safetensors")
+    anchor.eval()
+    private = anchor if cfg.joint.private_nodes else None
+    with_widths = TreeStreams(load_joint(anchor, args.joint / JOINT_WEIGHTS), private)
+    trees_only = TreeStreams(load_joint(anchor, run / JOINT_WEIGHTS), private)
+    edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
+    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
+    space = anchor_space(anchor, size, widths)
+    plain = anchor_space(anchor, size)
+    full = anchor_flops(space)
+    tasks, names, n = anchor.tasks, anchor.task_names, len(anchor.tasks)
+    train = builder.load(cfg.data, "train")
+    images = calibration_images(train, device)
+    splits = {s: builder.load(cfg.data, s) for s in ("val", "test")}
+    batch = cfg.evaluate.batch_size
+    corners = corner_preferences(n)  # [N + 1, N]: uniform, then each task's corner
+    sweep = preference_sweep(n, args.preferences, cfg.evaluate.seed)
+    signs = {t.name: 1.0 if t.metric_directions[t.primary_metric] else -1.0 for t in tasks}
+
+    def measure(streams, config) -> dict[str, dict[str, float]]:
+        net = calibrated(streams, config, images)
+        out = {}
+        for split, ds in splits.items():
+            metrics, _ = evaluate_model(net, ds, tasks, batch, device)
+            out[split] = {t.name: metrics[t.name][t.primary_metric] for t in tasks}
+        return out
+
+    result = {}
+    for b in budgets:
+        per = {"widths": {}, "trees only": {}}
+        for k, r in enumerate([*corners, *sweep]):
+            rt = torch.tensor(r, dtype=torch.float32)
+            alpha = edge.alpha(rt, b).detach().cpu().double().numpy()
+            omega = preference_omega(argmax_tree(alpha), r, len(widths), args.strength)
+            config = derive_configuration(alpha, omega, space, b)
+            key = "uniform" if k == 0 else names[k - 1] if k <= n else f"sweep {k - n - 1}"
+            per["widths"][key] = {
+                "preference": [float(x) for x in r],
+                "config": config.to_json(),
+                "flops_fraction": config.flops(space) / full,
+                **measure(with_widths, config),
+            }
+            if b * full >= min_flops(plain):
+                tree = edge.tree(rt, b, plain)
+                per["trees only"][key] = {
+                    "preference": [float(x) for x in r],
+                    "config": tree.to_json(),
+                    "flops_fraction": tree.flops(plain) / full,
+                    **measure(trees_only, tree),
+                }
+            print(f"budget {b:g} {key}: {per['widths'][key]['val']}", flush=True)
+        result[f"{b:g}"] = {k: _summary(v, names, n, signs) for k, v in per.items() if v}
+    out = {
+        "command": "python benchmarks/width_control.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "run": str(run),
+        "joint": str(args.joint),
+        "widths": widths,
+        "strength": args.strength,
+        "adaptation": "none (no weight hypernetwork on either side)",
+        "budgets": result,
+        "seconds": time.perf_counter() - start,
+    }
+    if args.out is not None:
+        write_json(args.out, out)
+    return 0
+
+
+def _summary(rows: dict, names: list[str], n: int, signs: dict[str, float]) -> dict:
+    """Corner gaps and sweep Spearmans per split, beside the rows themselves."""
+    out = {"rows": rows}
+    for split in ("val", "test"):
+        gaps, spearman = {}, {}
+        for j, t in enumerate(names):
+            own = rows[t][split][t]
+            others = [rows[names[k]][split][t] for k in range(n) if k != j]
+            gaps[t] = signs[t] * (own - float(np.mean(others)))
+            sweep = [v for k, v in rows.items() if k.startswith("sweep")]
+            weights = [v["preference"][j] for v in sweep]
+            values = [signs[t] * v[split][t] for v in sweep]
+            spearman[t] = float(spearmanr(weights, values).statistic) if len(sweep) > 2 else None
+        out[split] = {"corner_gap": gaps, "spearman": spearman}
+    fractions = [v["flops_fraction"] for v in rows.values()]
+    out["flops_fraction"] = {"min": min(fractions), "mean": float(np.mean(fractions))}
+    out["configurations"] = len({v["config"]["hash"] for v in rows.values()})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
