@@ -169,7 +169,8 @@ def _summary(rows: dict, names: list[str], n: int, signs: dict[str, float]) -> d
             sweep = [v for k, v in rows.items() if k.startswith("sweep")]
             weights = [v["preference"][j] for v in sweep]
             values = [signs[t] * v[split][t] for v in sweep]
-            spearman[t] = float(spearmanr(weights, values).statistic) if len(sweep) > 2 else None
+            rho = float(spearmanr(weights, values).statistic) if len(sweep) > 2 else float("nan")
+            spearman[t] = rho if np.isfinite(rho) else None  # constant metrics: undefined
         out[split] = {"corner_gap": gaps, "spearman": spearman}
     fractions = [v["flops_fraction"] for v in rows.values()]
     out["flops_fraction"] = {"min": min(fractions), "mean": float(np.mean(fractions))}
