@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -258,28 +259,39 @@ def slim(original: nn.Module, skeleton_module: nn.Module) -> nn.Module:
     return out
 
 
-class Skeletons:
-    """Skeletons built once per (module, input channels, width) and reused every call.
+_SKELETONS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Every skeleton built so far, per module it slims (see :class:`Skeletons`)."""
 
-    Keyed by the module's ``id``: hold the modules for as long as this cache.
+
+class Skeletons:
+    """Skeletons built once per (module, input channels, width) and reused by every caller.
+
+    Building one constructs and initialises fresh modules, far slower than running it; the
+    joint stage builds a new :class:`~dymu.space.treenet.TreeNet` per tree and step, so the
+    cache is shared by the whole process, held weakly by the modules it slims (a skeleton's
+    own parameters are never read: :func:`run` passes the sliced weights).
     """
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple, nn.Module] = {}
+    def _get(self, module: nn.Module, key: tuple, build) -> nn.Module:
+        per_module = _SKELETONS.setdefault(module, {})
+        if key not in per_module:
+            per_module[key] = build()
+        return per_module[key]
 
     def layer(
         self, module: nn.Module, in_channels: int, width: float, batch_stats: bool = False
     ) -> nn.Module:
         """``module``'s skeleton; with ``batch_stats``, one whose BatchNorms normalise with
         batch statistics (:func:`without_statistics`)."""
-        key = ("layer", id(module), in_channels, width, batch_stats)
-        if key not in self._cache:
+
+        def build() -> nn.Module:
             sk = skeleton(module, in_channels, width)
-            self._cache[key] = without_statistics(sk) if batch_stats else sk
-        return self._cache[key]
+            return without_statistics(sk) if batch_stats else sk
+
+        return self._get(module, ("layer", in_channels, width, batch_stats), build)
 
     def head(self, head: Head, high_channels: int, low_channels: int | None) -> Head:
-        key = ("head", id(head), high_channels, low_channels)
-        if key not in self._cache:
-            self._cache[key] = head_skeleton(head, high_channels, low_channels)
-        return self._cache[key]  # type: ignore[return-value]
+        key = ("head", high_channels, low_channels)
+        return self._get(head, key, lambda: head_skeleton(head, high_channels, low_channels))  # type: ignore[return-value]
