@@ -782,6 +782,51 @@ def width_space(*results: dict) -> list[str]:
     return table(header, rows)
 
 
+WEIGHT_SETS = ("joint with widths", "joint, trees only (the run's)", "stage 0")
+"""The weight sets ``benchmarks/width_joint.py`` measures each configuration on."""
+
+
+@renderer("width_joint", "width_joint_default_cpu.json", "width_joint_multimnist_cpu.json")
+def width_joint(*results: dict) -> list[str]:
+    """delta_m of the cheapest and the no-sharing tree at each width, per weight set."""
+    rows = []
+    for name, result in zip(("default", "MultiMNIST"), results, strict=True):
+        for row in result["configurations"]:
+            cells = [signed(row[w]["delta_m"], 2) for w in WEIGHT_SETS]
+            label = f"{row['tree']} tree, width {num(row['width'], 2)}"
+            rows.append([name, label, num(row["flops_fraction"], 3), *cells])
+    header = ["config", "configuration", "FLOPs"]
+    header += [f"delta_m % (val): {w}" for w in WEIGHT_SETS]
+    return table(header, rows)
+
+
+@renderer("width_control", "width_control_multimnist_cpu.json")
+def width_control(result: dict) -> list[str]:
+    """Corner gaps and Spearmans with widths beside the run's full-width trees."""
+    rows = []
+    for budget, sides in result["budgets"].items():
+        for side, summary in sides.items():
+            tasks = list(summary["val"]["corner_gap"])
+            cells = []
+            for split in ("val", "test"):
+                gaps = summary[split]["corner_gap"]
+                cells.append(" / ".join(signed(gaps[t], 2) for t in tasks))
+                rho = summary[split]["spearman"]
+                cells.append(
+                    " / ".join("-" if rho[t] is None else signed(rho[t], 2) for t in tasks)
+                )
+            flops = summary["flops_fraction"]
+            rows.append(
+                [budget, side, str(summary["configurations"]), num(flops["mean"], 3), *cells]
+            )
+    first = next(iter(next(iter(result["budgets"].values())).values()))
+    names = " / ".join(first["val"]["corner_gap"])
+    header = ["budget", "configurations from", "distinct", "mean FLOPs"]
+    header += [f"{what}, {split}: {names}" for split in ("val", "test") for what in
+               ("corner gap", "Spearman")]  # fmt: skip
+    return table(header, rows)
+
+
 @renderer("preference_trunk_choice", "preference_control_multimnist_cpu.json")
 def preference_trunk_choice(mnist: dict) -> list[str]:
     return _choice_table(mnist["validation_choice"])
