@@ -23,7 +23,6 @@ sweep of ``--preferences`` preferences.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from dymu.data import get_builder
+from dymu.artifacts import read_json
+from dymu.data import get_builder, input_size
 from dymu.errors import UserError
 from dymu.evaluate.metrics import preference_sweep
 from dymu.evaluate.search import corner_preferences
 from dymu.io import write_json
-from dymu.models.anchor import build_anchor, load_anchor_weights
 from dymu.models.streams import TreeStreams
 from dymu.run import read_run_config
 from dymu.search import load_edge
@@ -48,6 +47,7 @@ from dymu.space.graph import anchor_flops, min_flops
 from dymu.train.calibrate import calibrated, calibration_images
 from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, load_joint
 from dymu.train.loop import evaluate_model
+from dymu.train.stage0 import load_trained_anchor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"width_control: {exc}", file=sys.stderr)
         return 2
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
 
 
 def _run(argv: list[str] | None) -> int:
@@ -77,7 +70,9 @@ def _run(argv: list[str] | None) -> int:
     start = time.perf_counter()
     run = Path(args.run)
     cfg = read_run_config(run)
-    widths = _read(args.joint / JOINT_JSON).get("spec", {}).get("widths")
+    fix = "run benchmarks/width_joint.py with --work there first"
+    record = read_json(args.joint / JOINT_JSON, "joint-stage record", fix)
+    widths = record.get("spec", {}).get("widths")
     if not widths:
         raise UserError(f"{args.joint} holds no joint stage trained with widths")
     try:
@@ -87,15 +82,12 @@ def _run(argv: list[str] | None) -> int:
 
     device = torch.device("cpu")
     builder = get_builder(cfg.data.name)
-    info = builder.info_for(cfg.data)
-    anchor = build_anchor(cfg.model, info.select(cfg.data.tasks), seed=cfg.run.seed)
-    load_anchor_weights(anchor, run / "anchor.safetensors")
-    anchor.eval()
+    anchor = load_trained_anchor(cfg, run)[0].eval()
     private = anchor if cfg.joint.private_nodes else None
     with_widths = TreeStreams(load_joint(anchor, args.joint / JOINT_WEIGHTS), private)
     trees_only = TreeStreams(load_joint(anchor, run / JOINT_WEIGHTS), private)
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
-    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
+    size = input_size(cfg.data)
     space = anchor_space(anchor, size, widths)
     plain = anchor_space(anchor, size)
     full = anchor_flops(space)

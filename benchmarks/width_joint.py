@@ -19,7 +19,6 @@ is shown beside where ``--baselines`` names its results.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -27,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from dymu.data import get_builder
+from dymu.artifacts import read_json, rerun_fix
+from dymu.data import get_builder, input_size
 from dymu.errors import UserError
 from dymu.evaluate.search import delta_m_directions
 from dymu.io import write_json
-from dymu.models.anchor import build_anchor, load_anchor_weights
 from dymu.models.slim import check_widths
 from dymu.models.streams import TreeStreams
 from dymu.run import read_run_config
@@ -43,6 +42,7 @@ from dymu.train.calibrate import calibrated, calibration_images
 from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, load_joint
 from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
+from dymu.train.stage0 import load_trained_anchor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +78,7 @@ def _run(argv: list[str] | None) -> int:
 
     device = torch.device("cpu")
     builder = get_builder(cfg.data.name)
-    info = builder.info_for(cfg.data)
-    anchor = build_anchor(cfg.model, info.select(cfg.data.tasks), seed=cfg.run.seed)
-    load_anchor_weights(anchor, run / "anchor.safetensors")
-    anchor.eval()
+    anchor = load_trained_anchor(cfg, run)[0].eval()
     train, val = builder.load(cfg.data, "train"), builder.load(cfg.data, "val")
     scales = loss_scales(anchor, val, device)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -95,11 +92,11 @@ def _run(argv: list[str] | None) -> int:
         "stage 0": TreeStreams(anchor),
     }
 
-    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
-    space = anchor_space(anchor, size, widths)
+    space = anchor_space(anchor, input_size(cfg.data), widths)
     full = anchor_flops(space)
     n, num_layers = len(anchor.tasks), anchor.num_layers
-    trunk_name = read_json(run / JOINT_JSON).get("trunk", anchor.task_names[0])
+    record = read_json(run / JOINT_JSON, "joint-stage record", rerun_fix(run))
+    trunk_name = record.get("trunk", anchor.task_names[0])
     trunk = anchor.task_names.index(trunk_name)
     tasks, batch = anchor.tasks, cfg.evaluate.batch_size
     base_metrics, _ = evaluate_model(
@@ -134,22 +131,18 @@ def _run(argv: list[str] | None) -> int:
         "widths": widths,
         "joint_steps": cfg.joint.steps,
         "joint_seconds": joint_seconds,
-        "joint_record": read_json(args.work / JOINT_JSON).get("val_losses"),
+        "joint_record": read_json(
+            args.work / JOINT_JSON, "joint-stage record", f"remove {args.work} and run again"
+        ).get("val_losses"),
         "configurations": rows,
     }
     if args.baselines is not None:
-        out["static"] = _static(read_json(args.baselines))
+        fix = "give the JSON dymu baselines wrote"
+        out["static"] = _static(read_json(args.baselines, "baselines report", fix))
     out["seconds"] = time.perf_counter() - start
     if args.out is not None:
         write_json(args.out, out)
     return 0
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
 
 
 def _static(baselines: dict) -> dict:

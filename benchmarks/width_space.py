@@ -32,15 +32,16 @@ from tqdm import tqdm
 from dymu.compile.materialize import materialize
 from dymu.compile.onnx_export import export_onnx, ort_parity
 from dymu.config import load_config
-from dymu.data import get_builder
+from dymu.data import get_builder, input_size
 from dymu.errors import UserError
 from dymu.io import write_json
-from dymu.models.anchor import build_anchor, load_anchor_weights
+from dymu.models.anchor import build_anchor
 from dymu.models.flops import count_flops
 from dymu.run import read_run_config
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import anchor_flops, min_flops, space_widths
 from dymu.space.tree import TreeSpec
+from dymu.train.stage0 import load_trained_anchor
 
 DEFAULT_BUDGETS = (0.15, 0.2, 0.3, 0.5, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
@@ -109,12 +110,13 @@ def _run(argv: list[str] | None) -> int:
         cfg = read_run_config(Path(args.run))
     else:
         cfg = load_config(args.config, args.overrides)
-    info = get_builder(cfg.data.name).info_for(cfg.data)
-    anchor = build_anchor(cfg.model, info.select(cfg.data.tasks), seed=cfg.run.seed)
     if args.run is not None:
-        load_anchor_weights(anchor, Path(args.run) / "anchor.safetensors")
+        anchor = load_trained_anchor(cfg, Path(args.run))[0]
+    else:
+        info = get_builder(cfg.data.name).info_for(cfg.data)
+        anchor = build_anchor(cfg.model, info.select(cfg.data.tasks), seed=cfg.run.seed)
     anchor.eval()
-    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
+    size = input_size(cfg.data)
 
     space = anchor_space(anchor, size, widths)
     plain = anchor_space(anchor, size)

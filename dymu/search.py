@@ -21,7 +21,7 @@ from dymu.affinity.plot import affinity_png
 from dymu.affinity.result import AffinityResult
 from dymu.artifacts import load_into, read_json, rerun_fix
 from dymu.config import Config
-from dymu.data import get_builder
+from dymu.data import get_builder, input_size
 from dymu.data.batches import check_flips
 from dymu.errors import UserError
 from dymu.evaluate.report import write_report
@@ -29,7 +29,7 @@ from dymu.evaluate.search import evaluate_search
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.lock import run_lock, unlock_run
-from dymu.models.anchor import Anchor, build_anchor, load_anchor_weights
+from dymu.models.anchor import Anchor
 from dymu.models.streams import TreeStreams
 from dymu.run import read_run_config, resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
@@ -38,7 +38,7 @@ from dymu.train.checkpoint import record_matches
 from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, load_joint
 from dymu.train.scales import loss_scales
 from dymu.train.spec import resolve_specs
-from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor
+from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor, load_trained_anchor
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
 from dymu.train.stage2 import WEIGHT_JSON, WEIGHT_WEIGHTS, stage2_hash, train_stage2
 
@@ -129,9 +129,7 @@ def _load_run(run: Path) -> TrainedRun:
     check_artifacts(run, cfg)
     if not (run / "space.json").is_file():
         raise UserError(f"{run} is not a finished search run: space.json is missing")
-    specs = get_builder(cfg.data.name).info_for(cfg.data).select(cfg.data.tasks)
-    anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
-    load_anchor_weights(anchor, run / ANCHOR_WEIGHTS)
+    anchor, _ = load_trained_anchor(cfg, run)
     joint = load_joint(anchor, run / JOINT_WEIGHTS) if cfg.joint.steps > 0 else None
     streams = tree_streams(cfg, anchor.eval(), joint)
     space = load_space(run / "space.json")
@@ -201,9 +199,7 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     joint = ensure_joint(cfg, run, anchor, train, val, resume=resume, scales=scales)
     streams = tree_streams(cfg, anchor, joint)
 
-    info = builder.info_for(cfg.data)
-    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
-    space = anchor_space(anchor.cpu(), size)
+    space = anchor_space(anchor.cpu(), input_size(cfg.data))
     if main:
         save_space(space, run / "space.json")
     n, num_layers = len(anchor.tasks), anchor.num_layers

@@ -80,7 +80,7 @@ def run_affinity(args: argparse.Namespace) -> int:
 
 
 def run_space(args: argparse.Namespace) -> int:
-    from dymu.data import get_builder
+    from dymu.data import get_builder, input_size
     from dymu.models.anchor import build_anchor
     from dymu.run import start_run
     from dymu.space.anchor_space import anchor_space
@@ -93,7 +93,7 @@ def run_space(args: argparse.Namespace) -> int:
     builder = get_builder(cfg.data.name)
     info = builder.info_for(cfg.data)
     specs = info.select(cfg.data.tasks)
-    size = tuple(cfg.data.size) if cfg.data.size is not None else info.default_size
+    size = input_size(cfg.data)
     anchor = build_anchor(cfg.model, specs, seed=cfg.run.seed)
     space = anchor_space(anchor, size)
     save_space(space, run / "space.json")

@@ -236,12 +236,17 @@ def _narrowings(parents, level, used, n: int, num_layers: int):
                 yield parents, new_level
 
 
+def _applied(parents, changes) -> list[list[int]]:
+    """A copy of ``parents`` with every ``(layer, node, new parent)`` change made."""
+    new = [row[:] for row in parents]
+    for layer, j, p in changes:
+        new[layer - 1][j] = p
+    return new
+
+
 def _apply(parents, level, moves):
     for changes in moves:
-        new = [row[:] for row in parents]
-        for layer, j, p in changes:
-            new[layer - 1][j] = p
-        yield new, level
+        yield _applied(parents, changes), level
 
 
 def _single_moves(parents, level, used, n: int, num_layers: int):
@@ -255,9 +260,7 @@ def _branch_group(parents, level, used, n: int, num_layers: int):
     ``(l, b)`` replaces ``a``: it takes ``a``'s parent and ``a``'s width, so the move never
     brings in a wider node than the one it removes."""
     for changes in _branch_moves(parents, used, n, num_layers):
-        new = [row[:] for row in parents]
-        for layer, j, p in changes:
-            new[layer - 1][j] = p
+        new = _applied(parents, changes)
         new_level = level
         child_layer, kid, b = changes[0]  # a child's move to its new parent (l, b)
         layer = child_layer - 1

@@ -103,14 +103,12 @@ class TreeNet(nn.Module):
             for h in hooks:
                 h.remove()
 
-    def _slim(self, layer: int, stream: int) -> bool:
-        """Whether node (layer, stream) runs narrower than its layer, or reads a narrower
-        parent (then its slimmed skeleton runs; otherwise the layer itself)."""
-        if self.tree.widths is None:
+    def _reads_narrowed(self, layer: int, stream: int) -> bool:
+        """Whether node (layer, stream)'s parent runs narrower than full width (so the node
+        runs its skeleton, which reads fewer channels)."""
+        if layer == 0 or self.tree.widths is None:
             return False
-        parent = None if layer == 0 else self.tree.parents[layer - 1][stream]
-        narrow_in = parent is not None and self.tree.width(layer - 1, parent) != 1.0
-        return narrow_in or self.tree.width(layer, stream) != 1.0
+        return self.tree.width(layer - 1, self.tree.parents[layer - 1][stream]) < 1.0
 
     def _run_slim_head(
         self, source: Anchor, j: int, feats: list[Tensor], size: tuple[int, int]
@@ -167,7 +165,7 @@ class TreeNet(nn.Module):
                 shifted = {name: own[name] + d for name, d in deltas.items()} if deltas else {}
                 if width < 1.0:
                     cache[key] = self._run_narrow((layer, j), module, x, shifted)
-                elif self._slim(layer, j):  # full width, reading a narrowed parent
+                elif self._reads_narrowed(layer, j):  # full width, narrowed parent
                     sk = self._skeletons.layer(module, x.shape[1], width)
                     cache[key] = slim.run(module, sk, x, state=shifted)
                 elif deltas:

@@ -52,6 +52,6 @@ def calibrated(
     """``TreeNet(streams, tree)`` with its narrowed nodes' statistics calibrated on
     ``images`` under ``bn_offsets`` (a full-width tree needs none and gets none)."""
     net = TreeNet(streams, tree)
-    if tree.widths is None:
-        return net
-    return TreeNet(streams, tree, net.calibrate(images, bn_offsets))
+    if tree.widths is not None:
+        net.bn_stats = net.calibrate(images, bn_offsets)
+    return net
