@@ -1,22 +1,23 @@
-"""Width as the preference's capacity lever (METHOD.md 1.11), on a run and its width joint stage.
+"""Width as the preference's capacity lever (METHOD.md 1.11), on a run and its width stage.
 
 Stages 1 and 2 do not predict widths yet. This script measures what widths could give a
 user once they do, with the simplest allocation: for each (preference, budget) the run's
 edge hypernetwork gives parent probabilities, and :func:`preference_omega` a width
 distribution in which each step wider is worth ``--strength`` times the summed weight of
 the tasks a node serves; :func:`derive_configuration` repairs the argmax to the budget on
-both axes and spends what is left. Each configuration runs on the joint stage trained with
-widths (``--joint``, from ``benchmarks/width_joint.py``), its statistics calibrated on the
-training split's first images, without any weight adaptation. Beside it, the run's own
-full-width tree for the same (preference, budget) on the run's joint weights, also without
-adaptation, so the two differ by the width axis alone.
+both axes and spends what is left. Each configuration runs on the run's weights with the
+width stage's copy for its narrowed contexts (``--slim``, from
+``benchmarks/width_stage.py``), its statistics calibrated on the training split's first
+images, without any weight adaptation. Beside it, the run's own full-width tree for the
+same (preference, budget) on the run's weights, also without adaptation, so the two differ
+by the width axis alone.
 
 Per budget and split: each task's primary metric at the uniform preference and at every
 task's corner (0.9 on it), the corner gap (own corner minus the other corners' mean,
 signed so that positive is better), FLOPs fractions, and Spearman(r_i, metric_i) over a
 sweep of ``--preferences`` preferences.
 
-    python benchmarks/width_control.py --run runs/wj_mm --joint runs/wj_mm_work \\
+    python benchmarks/width_control.py --run runs/mm --slim runs/mm_slim \\
         --out benchmarks/results/width_control_multimnist_cpu.json
 """
 
@@ -39,14 +40,15 @@ from dymu.evaluate.search import corner_preferences
 from dymu.io import write_json
 from dymu.models.streams import TreeStreams
 from dymu.run import read_run_config
-from dymu.search import load_edge
+from dymu.search import load_edge, tree_streams
 from dymu.space.anchor_space import anchor_space
 from dymu.space.derive import argmax_tree
 from dymu.space.derive_widths import derive_configuration, preference_omega
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.train.calibrate import calibrated, calibration_images
-from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, load_joint
+from dymu.train.joint import JOINT_WEIGHTS, load_joint
 from dymu.train.loop import evaluate_model
+from dymu.train.slim_stage import SLIM_JSON, SLIM_WEIGHTS, load_slim
 from dymu.train.stage0 import load_trained_anchor
 
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished dymu search run")
-    parser.add_argument("--joint", required=True, type=Path, help="width_joint.py's --work")
+    parser.add_argument("--slim", required=True, type=Path, help="width_stage.py's --work")
     parser.add_argument("--budgets", default="0.3,0.5,0.75")
     parser.add_argument("--strength", type=float, default=10.0)
     parser.add_argument("--preferences", type=int, default=11)
@@ -70,11 +72,11 @@ def _run(argv: list[str] | None) -> int:
     start = time.perf_counter()
     run = Path(args.run)
     cfg = read_run_config(run)
-    fix = "run benchmarks/width_joint.py with --work there first"
-    record = read_json(args.joint / JOINT_JSON, "joint-stage record", fix)
+    fix = "run benchmarks/width_stage.py with --work there first"
+    record = read_json(args.slim / SLIM_JSON, "width-stage record", fix)
     widths = record.get("spec", {}).get("widths")
     if not widths:
-        raise UserError(f"{args.joint} holds no joint stage trained with widths")
+        raise UserError(f"{args.slim} holds no width stage")
     try:
         budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError as exc:
@@ -83,9 +85,9 @@ def _run(argv: list[str] | None) -> int:
     device = torch.device("cpu")
     builder = get_builder(cfg.data.name)
     anchor = load_trained_anchor(cfg, run)[0].eval()
-    private = anchor if cfg.joint.private_nodes else None
-    with_widths = TreeStreams(load_joint(anchor, args.joint / JOINT_WEIGHTS), private)
-    trees_only = TreeStreams(load_joint(anchor, run / JOINT_WEIGHTS), private)
+    trees_only = tree_streams(cfg, anchor, load_joint(anchor, run / JOINT_WEIGHTS))
+    narrow = load_slim(trees_only.tuned, args.slim / SLIM_WEIGHTS)
+    with_widths = TreeStreams(trees_only.tuned, trees_only.stage0, narrow)
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
     size = input_size(cfg.data)
     space = anchor_space(anchor, size, widths)
@@ -137,7 +139,7 @@ def _run(argv: list[str] | None) -> int:
         "command": "python benchmarks/width_control.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "run": str(run),
-        "joint": str(args.joint),
+        "slim": str(args.slim),
         "widths": widths,
         "strength": args.strength,
         "adaptation": "none (no weight hypernetwork on either side)",

@@ -141,9 +141,9 @@ class ModelConfig:
     cross-task edge feeds a node inputs it can use. False seeds stream j with seed + j."""
     widths: list[float] = field(default_factory=lambda: [1.0])
     """The widths every node of the space may run at (METHOD.md 1.11: its first channels,
-    e.g. ``[0.25, 0.5, 0.75, 1.0]``); ``[1.0]``: trees alone. Stage 0 trains full widths
-    either way. So far only the joint stage trains other widths (``dymu search`` refuses
-    them: stages 1 and 2 do not predict widths yet)."""
+    e.g. ``[0.25, 0.5, 0.75, 1.0]``); ``[1.0]``: trees alone. Stage 0 and the joint stage
+    train full widths either way, the width stage (:class:`SlimConfig`) the others; ``dymu
+    search`` refuses them so far, since stages 1 and 2 do not predict widths yet."""
 
     def check(self, prefix: str) -> None:
         if self.width < 1:
@@ -269,6 +269,34 @@ class JointConfig:
             )
         if self.lr <= 0 or self.distill < 0 or self.weight_decay < 0:
             raise UserError(f"config: {prefix}.lr must be > 0, distill and weight_decay >= 0")
+
+
+@dataclass
+class SlimConfig:
+    """The width stage (METHOD.md 1.11): a copy of the streams trees run, trained for the
+    configurations that narrow nodes; every node in a narrowed context runs it, while
+    full-width trees keep the joint stage's weights, so narrow configurations cannot cost
+    them anything. It runs only when ``model.widths`` holds more than full width; batch
+    size, optimizer, learning rate, weight decay and flips are the joint stage's."""
+
+    steps: int = 1500
+    """Steps of the sandwich over widths (the smallest configuration and ``configs``
+    random ones on one batch)."""
+    configs: int = 2
+    """Random configurations per step beside the smallest: a branch tree of the trunk
+    (:attr:`JointConfig.random_kind` ``branch``) at random widths per node."""
+    distill: float = 1.0
+    """Weight of the in-place distillation of a configuration's outputs towards the same
+    tree at full width (the largest network of its family)."""
+    features: float = 1.0
+    """Weight of the feature distillation (ECMT's configuration-invariant distillation): every
+    node in a narrowed context towards the first channels of the same node at full width."""
+
+    def check(self, prefix: str) -> None:
+        if self.steps < 1 or self.configs < 0:
+            raise UserError(f"config: {prefix}.steps must be >= 1 and configs >= 0")
+        if self.distill < 0 or self.features < 0:
+            raise UserError(f"config: {prefix}.distill and features must be >= 0")
 
 
 @dataclass
@@ -470,6 +498,7 @@ class Config:
     stage0: Stage0Config = field(default_factory=Stage0Config)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     joint: JointConfig = field(default_factory=JointConfig)
+    slim: SlimConfig = field(default_factory=SlimConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -161,8 +161,8 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     if cfg.model.widths != [1.0]:  # before the run directory is touched
         raise UserError(
             f"model.widths={cfg.model.widths}: stages 1 and 2 do not predict widths yet, so "
-            "dymu search runs trees alone (model.widths=[1.0]); benchmarks/width_joint.py "
-            "trains the joint stage at these widths"
+            "dymu search runs trees alone (model.widths=[1.0]); benchmarks/width_stage.py "
+            "trains the width stage at these widths"
         )
     run = start_run(cfg, run_dir)  # takes the run directory's lock
     try:

@@ -148,35 +148,3 @@ def test_private_training_leaves_the_anchor_tree_and_trains_the_rest(tiny, tmp_p
     assert np.mean([after[t] / before[t] for t in after]) < 0.98
     old = load_config(None, [*STEPS, "joint.private_nodes=false"])
     assert joint.joint_hash(cfg) != joint.joint_hash(old)
-
-
-def test_widths_add_the_smallest_and_random_width_configurations(tiny):
-    """The full-width trees are the ones a run without widths draws; then the cheapest tree
-    at the narrowest width and each random tree at random widths follow."""
-    _, anchor, _, _ = tiny
-    widths = (0.5, 0.75, 1.0)
-    space = anchor_space(anchor, (32, 32), widths)
-    plain_rng, rng, width_rng = (np.random.default_rng(s) for s in (3, 3, 4))
-    for _ in range(5):
-        plain = joint.sandwich(3, anchor.num_layers, 2, plain_rng, anchor_tree=False)
-        trees = joint.sandwich(
-            3, anchor.num_layers, 2, rng, anchor_tree=False, widths=widths, width_rng=width_rng
-        )
-        assert trees[:3] == plain and len(trees) == 6
-        assert trees[3].flops(space) == min_flops(space)  # the smallest configuration
-        for drawn, narrowed in zip(plain[1:], trees[4:], strict=True):
-            assert narrowed.parents == drawn.parents
-            assert {narrowed.width(*node) for node in narrowed.used_nodes()} <= set(widths)
-
-
-def test_a_joint_stage_with_widths_trains_the_narrow_configurations(tiny, tmp_path):
-    """Stage 0's weights were never trained narrow; ten steps of the sandwich with widths
-    bring the smallest configuration's validation loss down (by 6% here), its statistics
-    calibrated on training images both times."""
-    _, anchor, train, val = tiny
-    cfg = load_config(None, [*STEPS, "model.widths=[0.5,1.0]"])
-    _, record = joint.train_joint(cfg, tmp_path, anchor, train, val)
-    losses = record["val_losses"]
-    after, before = losses["smallest_configuration/joint"], losses["smallest_configuration/stage0"]
-    assert np.mean([after[t] / before[t] for t in after]) < 0.97
-    assert record["spec"]["widths"] == [0.5, 1.0]

@@ -37,8 +37,8 @@ def test_gaps_are_signed_so_better_is_positive_and_spearman_follows_the_sweep(sc
     assert out["configurations"] == 3
 
 
-def test_a_run_without_a_width_joint_stage_is_one_line(script, tmp_path, capsys):
-    argv = ["--run", str(tmp_path), "--joint", str(tmp_path / "none")]
+def test_a_run_without_a_width_stage_is_one_line(script, tmp_path, capsys):
+    argv = ["--run", str(tmp_path), "--slim", str(tmp_path / "none")]
     assert script.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("width_control: ") and err.count("\n") == 1

@@ -182,6 +182,17 @@ class TreeSpec:
         """The width node ``(layer, stream)`` runs at (1.0 without widths)."""
         return 1.0 if self.widths is None else self.widths[layer][stream]
 
+    def narrowed(self) -> list[list[bool]]:
+        """``narrowed[l][j]``: node (l, j) or a node before it on its path runs narrower
+        than full width, so what it reads is not what the full-width streams show it (all
+        False without widths)."""
+        n, num_layers = self.num_tasks, self.num_layers
+        out = [[self.width(0, j) < 1.0 for j in range(n)]]
+        for layer in range(1, num_layers):
+            row = self.parents[layer - 1]
+            out.append([self.width(layer, j) < 1.0 or out[-1][row[j]] for j in range(n)])
+        return out
+
     def hash(self) -> str:
         """12 hex characters naming the network (sha256 of the canonical parents as JSON).
 

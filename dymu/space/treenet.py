@@ -46,7 +46,8 @@ class TreeNet(nn.Module):
         self._sources = streams.sources(tree)  # [L][N]; refuses a tree of another shape
         self._adapts = [[streams.takes_offsets(s) for s in row] for row in self._sources]
         self.anchor = streams.tuned
-        self.private = streams.stage0  # registered, so .to() moves both
+        self.private = streams.stage0  # registered, so .to() moves every set
+        self.narrow = streams.narrow
         self.tree = tree.canonical()
         self._used = self.tree.used()
         self._skeletons = slim.Skeletons()
@@ -129,6 +130,7 @@ class TreeNet(nn.Module):
         image: Tensor,
         bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
         shared: dict[tuple, Tensor] | None = None,
+        nodes: dict[Node, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Every task's head output; ``bn_offsets`` (from the weight hypernet) are added to
         the BatchNorm affine parameters of the nodes they name, except private nodes (those
@@ -141,6 +143,9 @@ class TreeNet(nn.Module):
         once and both trees read it: the same outputs and gradients as running each tree
         on its own, for a part of the compute (the sandwich's trees share their trunk). Not
         with ``bn_offsets``, which differ per tree.
+
+        ``nodes``: filled with every used node's output, ``{(layer, stream): [B, C, h, w]}``
+        (feature distillation reads them).
         """
         if shared is not None and bn_offsets is not None:
             raise ValueError("TreeNet: shared nodes and bn_offsets do not mix")
@@ -172,6 +177,8 @@ class TreeNet(nn.Module):
                     cache[key] = functional_call(module, shifted, (x,))
                 else:
                     cache[key] = module(x)
+        if nodes is not None:
+            nodes.update({node: cache[key] for node, key in keys.items()})
         out = {}
         last = len(self._used) - 1
         for j, task in enumerate(self.anchor.tasks):

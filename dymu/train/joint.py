@@ -27,13 +27,9 @@ with w_i = 1 / (the stage-0 anchor's own validation loss on task i,
 running statistics (eval mode): one set of statistics serves every tree, and folding stays
 exact. Only weights move, so every tree's FLOPs are unchanged.
 
-With ``model.widths`` beyond full width (METHOD.md 1.11) the sandwich also runs the
-smallest configuration (the cheapest tree at the narrowest width) and random trees at
-random widths per node; their narrowed nodes normalise with batch statistics
-(:class:`~dymu.space.treenet.TreeNet`), the distillation teacher stays the full-width
-stage-0 anchor (in-place distillation from the largest network, as in universally
-slimmable networks), and the record's validation losses calibrate the smallest
-configuration's statistics on training images (:mod:`dymu.train.calibrate`).
+This stage trains full-width trees only; narrower configurations (``model.widths``,
+METHOD.md 1.11) get copies of their own in the width stage that follows
+(:mod:`dymu.train.slim_stage`), so that they cannot cost a full-width tree anything.
 
 The fine-tuned weights serve shared and post-branch nodes: with ``joint.private_nodes``
 (the default) a tree's private nodes, those on their own stream's path for their own task
@@ -52,7 +48,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +64,6 @@ from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
-from dymu.train.calibrate import calibrated, calibration_images
 from dymu.train.checkpoint import record_matches, rng_state, set_rng_state
 from dymu.train.engine import StepLoop, frozen
 from dymu.train.loop import evaluate_model
@@ -93,8 +88,6 @@ def sandwich(
     anchor_tree: bool = True,
     trunk: int | None = None,
     kind: str = "uniform",
-    widths: Sequence[float] = (1.0,),
-    width_rng: np.random.Generator | None = None,
 ) -> list[TreeSpec]:
     """One step's trees: the anchor tree (unless ``anchor_tree`` is False), a cheapest tree
     on ``trunk`` (a random one when None), and ``random_trees`` random trees (drawn from
@@ -105,12 +98,6 @@ def sandwich(
     streams; ``branch``, every task leaves the trunk at a uniformly random layer
     (:meth:`TreeSpec.branching`), the trees between the cheapest and the anchor tree that
     budgets in between derive.
-
-    With more ``widths`` than full width (a slimmable space, METHOD.md 1.11), the smallest
-    configuration (the cheapest tree at the narrowest width) and the random trees again,
-    at random widths per node, follow; the widths are drawn from ``width_rng`` (``rng``
-    when None), so that with a generator of their own the full-width trees are the ones a
-    run without widths draws.
     """
     drawn = int(rng.integers(n))
     trunk = drawn if trunk is None else trunk
@@ -122,14 +109,6 @@ def sandwich(
             trees.append(TreeSpec.branching(n, num_layers, trunk, split))
         else:
             trees.append(TreeSpec.random(n, num_layers, rng).canonical())
-    if len(widths) > 1:
-        cheapest, drawn = trees[-1 - random_trees], trees[len(trees) - random_trees :]
-        narrowest = [[min(widths)] * n for _ in range(num_layers)]
-        trees.append(TreeSpec(cheapest.parents, narrowest).canonical())
-        for tree in drawn:
-            draw = rng if width_rng is None else width_rng
-            at = draw.choice(np.asarray(widths), size=(num_layers, n)).tolist()  # [L][N]
-            trees.append(TreeSpec(tree.parents, at).canonical())
     return trees
 
 
@@ -161,8 +140,6 @@ class JointStep:
     device: torch.device
     batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
     share: bool = True  # nodes the trees share run once (False: each tree on its own)
-    widths: tuple[float, ...] = (1.0,)  # model.widths: the widths the trees run at
-    width_rng: np.random.Generator | None = None  # draws the random trees' widths
 
     @classmethod
     def build(
@@ -173,7 +150,6 @@ class JointStep:
         trunk: int | None,
         seed: int,
         device: torch.device,
-        widths: Sequence[float] = (1.0,),
     ) -> JointStep:
         """The step ``train_joint`` runs: a trainable copy of the frozen ``teacher`` (which
         private nodes run under ``joint.private_nodes``), its optimizer and schedule, and
@@ -181,14 +157,13 @@ class JointStep:
         student = copy.deepcopy(teacher)
         student.requires_grad_(True)
         student.eval()  # BatchNorm keeps stage 0's running statistics; no dropout
-        opt, sched = _optimizer(js, student)
+        opt, sched = optimizer_and_schedule(js, student, js.steps)
         # joint.private_nodes: private nodes run stage 0's weights, as the trees will later;
         # the anchor tree (all private) then trains nothing and leaves the sandwich.
         private = teacher if js.private_nodes else None
         return cls(
             js, teacher, student, private, scales, trunk, opt, sched,
             np.random.default_rng(seed), torch.Generator().manual_seed(seed), device,
-            widths=tuple(widths), width_rng=np.random.default_rng([seed, 1]),
         )  # fmt: skip
 
     def __call__(self, i: int, log: bool) -> dict[str, float] | None:
@@ -202,8 +177,6 @@ class JointStep:
             anchor_tree=self.private is None,
             trunk=self.trunk,
             kind=js.random_kind,
-            widths=self.widths,
-            width_rng=self.width_rng,
         )
         batch = to_device(next(self.batches), self.device)
         if js.hflip:
@@ -230,16 +203,11 @@ class JointStep:
         return {**{k: v / scale for k, v in sums.items()}, "lr": self.scheduler.get_last_lr()[0]}
 
     def state(self) -> dict[str, Any]:
-        out = {"numpy_rng": rng_state(self.rng), "flip_rng": self.flip_gen.get_state()}
-        if self.width_rng is not None and len(self.widths) > 1:
-            out["width_rng"] = rng_state(self.width_rng)
-        return out
+        return {"numpy_rng": rng_state(self.rng), "flip_rng": self.flip_gen.get_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         set_rng_state(self.rng, state["numpy_rng"])
         self.flip_gen.set_state(state["flip_rng"])
-        if "width_rng" in state:
-            set_rng_state(self.width_rng, state["width_rng"])
 
 
 def train_joint(
@@ -272,7 +240,7 @@ def train_joint(
         if dist.is_main():
             print(f"joint stage: cheapest trees on {anchor.tasks[trunk].name}'s trunk")
     seed = cfg.run.seed + 7
-    step = JointStep.build(js, teacher, scales, trunk, seed, device, cfg.model.widths)
+    step = JointStep.build(js, teacher, scales, trunk, seed, device)
     student, opt, sched, private = step.student, step.optimizer, step.scheduler, step.private
     loop = StepLoop(
         name="joint",
@@ -297,11 +265,9 @@ def train_joint(
         extra["trunk"] = anchor.tasks[trunk].name
         extra["trunk_weighted_losses"] = trunk_losses
     if dist.is_main():
-        calibration = calibration_images(train_ds, device) if len(step.widths) > 1 else []
         extra["val_losses"] = _val_losses(
-            teacher, student, val_ds, js.batch_size, device, private, trunk or 0,
-            step.widths, calibration,
-        )  # fmt: skip
+            teacher, student, val_ds, js.batch_size, device, private, trunk or 0
+        )
     meta = {"config_hash": loop.config_hash, "tasks": anchor.task_names}
     extra["spec"] = resolve_specs(cfg)["joint"].to_json()
     extra["loss_scales"] = scales.tolist()
@@ -310,16 +276,16 @@ def train_joint(
     return student.cpu(), record
 
 
-def _optimizer(js: JointConfig, student: Anchor):
-    """The stage's optimizer and its cosine decay to 0 over the steps (Python floats: the
-    checkpoint loads weights-only)."""
+def optimizer_and_schedule(js: JointConfig, student: Anchor, steps: int):
+    """The stage's optimizer (``js``'s) and its cosine decay to 0 over ``steps`` (Python
+    floats: the checkpoint loads weights-only); the width stage shares them."""
     params = student.parameters()
     if js.optimizer == "adam":
         opt = torch.optim.AdamW(params, lr=js.lr, weight_decay=js.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=js.lr, momentum=0.9, weight_decay=js.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, js.steps) / js.steps))
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))
     )
     return opt, sched
 
@@ -365,25 +331,18 @@ def _val_losses(
     device,
     private: Anchor | None,
     trunk: int = 0,
-    widths: Sequence[float] = (1.0,),
-    calibration: list[torch.Tensor] | None = None,
 ) -> dict:
-    """Validation losses of the anchor tree and the cheapest tree on ``trunk`` (and, with
-    widths, of the smallest configuration, its statistics calibrated on ``calibration``),
-    before (stage 0's streams) and after this stage: what the stage bought, in the record."""
+    """Validation losses of the anchor tree and the cheapest tree on ``trunk``, before
+    (stage 0's streams) and after this stage: what the stage bought, in the record."""
     n, num_layers = len(teacher.tasks), teacher.num_layers
-    trees = [
+    out = {}
+    for name, tree in (
         ("anchor_tree", TreeSpec.no_sharing(n, num_layers)),
         ("cheapest_tree", TreeSpec.all_sharing(n, num_layers, trunk)),
-    ]
-    if len(widths) > 1:
-        narrowest = [[min(widths)] * n for _ in range(num_layers)]
-        trees.append(("smallest_configuration", TreeSpec(trees[1][1].parents, narrowest)))
-    out = {}
-    for name, tree in trees:
+    ):
         for when, net in (
-            ("stage0", calibrated(teacher, tree, calibration or [])),
-            ("joint", calibrated(TreeStreams(student, private), tree, calibration or [])),
+            ("stage0", TreeNet(teacher, tree)),
+            ("joint", TreeNet(TreeStreams(student, private), tree)),
         ):
             _, losses = evaluate_model(net, val_ds, teacher.tasks, batch_size, device)
             out[f"{name}/{when}"] = dict(zip(teacher.task_names, losses, strict=True))

@@ -9,8 +9,9 @@ spec itself, so a reader can see what an artifact was made from.
 
 Settings a stage does not use are left out of its spec, so changing them reuses the
 artifact: the joint settings when ``joint.steps`` is 0, the towers when their weight is 0,
-the space's widths for stage 0 (and for every stage while they are full width only),
-where the dataset cache lives, and every later stage's settings.
+the space's widths for stage 0 and the joint stage (and for every stage while they are full
+width only: then the width stage does not run), where the dataset cache lives, and every
+later stage's settings.
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ def _stage0(cfg: Config) -> StageSpec:
 
 
 def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
-    """The spec of every stage ``cfg`` runs, in order (no ``joint`` when its steps are 0).
+    """The spec of every stage ``cfg`` runs, in order (no ``joint`` when its steps are 0,
+    no ``slim`` while ``model.widths`` is full width only).
 
-    Stages 1 and 2 name the weights their trees run: ``tuned`` (the joint stage's, else
-    stage 0's) and, under the private-node rule, ``private`` (stage 0's).
+    The stages after the joint stage name the weights their trees run: ``tuned`` (the joint
+    stage's, else stage 0's), under the private-node rule ``private`` (stage 0's), and
+    after the width stage ``narrow`` (its own).
     """
     specs = {"stage0": _stage0(cfg)}
     h0 = specs["stage0"].hash
@@ -87,8 +90,6 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
         "seed": cfg.run.seed,
         "precision": cfg.run.precision,
     }
-    if cfg.model.widths != [1.0]:  # a slimmable space; full widths leave specs as they were
-        trained["widths"] = list(cfg.model.widths)
     streams: dict[str, Any] = {"tuned": f"stage0 {h0}", "private": None}
     if cfg.joint.steps > 0:
         specs["joint"] = StageSpec(
@@ -97,6 +98,18 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
         streams["tuned"] = f"joint {specs['joint'].hash}"
         if cfg.joint.private_nodes:
             streams["private"] = f"stage0 {h0}"
+    if cfg.model.widths != [1.0]:  # a slimmable space; full widths leave specs as they were
+        trained["widths"] = list(cfg.model.widths)
+        specs["slim"] = StageSpec(
+            "slim",
+            {
+                "streams": dict(streams),
+                "joint": _section(cfg, "joint"),  # its optimizer, batch, trunk and flips
+                "slim": _section(cfg, "slim"),
+                **trained,
+            },
+        )
+        streams["narrow"] = f"slim {specs['slim'].hash}"
     specs["stage1"] = StageSpec(
         "stage1",
         {
