@@ -5,7 +5,8 @@ user once they do, with the simplest allocation: for each (preference, budget) t
 edge hypernetwork gives parent probabilities, and :func:`preference_omega` a width
 distribution in which each step wider is worth ``--strength`` times the summed weight of
 the tasks a node serves; :func:`derive_configuration` repairs the argmax to the budget on
-both axes and spends what is left. Each configuration runs on the run's weights with the
+both axes, spends what is left and, under ``stage1.trunk: preference``, moves shared nodes
+to the preferred task's stream as the run's trees do. Each configuration runs on the run's weights with the
 width stage's copy for its narrowed contexts (``--slim``, from
 ``benchmarks/width_stage.py``), its statistics calibrated on the training split's first
 images, without any weight adaptation. Beside it, the run's own full-width tree for the
@@ -117,7 +118,8 @@ def _run(argv: list[str] | None) -> int:
             rt = torch.tensor(r, dtype=torch.float32)
             alpha = edge.alpha(rt, b).detach().cpu().double().numpy()
             omega = preference_omega(argmax_tree(alpha), r, len(widths), args.strength)
-            config = derive_configuration(alpha, omega, space, b)
+            trunk = edge.trunk_preference(rt)  # stage1.trunk: preference, as for trees
+            config = derive_configuration(alpha, omega, space, b, preference=trunk)
             key = "uniform" if k == 0 else names[k - 1] if k <= n else f"sweep {k - n - 1}"
             per["widths"][key] = {
                 "preference": [float(x) for x in r],

@@ -157,3 +157,30 @@ def test_a_preference_narrows_the_other_tasks_first():
             np.mean([config.width(layer, j) for layer in range(num_layers)]) for j in range(n)
         ]
     assert mean_width[0][0] > mean_width[0][1] and mean_width[1][1] > mean_width[1][0]
+
+
+def test_a_preference_moves_shared_nodes_to_its_stream_with_their_widths():
+    """Streams of equal cost: the shared trunk moves to the preferred task's stream, every
+    node at the width it had, at the same price; without a preference nothing moves."""
+    n, num_layers = 3, 4
+    rng = np.random.default_rng(2)
+    k = len(WIDTHS)
+    per_layer = [_monotone(rng, 1 if layer == 0 else k, k) for layer in range(num_layers)]
+    node = [[per_layer[layer]] * n for layer in range(num_layers)]  # equal streams
+    head = [_monotone(rng, k, 1)] * n
+    wc = WidthCosts(WIDTHS, node, node, head, head, (None,) * n)
+    full = [[cell[-1][-1] for cell in row] for row in node]
+    hfull = [cell[-1][-1] for cell in head]
+    G = build_space([f"t{j}" for j in range(n)], full, full, hfull, hfull, wc)
+    alpha = np.zeros((num_layers - 1, n, n))
+    alpha[:, :, 0] = 1.0  # every node reads stream 0: the cheapest tree on trunk 0
+    omega = np.zeros((num_layers, n, k))
+    levels = [0, 2, 1, 2]  # widths 0.25, 1.0, 0.5, 1.0 down the trunk
+    for layer, level in enumerate(levels):
+        omega[layer, :, level] = 1.0
+    plain = derive_configuration(alpha, omega, G, 1.0, spend=False)
+    assert plain.path(1) == [0, 0, 0, 1]  # every task keeps its own last layer
+    moved = derive_configuration(alpha, omega, G, 1.0, spend=False, preference=[0.1, 0.8, 0.1])
+    assert moved.path(0) == [1, 1, 1, 0] and moved.path(2) == [1, 1, 1, 2]
+    assert [moved.width(layer, 1) for layer in range(num_layers)] == [0.25, 1.0, 0.5, 1.0]
+    assert moved.flops(G) == plain.flops(G)

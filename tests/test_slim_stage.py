@@ -128,3 +128,27 @@ def test_the_width_stage_trains_the_copy_and_nothing_else(tiny, tmp_path):
     assert record["spec"]["widths"] == [0.5, 1.0]
     loaded = slim_stage.ensure_slim(cfg, tmp_path, full, train, val).narrow
     assert all(torch.equal(v, narrow.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_configuration_on_three_weight_sets_materializes_as_it_runs(tiny):
+    """Export runs what was evaluated: stage 0 for private nodes, the tuned weights for
+    shared full-width ones and the narrow copy for narrowed contexts, in float64."""
+    from dymu.compile.materialize import materialize
+
+    _, anchor, _, val = tiny
+    tuned, stage0 = _copy_with_noise(anchor, 1).double(), copy.deepcopy(anchor).double()
+    narrow = _copy_with_noise(anchor, 2).double()
+    streams = TreeStreams(tuned, stage0, narrow)
+    num_layers = anchor.num_layers
+    parents = TreeSpec.branching(3, num_layers, 0, [num_layers - 2, 1, 0]).parents
+    widths = [[1.0] * 3 for _ in range(num_layers)]
+    widths[num_layers - 1][0], widths[2][1] = 0.5, 0.5
+    tree = TreeSpec(parents, widths)
+    sources = {id(s) for row in streams.sources(tree) for s in row}
+    assert sources == {id(tuned), id(stage0), id(narrow)}
+    images = [val[i]["image"][None].double() for i in range(4)]
+    net = TreeNet(streams, tree)
+    net.bn_stats = net.calibrate(images)
+    image = torch.cat(images)
+    want, got = net(image), materialize(streams, tree, bn_stats=net.bn_stats)(image)
+    assert all(torch.allclose(got[k], want[k], atol=1e-9) for k in want)

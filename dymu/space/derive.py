@@ -190,8 +190,8 @@ def preferred_trunks(
     the preferred task's own features in the shared layers. Ties keep the node's stream,
     else go to the lowest task index. A node serving task set S at layer l can move to any
     stream of S: those streams' own nodes at layer l are unused (each task runs one node
-    per layer). Returns ``tree`` itself where the moved tree would cost more than
-    ``budget`` (streams of unequal cost).
+    per layer). A moved node keeps its width. Returns ``tree`` itself where the moved tree
+    would cost more than ``budget`` (streams of unequal cost).
     """
     r = np.asarray(preference.detach().cpu() if hasattr(preference, "detach") else preference)
     n, num_layers = tree.num_tasks, tree.num_layers
@@ -210,7 +210,13 @@ def preferred_trunks(
     for t in range(n):
         for layer in range(1, num_layers):
             rows[layer - 1][moved[t][layer]] = moved[t][layer - 1]
-    out = TreeSpec(tuple(tuple(r) for r in rows)).canonical()
+    widths = None
+    if tree.widths is not None:  # [L][N]: each node's width goes where the node goes
+        widths = [[1.0] * n for _ in range(num_layers)]
+        for t in range(n):
+            for layer in range(num_layers):
+                widths[layer][moved[t][layer]] = tree.width(layer, paths[t][layer])
+    out = TreeSpec(tuple(tuple(r) for r in rows), widths).canonical()
     if budget is not None and out.flops(G) > budget * anchor_flops(G):
         return tree
     return out

@@ -45,6 +45,7 @@ from dymu.space.derive import (
     _check_fits_space,
     _single_edits,
     _used,
+    preferred_trunks,
 )
 from dymu.space.graph import WidthCosts, space_shape, width_costs
 from dymu.space.tree import TreeSpec
@@ -97,11 +98,18 @@ class _Pricer:
 
 
 def derive_configuration(
-    alpha: Any, omega: Any, G, budget: float | None, spend: bool = True
+    alpha: Any,
+    omega: Any,
+    G,
+    budget: float | None,
+    spend: bool = True,
+    preference: Any = None,
 ) -> TreeSpec:
     """The argmax parents and widths, repaired to ``budget`` on both axes (canonical); with
     ``spend``, then widened where ``omega`` minds it least while the budget allows
-    (:func:`spend_budget`).
+    (:func:`spend_budget`); with a ``preference``, shared nodes then run the preferred
+    task's stream, each at its width (:func:`~dymu.space.derive.preferred_trunks`, as
+    ``stage1.trunk: preference`` does for trees).
 
     Args:
         alpha: parent distribution ``[L-1, N, N]`` (see :func:`~dymu.space.derive.argmax_tree`).
@@ -110,6 +118,7 @@ def derive_configuration(
         G: a slimmable space (:func:`~dymu.space.graph.width_costs` is not None).
         budget: FLOPs fraction of the anchor in (0, 1], or None for the plain argmax.
         spend: widen nodes into a budget the argmax leaves unspent.
+        preference: ``[N]`` task weights, or None to keep the streams the argmax gives.
 
     Raises:
         UserError: a space without widths, bad shapes or values, a budget outside (0, 1]
@@ -129,7 +138,10 @@ def derive_configuration(
         if spend:
             level = spend_budget(parents, level, G, budget, w)
     widths = [[wc.widths[i] for i in row] for row in level]
-    return TreeSpec(parents, widths).canonical()
+    config = TreeSpec(parents, widths).canonical()
+    if preference is None:
+        return config
+    return preferred_trunks(config, preference, G, budget)
 
 
 def repair_configuration(
