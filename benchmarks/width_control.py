@@ -6,8 +6,8 @@ edge hypernetwork gives parent probabilities, and :func:`preference_omega` a wid
 distribution in which each step wider is worth ``--strength`` times the summed weight of
 the tasks a node serves; :func:`derive_configuration` repairs the argmax to the budget on
 both axes, spends what is left and, under ``stage1.trunk: preference``, moves shared nodes
-to the preferred task's stream as the run's trees do. Each configuration runs on the run's weights with the
-width stage's copy for its narrowed contexts (``--slim``, from
+to the preferred task's stream as the run's trees do. Each configuration runs on the
+run's weights with the width stage's copy for its narrowed contexts (``--slim``, from
 ``benchmarks/width_stage.py``), its statistics calibrated on the training split's first
 images, without any weight adaptation. Beside it, the run's own full-width tree for the
 same (preference, budget) on the run's weights, also without adaptation, so the two differ
