@@ -126,10 +126,11 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 
 def _set_statistics(module: nn.Module, stats: Mapping[str, Tensor] | None, node: Node) -> None:
-    """Give a narrowed node the BatchNorm statistics calibrated for its configuration."""
+    """Give a node in a narrowed context the BatchNorm statistics calibrated for its
+    configuration."""
     if stats is None:
         raise ValueError(
-            f"node {node} runs narrower than full width: give its calibrated BatchNorm "
+            f"node {node} runs in a narrowed context: give its calibrated BatchNorm "
             "statistics (bn_stats, from TreeNet.calibrate)"
         )
     buffers = dict(module.named_buffers())
@@ -211,9 +212,9 @@ def materialize(
         tree: the tree to build; only its used nodes are copied.
         bn_offsets: the weight hypernet's output, ``{(layer, stream): {BN parameter name
             inside the layer: delta}}``; offsets of unused and private nodes are ignored.
-        bn_stats: the statistics of every node narrower than full width
+        bn_stats: the statistics of every node in a narrowed context
             (:meth:`~dymu.space.treenet.TreeNet.calibrate` of this configuration); required
-            when the tree narrows a node, whose BatchNorms fold with them.
+            when the tree narrows a node: those nodes' BatchNorms fold with them.
 
     Returns:
         A :class:`MaterializedTree` in eval mode with frozen parameters.
@@ -225,6 +226,7 @@ def materialize(
     nodes: dict[str, nn.Module] = {}
     steps: list[tuple[str, str]] = []
     channels: dict[str, int] = {}  # node name -> its output channels, where widths slim them
+    narrowed = tree.narrowed()  # [L][N]: nodes on the statistics of their configuration
     for layer, stream in tree.used_nodes():  # layer-major: parents come before children
         source = sources[layer][stream]
         module = _frozen_copy(source.streams[stream].layers[layer])
@@ -239,7 +241,7 @@ def materialize(
             width = tree.width(layer, stream)
             channels[name] = slim.out_channels(module, cin, width)
             module = slim.slim(module, slim.skeleton(module, cin, width))
-            if width < 1.0:
+            if narrowed[layer][stream]:
                 _set_statistics(module, (bn_stats or {}).get((layer, stream)), (layer, stream))
             module.eval().requires_grad_(False)
         nodes[name] = module

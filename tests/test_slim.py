@@ -261,7 +261,8 @@ def _narrow_tree(anchor, seed: int = 5) -> TreeSpec:
 
 def test_calibrated_statistics_are_those_of_the_batch_they_came_from(anchor):
     """Calibrated on one batch, a narrowed configuration computes on that batch what it
-    computes with batch statistics; the anchor's own statistics are left untouched."""
+    computes with batch statistics, full-width nodes after a narrowed one included; the
+    anchor's own statistics are left untouched."""
     anchor.double()
     try:
         tree = _narrow_tree(anchor)
@@ -271,8 +272,10 @@ def test_calibrated_statistics_are_those_of_the_batch_they_came_from(anchor):
         with torch.no_grad():
             on_batch = net(batch)
         stats = net.calibrate([batch])
-        narrowed = {(layer, j) for layer, j in tree.used_nodes() if tree.width(layer, j) < 1}
+        context = tree.narrowed()  # narrowed nodes and every node after one on its path
+        narrowed = {(layer, j) for layer, j in tree.used_nodes() if context[layer][j]}
         assert set(stats) == narrowed
+        assert any(tree.width(*node) == 1.0 for node in narrowed)
         with torch.no_grad():
             calibrated = TreeNet(anchor, tree, stats)(batch)
         for task in on_batch:

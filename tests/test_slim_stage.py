@@ -21,7 +21,7 @@ from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.train import slim_stage
 
-STEPS = [*TINY, "joint.steps=0", "slim.steps=10", "joint.lr=0.003", "model.widths=[0.5,1.0]"]
+STEPS = [*TINY, "joint.steps=0", "slim.steps=20", "joint.lr=0.003", "model.widths=[0.5,1.0]"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_feature_distillation_compares_first_channels_of_narrowed_contexts_only(
 
 
 def test_the_width_stage_trains_the_copy_and_nothing_else(tiny, tmp_path):
-    """Ten steps bring the smallest configuration's validation loss down against the
+    """Twenty steps bring the smallest configuration's validation loss down against the
     sliced full-width weights, statistics calibrated both times; the weights full-width
     trees run are the same tensors, unchanged."""
     cfg, anchor, train, val = tiny

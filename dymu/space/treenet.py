@@ -29,10 +29,13 @@ class TreeNet(nn.Module):
     a plain :class:`Anchor` runs every node on its weights.
 
     A tree with widths runs each node on its first channels (:mod:`dymu.models.slim`). A
-    node narrower than full width normalises with statistics of its own configuration:
-    ``bn_stats`` (``{(layer, stream): {"<bn>.running_mean": ..., "<bn>.running_var": ...}}``,
-    from :meth:`calibrate`) where given, else each batch's own, in training and evaluation
-    alike; full-width nodes keep their running statistics.
+    node in a narrowed context (narrower than full width, or after such a node on its path:
+    :meth:`~dymu.space.tree.TreeSpec.narrowed`; either way its inputs are not those its
+    running statistics describe) normalises with statistics of its own configuration, as
+    universally slimmable networks recalibrate every layer: ``bn_stats`` (``{(layer,
+    stream): {"<bn>.running_mean": ..., "<bn>.running_var": ...}}``, from :meth:`calibrate`)
+    where given, else each batch's own, in training and evaluation alike; the other nodes
+    keep their running statistics.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class TreeNet(nn.Module):
         self.narrow = streams.narrow
         self.tree = tree.canonical()
         self._used = self.tree.used()
+        self._narrowed = self.tree.narrowed()  # [L][N]: nodes on their own statistics
         self._skeletons = slim.Skeletons()
         self.bn_stats = bn_stats
         self._record: dict[Node, dict[str, list]] | None = None  # set while calibrating
@@ -60,8 +64,8 @@ class TreeNet(nn.Module):
         images: Iterable[Tensor],
         bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
     ) -> dict[Node, dict[str, Tensor]]:
-        """BatchNorm statistics of every narrowed node for this configuration: each node
-        normalises with batch statistics while the mean and (biased) variance of every
+        """BatchNorm statistics of every node in a narrowed context for this configuration:
+        each normalises with batch statistics while the mean and (biased) variance of every
         BatchNorm's input are accumulated over all of ``images`` (batches ``[B, 3, H, W]``),
         as universally slimmable networks recalibrate each width after training. Feed them
         back as ``bn_stats`` (and to :func:`~dymu.compile.materialize.materialize`)."""
@@ -83,7 +87,7 @@ class TreeNet(nn.Module):
         return out
 
     def _run_narrow(self, node: Node, module: nn.Module, x: Tensor, shifted: dict) -> Tensor:
-        """A node narrower than full width, on calibrated or batch statistics (class doc)."""
+        """A node in a narrowed context, on calibrated or batch statistics (class doc)."""
         width = self.tree.width(*node)
         stats = None if self.bn_stats is None or self._record is not None else self.bn_stats
         if stats is not None and node in stats:
@@ -103,13 +107,6 @@ class TreeNet(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-
-    def _reads_narrowed(self, layer: int, stream: int) -> bool:
-        """Whether node (layer, stream)'s parent runs narrower than full width (so the node
-        runs its skeleton, which reads fewer channels)."""
-        if layer == 0 or self.tree.widths is None:
-            return False
-        return self.tree.width(layer - 1, self.tree.parents[layer - 1][stream]) < 1.0
 
     def _run_slim_head(
         self, source: Anchor, j: int, feats: list[Tensor], size: tuple[int, int]
@@ -168,11 +165,8 @@ class TreeNet(nn.Module):
                 deltas = bn_offsets.get((layer, j)) if adapted else None
                 own = dict(module.named_parameters()) if deltas else {}
                 shifted = {name: own[name] + d for name, d in deltas.items()} if deltas else {}
-                if width < 1.0:
+                if self._narrowed[layer][j]:
                     cache[key] = self._run_narrow((layer, j), module, x, shifted)
-                elif self._reads_narrowed(layer, j):  # full width, narrowed parent
-                    sk = self._skeletons.layer(module, x.shape[1], width)
-                    cache[key] = slim.run(module, sk, x, state=shifted)
                 elif deltas:
                     cache[key] = functional_call(module, shifted, (x,))
                 else:

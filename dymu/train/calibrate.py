@@ -1,10 +1,11 @@
 """BatchNorm statistics for configurations that narrow nodes (METHOD.md 1.11).
 
-A narrowed node normalises with statistics of its own configuration
+A node in a narrowed context (narrower than full width, or after such a node on its path)
+normalises with statistics of its own configuration
 (:class:`~dymu.space.treenet.TreeNet`). They are calibrated after training, as universally
 slimmable networks recalibrate each width: the configuration runs on a fixed set of
-training images with batch statistics, and the population mean and variance of every
-narrowed BatchNorm's input are kept. Evaluation and export both calibrate on the same
+training images with batch statistics, and the population mean and variance of the input
+of every such node's BatchNorms are kept. Evaluation and export both calibrate on the same
 images, so what is evaluated is what ships.
 """
 
@@ -49,8 +50,8 @@ def calibrated(
     images: list[Tensor],
     bn_offsets: Mapping[tuple[int, int], Mapping[str, Tensor]] | None = None,
 ) -> TreeNet:
-    """``TreeNet(streams, tree)`` with its narrowed nodes' statistics calibrated on
-    ``images`` under ``bn_offsets`` (a full-width tree needs none and gets none)."""
+    """``TreeNet(streams, tree)`` with the statistics of its nodes in a narrowed context
+    calibrated on ``images`` under ``bn_offsets`` (a full-width tree needs none)."""
     net = TreeNet(streams, tree)
     if tree.widths is not None:
         net.bn_stats = net.calibrate(images, bn_offsets)
