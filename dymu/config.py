@@ -433,7 +433,7 @@ class EvaluateConfig:
             raise UserError(f"config: {prefix}.budgets must be fractions in (0, 1]")
 
 
-BASELINE_METHODS = ("static", "transfer", "phn", "phn_bn", "weighting")
+BASELINE_METHODS = ("static", "transfer", "phn", "phn_bn", "weighting", "ecmt")
 """What ``dymu baselines`` can train, in report order (:mod:`dymu.baselines`)."""
 
 
@@ -445,10 +445,12 @@ class BaselinesConfig:
     anchor's backbone and heads; its task losses are scaled by ``w_i`` as in stage 1.
     """
 
-    methods: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(BASELINE_METHODS[:-1]))
     """Which to train: ``static`` (one shared model per sweep preference), ``phn`` and
     ``phn_bn`` (Pareto hypernetworks), ``transfer`` (Pareto set with parameter transfer),
-    ``weighting`` (one shared model per strategy in ``weightings``). Single-task is stage 0."""
+    ``weighting`` (one shared model per strategy in ``weightings``), ``ecmt`` (a slimmable
+    shared encoder with task decoders, ECMT's rule at each of ``ecmt_budgets``; not in the
+    default list). Single-task is stage 0."""
     weightings: list[str] = field(
         default_factory=lambda: ["equal", "uncertainty", "dwa", "mgda_ub", "pcgrad", "tensioner"]
     )
@@ -469,9 +471,21 @@ class BaselinesConfig:
     hypervolume), and where the models run in turn (CPUs) training time grows with K."""
     towers: TowersConfig = field(default_factory=TowersConfig)
     """Auxiliary towers on the shared backbone of ``static`` and ``weighting`` models."""
+    ecmt_widths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """The widths the ``ecmt`` network's encoder and decoders run at."""
+    ecmt_budgets: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.75])
+    """FLOPs fractions of the anchor at which ``ecmt`` is evaluated over the sweep."""
 
     def check(self, prefix: str) -> None:
         self.towers.check(f"{prefix}.towers")
+        from dymu.models.slim import check_widths  # models import config, not the reverse
+
+        try:
+            self.ecmt_widths = list(check_widths(self.ecmt_widths))
+        except UserError as exc:
+            raise UserError(f"config: {prefix}.ecmt_widths: {exc}") from exc
+        if not self.ecmt_budgets or not all(0 < x <= 1 for x in self.ecmt_budgets):
+            raise UserError(f"config: {prefix}.ecmt_budgets must be fractions in (0, 1]")
         for m in self.methods:
             if m not in BASELINE_METHODS:
                 raise UserError(

@@ -157,3 +157,19 @@ def test_part_of_the_sweep_trains_the_same_first_models(run, tmp_path, capsys):
     assert main([*argv, "baselines.stacked_models=4"]) == 2
     err = capsys.readouterr().err
     assert "more than the sweep's 3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_ecmt_style_network_is_one_entry_per_budget_within_it(run, capsys):
+    run_dir, common = run
+    argv = ["baselines", "--run", str(run_dir), *common, *BASE]
+    argv += ["baselines.methods=[ecmt]", "baselines.ecmt_budgets=[0.5,0.75]"]
+    assert main(argv) == 0
+    report = json.loads((run_dir / "baselines" / "report.json").read_text())
+    for budget in (0.5, 0.75):
+        row = report["methods"][f"ecmt@{budget:g}"]
+        assert row["points"] == 3 and 0 < row["flops_fraction"] <= budget
+        assert row["uniformity"] is not None  # controllable: scored like DYMU's budgets
+    capsys.readouterr()
+    assert main([*argv[:-1], "baselines.ecmt_budgets=[0.01]"]) == 2
+    err = capsys.readouterr().err
+    assert "narrowest configuration" in err and len(err.strip().splitlines()) == 1

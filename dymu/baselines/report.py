@@ -35,6 +35,7 @@ LABELS = {
     "phn": "Pareto hypernetwork (all parameters)",
     "phn_bn": "Pareto hypernetwork, BN only (PHN-BN)",
     "weighting": "shared model per weighting strategy",
+    "ecmt": "ECMT-style slimmable encoder and decoders",
 }
 
 
@@ -98,6 +99,21 @@ def _entries(run: Path, search: dict[str, Any], hashes: dict[str, str]) -> list[
         label = LABELS[method]
         if subset:
             label += f" ({subset['models']} of the sweep's {subset['sweep']})"
+        if method == "ecmt":  # one entry per budget, as DYMU's
+            for key, at in result["budgets"].items():
+                entries.append(
+                    {
+                        "method": f"ecmt@{key}",
+                        "label": f"{label}, budget {key}",
+                        "points": at["points"],
+                        "flops_fraction": at["flops_fraction"],
+                        "params": at["params"],
+                        "params_stored": result.get("params_stored"),
+                        "train_seconds": result["train_seconds"],
+                        "controllable": True,
+                    }
+                )
+            continue
         entries.append(
             {
                 "method": method,

@@ -9,7 +9,9 @@ Reads a finished search run (its anchor, loss scales and ``report.json``) and tr
 - ``phn`` / ``phn_bn``: a Pareto hypernetwork generating all, or only the normalisation,
   parameters of the shared model from the preference (METHOD.md 2);
 - ``weighting``: one shared model per strategy in ``baselines.weightings`` (not
-  preference-controllable: one point each).
+  preference-controllable: one point each);
+- ``ecmt``: a slimmable shared encoder with task decoders, evaluated with ECMT's rule at
+  each of ``baselines.ecmt_budgets`` (:mod:`dymu.baselines.ecmt`; opt-in).
 
 Each method is written to ``baselines/<method>.json`` when it finishes and skipped on a
 later call when that file matches the config, so an interrupted call loses at most one
@@ -74,6 +76,7 @@ SETTINGS = {
     "phn": ("phn_solver", "phn_alpha"),
     "phn_bn": ("phn_solver", "phn_alpha"),
     "weighting": ("weightings", "towers"),
+    "ecmt": ("ecmt_widths", "ecmt_budgets"),
 }
 """The ``baselines.*`` settings each method depends on, besides epochs, batch size and lr."""
 
@@ -354,12 +357,23 @@ def _weighting(ctx: _Context) -> dict[str, Any]:
     }
 
 
+def _ecmt(ctx: _Context) -> dict[str, Any]:
+    """The ECMT-style slimmable network, one entry per budget (:mod:`dymu.baselines.ecmt`)."""
+    from dymu.baselines.ecmt import train_ecmt
+
+    if dist.world_size() > 1:
+        raise UserError("baselines: ecmt trains in one process (no torchrun) so far")
+    b = ctx.cfg.baselines
+    return train_ecmt(ctx, b.ecmt_widths, b.ecmt_budgets)
+
+
 METHODS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "static": lambda ctx: _static_or_transfer(ctx, transfer=False),
     "transfer": lambda ctx: _static_or_transfer(ctx, transfer=True),
     "phn": lambda ctx: _phn(ctx, bn_only=False),
     "phn_bn": lambda ctx: _phn(ctx, bn_only=True),
     "weighting": _weighting,
+    "ecmt": _ecmt,
 }
 
 
