@@ -783,7 +783,26 @@ def width_space(*results: dict) -> list[str]:
 
 
 WEIGHT_SETS = ("joint with widths", "joint, trees only (the run's)", "stage 0")
-"""The weight sets ``benchmarks/width_joint.py`` measures each configuration on."""
+"""The weight sets ``benchmarks/width_joint.py`` (commit 0ba00ec, the first width design)
+measured each configuration on."""
+
+SLIM_SETS = ("width stage", "joint, sliced (the run's)")
+"""The weight sets ``benchmarks/width_stage.py`` measures each configuration on."""
+
+
+@renderer("width_stage", "width_stage_default_cpu.json", "width_stage_multimnist_cpu.json")
+def width_stage(*results: dict) -> list[str]:
+    """delta_m of the cheapest and the no-sharing tree at each width: the width stage's copy
+    beside the run's joint weights sliced."""
+    rows = []
+    for name, result in zip(("default", "MultiMNIST"), results, strict=True):
+        for row in result["configurations"]:
+            cells = [signed(row[w]["delta_m"], 2) for w in SLIM_SETS]
+            label = f"{row['tree']} tree, width {num(row['width'], 2)}"
+            rows.append([name, label, num(row["flops_fraction"], 3), *cells])
+    header = ["config", "configuration", "FLOPs"]
+    header += [f"delta_m % (val): {w}" for w in SLIM_SETS]
+    return table(header, rows)
 
 
 @renderer("width_joint", "width_joint_default_cpu.json", "width_joint_multimnist_cpu.json")
