@@ -16,7 +16,9 @@ by the width axis alone.
 Per budget and split: each task's primary metric at the uniform preference and at every
 task's corner (0.9 on it), the corner gap (own corner minus the other corners' mean,
 signed so that positive is better), FLOPs fractions, and Spearman(r_i, metric_i) over a
-sweep of ``--preferences`` preferences.
+sweep of ``--preferences`` preferences. ``--start anchor`` repairs from the anchor tree's
+parents instead of the edge hypernetwork's: every task on its own stream, so that the
+budget is met by narrowing first and merging only where narrowing cannot fit.
 
     python benchmarks/width_control.py --run runs/mm --slim runs/mm_slim \\
         --out benchmarks/results/width_control_multimnist_cpu.json
@@ -67,6 +69,13 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--slim", required=True, type=Path, help="width_stage.py's --work")
     parser.add_argument("--budgets", default="0.3,0.5,0.75")
     parser.add_argument("--strength", type=float, default=10.0)
+    parser.add_argument(
+        "--start",
+        choices=("edge", "anchor"),
+        default="edge",
+        help="parents to repair from: the edge hypernetwork's for (r, b), or the anchor "
+        "tree's (every task on its own stream, merged only where narrowing cannot fit)",
+    )
     parser.add_argument("--preferences", type=int, default=11)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -117,6 +126,8 @@ def _run(argv: list[str] | None) -> int:
         for k, r in enumerate([*corners, *sweep]):
             rt = torch.tensor(r, dtype=torch.float32)
             alpha = edge.alpha(rt, b).detach().cpu().double().numpy()
+            if args.start == "anchor":  # [L-1, N, N]: almost surely each node's own stream
+                alpha = np.broadcast_to(np.eye(n) * 0.98 + 0.01, alpha.shape).copy()
             omega = preference_omega(argmax_tree(alpha), r, len(widths), args.strength)
             trunk = edge.trunk_preference(rt)  # stage1.trunk: preference, as for trees
             config = derive_configuration(alpha, omega, space, b, preference=trunk)
@@ -144,6 +155,7 @@ def _run(argv: list[str] | None) -> int:
         "slim": str(args.slim),
         "widths": widths,
         "strength": args.strength,
+        "start": args.start,
         "adaptation": "none (no weight hypernetwork on either side)",
         "budgets": result,
         "seconds": time.perf_counter() - start,
