@@ -162,10 +162,11 @@ def test_part_of_the_sweep_trains_the_same_first_models(run, tmp_path, capsys):
 def test_the_ecmt_style_network_is_one_entry_per_budget_within_it(run, capsys):
     run_dir, common = run
     argv = ["baselines", "--run", str(run_dir), *common, *BASE]
-    argv += ["baselines.methods=[ecmt]", "baselines.ecmt_budgets=[0.5,0.75]"]
+    argv += ["baselines.methods=[ecmt]", "baselines.ecmt_widths=[0.5,1.0]"]
+    argv += ["baselines.ecmt_budgets=[0.75,1.0]"]  # the tiny heads: narrowest about 0.6
     assert main(argv) == 0
     report = json.loads((run_dir / "baselines" / "report.json").read_text())
-    for budget in (0.5, 0.75):
+    for budget in (0.75, 1.0):
         row = report["methods"][f"ecmt@{budget:g}"]
         assert row["points"] == 3 and 0 < row["flops_fraction"] <= budget
         assert row["uniformity"] is not None  # controllable: scored like DYMU's budgets
