@@ -794,28 +794,25 @@ SLIM_SETS = ("width stage", "joint, sliced (the run's)")
 def width_stage(*results: dict) -> list[str]:
     """delta_m of the cheapest and the no-sharing tree at each width: the width stage's copy
     beside the run's joint weights sliced."""
-    rows = []
-    for name, result in zip(("default", "MultiMNIST"), results, strict=True):
-        for row in result["configurations"]:
-            cells = [signed(row[w]["delta_m"], 2) for w in SLIM_SETS]
-            label = f"{row['tree']} tree, width {num(row['width'], 2)}"
-            rows.append([name, label, num(row["flops_fraction"], 3), *cells])
-    header = ["config", "configuration", "FLOPs"]
-    header += [f"delta_m % (val): {w}" for w in SLIM_SETS]
-    return table(header, rows)
+    return _width_table(results, SLIM_SETS)
 
 
 @renderer("width_joint", "width_joint_default_cpu.json", "width_joint_multimnist_cpu.json")
 def width_joint(*results: dict) -> list[str]:
     """delta_m of the cheapest and the no-sharing tree at each width, per weight set."""
+    return _width_table(results, WEIGHT_SETS)
+
+
+def _width_table(results: tuple[dict, ...], sets: tuple[str, ...]) -> list[str]:
+    """One row per (config, configuration): its FLOPs and delta_m on each weight set."""
     rows = []
     for name, result in zip(("default", "MultiMNIST"), results, strict=True):
         for row in result["configurations"]:
-            cells = [signed(row[w]["delta_m"], 2) for w in WEIGHT_SETS]
+            cells = [signed(row[w]["delta_m"], 2) for w in sets]
             label = f"{row['tree']} tree, width {num(row['width'], 2)}"
             rows.append([name, label, num(row["flops_fraction"], 3), *cells])
     header = ["config", "configuration", "FLOPs"]
-    header += [f"delta_m % (val): {w}" for w in WEIGHT_SETS]
+    header += [f"delta_m % (val): {w}" for w in sets]
     return table(header, rows)
 
 
