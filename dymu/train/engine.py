@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 
 from dymu import dist
 from dymu.data.batches import endless
-from dymu.train.checkpoint import load_checkpoint, save_checkpoint, write_finished
+from dymu.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_finished,
+)
 from dymu.train.curves import StageLog
 
 LOG_EVERY = 10
@@ -59,6 +65,21 @@ class Stateless:
 
     def load_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+class Seeded:
+    """Base of a step whose extra checkpoint state is its draw generator ``rng`` (numpy)
+    and its flip generator ``flip_gen`` (torch): the joint and the width stages."""
+
+    rng: Any
+    flip_gen: Any
+
+    def state(self) -> dict[str, Any]:
+        return {"numpy_rng": rng_state(self.rng), "flip_rng": self.flip_gen.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(self.rng, state["numpy_rng"])
+        self.flip_gen.set_state(state["flip_rng"])
 
 
 def frozen(module: nn.Module, device) -> nn.Module:

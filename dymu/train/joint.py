@@ -64,8 +64,8 @@ from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
-from dymu.train.checkpoint import record_matches, rng_state, set_rng_state
-from dymu.train.engine import StepLoop, frozen
+from dymu.train.checkpoint import record_matches
+from dymu.train.engine import Seeded, StepLoop, frozen
 from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
 from dymu.train.spec import resolve_specs
@@ -123,7 +123,7 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class JointStep:
+class JointStep(Seeded):
     """One step of the sandwich (the module docstring's loss), called by the stage's
     :class:`~dymu.train.engine.StepLoop`; returns the scalars to log when asked."""
 
@@ -201,13 +201,6 @@ class JointStep:
         sums = dist.all_reduce_sums({"labels": labels.item(), "distill": distilled.item()})
         scale = dist.world_size() * len(trees)  # every rank takes part
         return {**{k: v / scale for k, v in sums.items()}, "lr": self.scheduler.get_last_lr()[0]}
-
-    def state(self) -> dict[str, Any]:
-        return {"numpy_rng": rng_state(self.rng), "flip_rng": self.flip_gen.get_state()}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        set_rng_state(self.rng, state["numpy_rng"])
-        self.flip_gen.set_state(state["flip_rng"])
 
 
 def train_joint(

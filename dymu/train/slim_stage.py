@@ -55,8 +55,8 @@ from dymu.run import resolve_device
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.train.calibrate import calibrated, calibration_images
-from dymu.train.checkpoint import record_matches, rng_state, set_rng_state
-from dymu.train.engine import StepLoop, frozen
+from dymu.train.checkpoint import record_matches
+from dymu.train.engine import Seeded, StepLoop, frozen
 from dymu.train.joint import JOINT_JSON, best_trunk, distillation, optimizer_and_schedule
 from dymu.train.loop import evaluate_model
 from dymu.train.scales import loss_scales
@@ -113,7 +113,7 @@ def feature_distillation(
 
 
 @dataclass
-class SlimStep:
+class SlimStep(Seeded):
     """One step of the sandwich over widths (the module docstring's loss), called by the
     stage's :class:`~dymu.train.engine.StepLoop`; returns the scalars to log when asked."""
 
@@ -169,13 +169,6 @@ class SlimStep:
         sums = dist.all_reduce_sums(sums)
         scale = dist.world_size() * len(configs)
         return {**{k: v / scale for k, v in sums.items()}, "lr": self.scheduler.get_last_lr()[0]}
-
-    def state(self) -> dict[str, Any]:
-        return {"numpy_rng": rng_state(self.rng), "flip_rng": self.flip_gen.get_state()}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        set_rng_state(self.rng, state["numpy_rng"])
-        self.flip_gen.set_state(state["flip_rng"])
 
 
 def train_slim(
