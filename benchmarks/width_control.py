@@ -42,17 +42,14 @@ from dymu.evaluate.metrics import preference_sweep
 from dymu.evaluate.search import corner_preferences
 from dymu.io import write_json
 from dymu.models.streams import TreeStreams
-from dymu.run import read_run_config
-from dymu.search import load_edge, tree_streams
+from dymu.search import load_run
 from dymu.space.anchor_space import anchor_space
 from dymu.space.derive import argmax_tree
 from dymu.space.derive_widths import derive_configuration, preference_omega
 from dymu.space.graph import anchor_flops, min_flops
 from dymu.train.calibrate import calibrated, calibration_images
-from dymu.train.joint import JOINT_WEIGHTS, load_joint
 from dymu.train.loop import evaluate_model
 from dymu.train.slim_stage import SLIM_JSON, SLIM_WEIGHTS, load_slim
-from dymu.train.stage0 import load_trained_anchor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +78,6 @@ def _run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     run = Path(args.run)
-    cfg = read_run_config(run)
     fix = "run benchmarks/width_stage.py with --work there first"
     record = read_json(args.slim / SLIM_JSON, "width-stage record", fix)
     widths = record.get("spec", {}).get("widths")
@@ -93,15 +89,13 @@ def _run(argv: list[str] | None) -> int:
         raise UserError(f"--budgets takes comma-separated numbers: {exc}") from exc
 
     device = torch.device("cpu")
+    trained = load_run(run)  # the run's config, streams, edge hypernetwork and tree space
+    cfg, anchor, trees_only = trained.cfg, trained.baseline, trained.streams
+    edge, plain = trained.edge, trained.space
     builder = get_builder(cfg.data.name)
-    anchor = load_trained_anchor(cfg, run)[0].eval()
-    trees_only = tree_streams(cfg, anchor, load_joint(anchor, run / JOINT_WEIGHTS))
     narrow = load_slim(trees_only.tuned, args.slim / SLIM_WEIGHTS)
     with_widths = TreeStreams(trees_only.tuned, trees_only.stage0, narrow)
-    edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
-    size = input_size(cfg.data)
-    space = anchor_space(anchor, size, widths)
-    plain = anchor_space(anchor, size)
+    space = anchor_space(anchor, input_size(cfg.data), widths)
     full = anchor_flops(space)
     tasks, names, n = anchor.tasks, anchor.task_names, len(anchor.tasks)
     train = builder.load(cfg.data, "train")

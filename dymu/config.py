@@ -121,6 +121,17 @@ class RunConfig:
             )
 
 
+def _widths(values: list[float], key: str) -> list[float]:
+    """``values`` as a checked width set (:func:`dymu.models.slim.check_widths`), or one
+    line naming ``key``."""
+    from dymu.models.slim import check_widths  # models import config, not the reverse
+
+    try:
+        return list(check_widths(values))
+    except UserError as exc:
+        raise UserError(f"config: {key}: {exc}") from exc
+
+
 @dataclass
 class ModelConfig:
     """The anchor: one backbone (cut into searchable layers) and one head per task."""
@@ -148,12 +159,7 @@ class ModelConfig:
     def check(self, prefix: str) -> None:
         if self.width < 1:
             raise UserError(f"config: {prefix}.width must be >= 1, got {self.width}")
-        from dymu.models.slim import check_widths  # models import config, not the reverse
-
-        try:
-            self.widths = list(check_widths(self.widths))
-        except UserError as exc:
-            raise UserError(f"config: {prefix}.widths: {exc}") from exc
+        self.widths = _widths(self.widths, f"{prefix}.widths")
 
 
 @dataclass
@@ -435,6 +441,8 @@ class EvaluateConfig:
 
 BASELINE_METHODS = ("static", "transfer", "phn", "phn_bn", "weighting", "ecmt")
 """What ``dymu baselines`` can train, in report order (:mod:`dymu.baselines`)."""
+OPT_IN_BASELINES = ("ecmt",)
+"""Methods ``baselines.methods`` leaves out unless named."""
 
 
 @dataclass
@@ -445,7 +453,9 @@ class BaselinesConfig:
     anchor's backbone and heads; its task losses are scaled by ``w_i`` as in stage 1.
     """
 
-    methods: list[str] = field(default_factory=lambda: list(BASELINE_METHODS[:-1]))
+    methods: list[str] = field(
+        default_factory=lambda: [m for m in BASELINE_METHODS if m not in OPT_IN_BASELINES]
+    )
     """Which to train: ``static`` (one shared model per sweep preference), ``phn`` and
     ``phn_bn`` (Pareto hypernetworks), ``transfer`` (Pareto set with parameter transfer),
     ``weighting`` (one shared model per strategy in ``weightings``), ``ecmt`` (a slimmable
@@ -478,12 +488,7 @@ class BaselinesConfig:
 
     def check(self, prefix: str) -> None:
         self.towers.check(f"{prefix}.towers")
-        from dymu.models.slim import check_widths  # models import config, not the reverse
-
-        try:
-            self.ecmt_widths = list(check_widths(self.ecmt_widths))
-        except UserError as exc:
-            raise UserError(f"config: {prefix}.ecmt_widths: {exc}") from exc
+        self.ecmt_widths = _widths(self.ecmt_widths, f"{prefix}.ecmt_widths")
         if not self.ecmt_budgets or not all(0 < x <= 1 for x in self.ecmt_budgets):
             raise UserError(f"config: {prefix}.ecmt_budgets must be fractions in (0, 1]")
         for m in self.methods:

@@ -165,10 +165,11 @@ def train_ecmt(ctx, widths: Sequence[float], budgets: Sequence[float]) -> dict[s
     full = anchor_flops(space)
     per_budget, nets = {}, {}
     for budget in budgets:
-        points, fractions, params = [], [], []
+        points, fractions, params, hashes = [], [], [], set()
         for k, r in enumerate(ctx.preferences):
             config = ecmt_configuration(r, budget, space, widths)
             key = config.hash()
+            hashes.add(key)
             if key not in nets:
                 nets[key] = calibrated(net, config, images)
             label = f"r{k} enc {config.width(0, 0):g} dec " + "/".join(
@@ -181,7 +182,7 @@ def train_ecmt(ctx, widths: Sequence[float], budgets: Sequence[float]) -> dict[s
             "points": points,
             "flops_fraction": float(np.mean(fractions)),
             "params": float(np.mean(params)),
-            "configurations": len({p["label"].split(" ", 1)[1] for p in points}),
+            "configurations": len(hashes),
         }
     used = configuration(1.0, [1.0] * len(ctx.tasks), net.num_layers).params(space)
     return {

@@ -37,7 +37,6 @@ smallest configuration's validation losses on the joint weights sliced and on th
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from dymu import dist
+from dymu.artifacts import read_json, rerun_fix
 from dymu.config import Config, JointConfig, SlimConfig
 from dymu.data.batches import check_flips, random_hflip, to_device
 from dymu.models.anchor import Anchor, load_anchor_weights
@@ -253,7 +253,8 @@ def _trunk(run_dir: Path, full: TreeStreams, scales, val_ds, batch_size: int, de
     """The joint stage's trunk (its record's), else the best one on ``full``'s weights."""
     record_path = run_dir / JOINT_JSON
     if record_path.is_file():
-        name = json.loads(record_path.read_text()).get("trunk")
+        record = read_json(record_path, "joint-stage record", rerun_fix(run_dir))
+        name = record.get("trunk")
         if name in full.tuned.task_names:
             return full.tuned.task_names.index(name)
     return best_trunk(full.tuned, scales, val_ds, batch_size, device)[0]
