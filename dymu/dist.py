@@ -226,6 +226,20 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+def main_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (``flag`` itself when not distributed).
+
+    For a choice read from files, such as whether an artifact is up to date: rank 0 may
+    write that file while another rank is still about to read it, and ranks that choose
+    differently wait forever at different collectives.
+    """
+    if not _initialized() or world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device())
+    torch_dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def _collective_device() -> torch.device:
     if torch_dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

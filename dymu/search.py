@@ -184,7 +184,8 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     h = affinity_hash(cfg)
     path = run / "affinity.json"
     result = AffinityResult.load(path) if path.is_file() else None
-    if result is None or result.meta.get("config_hash") != h:
+    # Rank 0 writes the file alone: a rank that read it afterwards would skip the barrier.
+    if dist.main_decides(result is None or result.meta.get("config_hash") != h):
         if main:
             result = estimate_affinity(anchor.to(device), train, cfg.affinity, device, cfg.run.seed)
             result.meta["config_hash"] = h
@@ -204,12 +205,12 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
         save_space(space, run / "space.json")
     n, num_layers = len(anchor.tasks), anchor.num_layers
 
-    if record_matches(run / EDGE_JSON, stage1_hash(cfg)):
+    if dist.main_decides(record_matches(run / EDGE_JSON, stage1_hash(cfg))):
         print(f"stage 1: using {run / EDGE_WEIGHTS} (config unchanged)")
         edge = load_edge(run, n, num_layers, cfg)
     else:
         edge, _ = train_stage1(cfg, run, streams, space, affinity, train, scales, resume=resume)
-    if record_matches(run / WEIGHT_JSON, stage2_hash(cfg)):
+    if dist.main_decides(record_matches(run / WEIGHT_JSON, stage2_hash(cfg))):
         print(f"stage 2: using {run / WEIGHT_WEIGHTS} (config unchanged)")
         weights = load_weights(run, streams.tuned, cfg)
     else:

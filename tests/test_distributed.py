@@ -135,7 +135,19 @@ def test_two_processes_take_the_single_process_steps(tmp_path, monkeypatch):
 # checkpoint; rank 1 may write no file.
 SEARCH_WORKER = PREAMBLE + textwrap.dedent(
     """
+    import time
+
+    import dymu.search
     from dymu.search import run_search
+
+    # Rank 1 reaches the affinity check only after rank 0 has written affinity.json, as a
+    # slow rank may: every rank must still take rank 0's branch (it hung here once).
+    affinity_hash, late = dymu.search.affinity_hash, [rank == 1]
+    def slow_affinity_hash(cfg):
+        if late and late.pop():
+            time.sleep(5)
+        return affinity_hash(cfg)
+    dymu.search.affinity_hash = slow_affinity_hash
 
     for phase in ("fresh", "resumed", "stage2"):
         report = run_search(cfg, out / phase, resume=phase == "resumed")

@@ -357,7 +357,9 @@ def ensure_joint(
         return anchor
     run_dir = Path(run_dir)
     weights = run_dir / JOINT_WEIGHTS
-    if weights.is_file() and record_matches(run_dir / JOINT_JSON, joint_hash(cfg)):
+    if dist.main_decides(
+        weights.is_file() and record_matches(run_dir / JOINT_JSON, joint_hash(cfg))
+    ):
         if dist.is_main():
             print(f"joint stage: using {weights} (config unchanged)")
         return load_joint(anchor, weights)

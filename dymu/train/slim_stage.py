@@ -304,7 +304,7 @@ def ensure_slim(
         return full
     run_dir = Path(run_dir)
     weights = run_dir / SLIM_WEIGHTS
-    if weights.is_file() and record_matches(run_dir / SLIM_JSON, slim_hash(cfg)):
+    if dist.main_decides(weights.is_file() and record_matches(run_dir / SLIM_JSON, slim_hash(cfg))):
         if dist.is_main():
             print(f"width stage: using {weights} (config unchanged)")
         narrow = load_slim(full.tuned, weights)

@@ -299,12 +299,11 @@ def ensure_anchor(cfg: Config, run_dir: Path, resume: bool = False) -> tuple[Anc
     run_dir = Path(run_dir)
     weights, record_path = run_dir / ANCHOR_WEIGHTS, run_dir / ANCHOR_JSON
     main = dist.is_main()
-    if weights.is_file() and record_path.is_file():
-        if record_matches(record_path, stage0_hash(cfg)):
-            anchor, record = load_trained_anchor(cfg, run_dir)
-            if main:
-                print(f"stage 0: using the trained anchor in {run_dir} (config unchanged)")
-            return anchor, record
+    if dist.main_decides(weights.is_file() and record_matches(record_path, stage0_hash(cfg))):
+        anchor, record = load_trained_anchor(cfg, run_dir)
         if main:
-            print(f"stage 0: {weights} was trained with another config; training again")
+            print(f"stage 0: using the trained anchor in {run_dir} (config unchanged)")
+        return anchor, record
+    if main and weights.is_file() and record_path.is_file():
+        print(f"stage 0: {weights} was trained with another config; training again")
     return train_stage0(cfg, run_dir, resume=resume)
