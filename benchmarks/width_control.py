@@ -1,7 +1,8 @@
 """Width as the preference's capacity lever (METHOD.md 1.11), on a run and its width stage.
 
-Stages 1 and 2 do not predict widths yet. This script measures what widths could give a
-user once they do, with the simplest allocation: for each (preference, budget) the run's
+Stages 1 and 2 do not predict widths yet. This script measures the control widths give at
+any budget, with the rule ``dymu search`` applies below the cheapest tree
+(:class:`~dymu.hypernet.derivation.Derivation`), here at every budget asked: for each (preference, budget) the run's
 edge hypernetwork gives parent probabilities, and :func:`preference_omega` a width
 distribution in which each step wider is worth ``--strength`` times the summed weight of
 the tasks a node serves; :func:`derive_configuration` repairs the argmax to the budget on

@@ -1,7 +1,7 @@
 """What the width stage buys narrow configurations (METHOD.md 1.11), on a finished run.
 
-Stages 1 and 2 do not predict widths yet, so this script measures the width stage alone:
-on a finished run's stage-0 anchor and joint stage it trains the width stage with
+This script measures the width stage alone, on fixed configurations rather than derived
+ones (``dymu search`` with ``model.widths`` trains it too): on a finished run's stage-0 anchor and joint stage it trains the width stage with
 ``--widths`` (``slim`` settings of the run's config, ``--steps`` to change them) into
 ``--work``, then measures a fixed family of configurations on the validation split: the
 cheapest tree (on the joint stage's trunk) and the no-sharing tree, each with every node at

@@ -55,6 +55,7 @@ from dymu.space.derive import check_budget, preferred_trunks
 from dymu.space.graph import anchor_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
+from dymu.train.calibrate import calibrated, calibration_images
 from dymu.train.loop import evaluate
 
 TARGETS = ("onnx", "trt", "aoti")
@@ -170,7 +171,7 @@ def export_bundle(
     opset_for(trt_version)  # an unknown TensorRT version fails before any work
     out = check_out(out)
     run = load_run(run_dir)
-    space, anchor = run.space, run.anchor
+    space, anchor = run.derive.space, run.anchor  # with widths, the space that prices them
     full = anchor_flops(space)
     prefs = np.asarray(preferences, dtype=np.float64)
     if prefs.ndim != 2 or prefs.shape[1] != len(anchor.tasks):
@@ -191,17 +192,27 @@ def export_bundle(
     builder = get_builder(cfg.data.name)
     test = builder.load(cfg.data, "test")
     golden = next(iterate(test, GOLDEN_IMAGES, shuffle=False))["image"].float()  # [G, 3, H, W]
+    images = None  # the report's calibration images, for configurations with widths
+    if any(tree.widths is not None for tree, _ in served.values()):
+        images = calibration_images(builder.load(cfg.data, "train"), torch.device("cpu"))
     entries = []
     with atomic_dir(out) as tmp:
         np.save(tmp / "golden_input.npy", golden.numpy())
+        settings = (budget, size, trt_version, dynamic_batch, target)
         jobs = [
-            _TreeJob(tree, r, f"{h}-{i}", budget, size, trt_version, dynamic_batch, target)
+            _TreeJob(tree, r, f"{h}-{i}", *settings)
             for h, (tree, rs) in served.items()
+            if tree.widths is None
             for i, r in enumerate(rs)
         ]  # one model per (tree, preference): the weights the report evaluates for r
+        jobs += [  # no adaptation with widths: one model serves all of a configuration's
+            _TreeJob(tree, rs[0], f"{h}-0", *settings, served=rs)
+            for h, (tree, rs) in served.items()
+            if tree.widths is not None
+        ]
         for job in tqdm(jobs, desc="export", unit="model", leave=False):
             job.check_flops = lat is None  # a latency target may spend any FLOPs
-            entries.append(_export_tree(job, run, tmp / job.name, golden, test))
+            entries.append(_export_tree(job, run, tmp / job.name, golden, test, images))
             if lat is not None:
                 entries[-1]["latency"] = timings[job.tree.hash()]
             if target == "trt":
@@ -242,7 +253,7 @@ def _derive_trees(run: TrainedRun, prefs: np.ndarray, budget: float, lat):
         for r in prefs:
             rt = torch.tensor(r, dtype=torch.float32)
             if lat is None:
-                tree = run.edge.tree(rt, budget, run.space)
+                tree = run.derive(rt, budget)
             else:
                 alpha = run.edge.alpha(rt, budget)
                 tree = lat.derive(alpha, run.edge.trunk_preference(rt))
@@ -264,6 +275,8 @@ class _TreeJob:
     dynamic_batch: bool
     target: str = "onnx"
     check_flops: bool = True
+    served: list[np.ndarray] | None = None
+    """Every preference the model answers (None: ``preference`` alone)."""
 
 
 def _hashes(folder: Path, root: Path) -> dict[str, str]:
@@ -271,18 +284,38 @@ def _hashes(folder: Path, root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir())}
 
 
-def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> dict[str, Any]:
+def model_of(run: TrainedRun, tree: TreeSpec, r, budget: float, images=None):
+    """``(materialized module, TreeNet, offsets)`` of what the report evaluates for ``tree``
+    at preference ``r`` ([N]) and ``budget``: the weight hnet's offsets for a full-width tree;
+    none, and statistics calibrated on ``images``, for a configuration with widths."""
+    with torch.no_grad():
+        if tree.widths is None:
+            offsets = run.weights(torch.as_tensor(r, dtype=torch.float32), budget, tree)
+            return (
+                materialize(run.streams, tree, offsets),
+                TreeNet(run.streams, tree).eval(),
+                offsets,
+            )
+        if images is None:
+            raise ValueError("a configuration with widths needs calibration images")
+        tree_net = calibrated(run.streams, tree, images).eval()
+        return materialize(run.streams, tree, None, tree_net.bn_stats), tree_net, None
+
+
+def _export_tree(
+    job: _TreeJob, run: TrainedRun, folder: Path, golden, test, images=None
+) -> dict[str, Any]:
     """Materialize, count, export, check, run on the golden input and evaluate one model:
     ``job.tree`` with the weight hypernet's adaptation for ``job.preference`` at the
     budget, exactly what the search's report evaluates for that preference (checked on the
-    golden input against :class:`~dymu.space.treenet.TreeNet`)."""
-    space, anchor, h = run.space, run.anchor, job.name
+    golden input against :class:`~dymu.space.treenet.TreeNet`). A configuration with widths
+    takes no adaptation and the statistics the report calibrated on ``images``."""
+    space, anchor, h = run.derive.space, run.anchor, job.name
     full = anchor_flops(space)
     r = torch.tensor(job.preference, dtype=torch.float32)
     with torch.no_grad():
-        offsets = run.weights(r, job.budget, job.tree)
-        net = materialize(run.streams, job.tree, offsets)
-        evaluated = TreeNet(run.streams, job.tree).eval()(golden, offsets)
+        net, tree_net, offsets = model_of(run, job.tree, r, job.budget, images)
+        evaluated = tree_net(golden, offsets)
     counted = count_flops(net, torch.zeros(1, 3, *job.size))
     if job.check_flops and counted > job.budget * full:
         raise RuntimeFailure(
@@ -319,9 +352,13 @@ def _export_tree(job: _TreeJob, run: TrainedRun, folder: Path, golden, test) -> 
         "hash": h,
         "tree": job.tree.hash(),
         "parents": [list(p) for p in job.tree.parents],
+        **({} if job.tree.widths is None else {"widths": [list(w) for w in job.tree.widths]}),
         "budget": job.budget,
-        "preferences": [[round(float(x), 6) for x in job.preference]],
-        "weights_at": [float(x) for x in r],
+        "preferences": [
+            [round(float(x), 6) for x in p]
+            for p in ([job.preference] if job.served is None else job.served)
+        ],
+        "weights_at": [float(x) for x in r] if job.tree.widths is None else None,
         "flops": job.tree.flops(space),
         "flops_fraction": job.tree.flops(space) / full,
         "flops_counted": counted,

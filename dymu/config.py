@@ -153,8 +153,9 @@ class ModelConfig:
     widths: list[float] = field(default_factory=lambda: [1.0])
     """The widths every node of the space may run at (METHOD.md 1.11: its first channels,
     e.g. ``[0.25, 0.5, 0.75, 1.0]``); ``[1.0]``: trees alone. Stage 0 and the joint stage
-    train full widths either way, the width stage (:class:`SlimConfig`) the others; ``dymu
-    search`` refuses them so far, since stages 1 and 2 do not predict widths yet."""
+    train full widths either way, the width stage (:class:`SlimConfig`) the others; stages 1
+    and 2 train full-width trees, and widths serve the budgets below the cheapest tree
+    (:class:`~dymu.hypernet.derivation.Derivation`)."""
 
     def check(self, prefix: str) -> None:
         if self.width < 1:
@@ -297,12 +298,19 @@ class SlimConfig:
     features: float = 1.0
     """Weight of the feature distillation (ECMT's configuration-invariant distillation): every
     node in a narrowed context towards the first channels of the same node at full width."""
+    strength: float = 10.0
+    """How strongly widths follow the preference below the cheapest tree (ECMT's rule,
+    :func:`~dymu.space.derive_widths.preference_omega`): each width step of a node is worth
+    ``strength`` times the preference weight of the tasks it serves. Used when configurations
+    are derived, not in training."""
 
     def check(self, prefix: str) -> None:
         if self.steps < 1 or self.configs < 0:
             raise UserError(f"config: {prefix}.steps must be >= 1 and configs >= 0")
         if self.distill < 0 or self.features < 0:
             raise UserError(f"config: {prefix}.distill and features must be >= 0")
+        if not self.strength > 0:
+            raise UserError(f"config: {prefix}.strength must be > 0, got {self.strength}")
 
 
 @dataclass

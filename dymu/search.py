@@ -26,6 +26,7 @@ from dymu.data.batches import check_flips
 from dymu.errors import UserError
 from dymu.evaluate.report import write_report
 from dymu.evaluate.search import evaluate_search
+from dymu.hypernet.derivation import Derivation
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.hypernet.weight import WeightHypernet, build_weight_hypernet
 from dymu.lock import run_lock, unlock_run
@@ -34,9 +35,11 @@ from dymu.models.streams import TreeStreams
 from dymu.run import read_run_config, resolve_device, start_run
 from dymu.space.anchor_space import anchor_space
 from dymu.space.graph import load_space, save_space
+from dymu.train.calibrate import calibration_images
 from dymu.train.checkpoint import record_matches
 from dymu.train.joint import JOINT_JSON, JOINT_WEIGHTS, ensure_joint, load_joint
 from dymu.train.scales import loss_scales
+from dymu.train.slim_stage import SLIM_JSON, SLIM_WEIGHTS, ensure_slim, load_slim
 from dymu.train.spec import resolve_specs
 from dymu.train.stage0 import ANCHOR_JSON, ANCHOR_WEIGHTS, ensure_anchor, load_trained_anchor
 from dymu.train.stage1 import EDGE_JSON, EDGE_WEIGHTS, stage1_hash, train_stage1
@@ -72,6 +75,13 @@ class TrainedRun:
     weights: WeightHypernet
     baseline: Anchor
     """The stage-0 streams: the single-task yardstick of delta_m and of the loss scales."""
+    slim: nx.DiGraph | None = None
+    """The space priced at ``model.widths`` (None for trees alone)."""
+
+    @property
+    def derive(self) -> Derivation:
+        """The configuration for each (preference, budget), as the report evaluated it."""
+        return Derivation(self.edge, self.space, self.slim, self.cfg.slim.strength)
 
     @property
     def anchor(self) -> Anchor:
@@ -79,9 +89,13 @@ class TrainedRun:
         return self.streams.tuned
 
 
+SLIM_SPACE = "space_widths.json"
+"""The run's space priced at ``model.widths`` (beside ``space.json``, its full widths)."""
+
 ARTIFACTS = {  # stage -> (weights, record) in the run directory
     "stage0": (ANCHOR_WEIGHTS, ANCHOR_JSON),
     "joint": (JOINT_WEIGHTS, JOINT_JSON),
+    "slim": (SLIM_WEIGHTS, SLIM_JSON),
     "stage1": (EDGE_WEIGHTS, EDGE_JSON),
     "stage2": (WEIGHT_WEIGHTS, WEIGHT_JSON),
 }
@@ -132,10 +146,16 @@ def _load_run(run: Path) -> TrainedRun:
     anchor, _ = load_trained_anchor(cfg, run)
     joint = load_joint(anchor, run / JOINT_WEIGHTS) if cfg.joint.steps > 0 else None
     streams = tree_streams(cfg, anchor.eval(), joint)
-    space = load_space(run / "space.json")
+    space, slim = load_space(run / "space.json"), None
+    if cfg.model.widths != [1.0]:
+        narrow = load_slim(streams.tuned, run / SLIM_WEIGHTS)
+        streams = TreeStreams(streams.tuned, streams.stage0, narrow)
+        if not (run / SLIM_SPACE).is_file():
+            raise UserError(f"{run} is not a finished search run: {SLIM_SPACE} is missing")
+        slim = load_space(run / SLIM_SPACE)
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
     weights = load_weights(run, streams.tuned, cfg).eval()
-    return TrainedRun(cfg, streams.eval(), space, edge, weights, anchor.eval())
+    return TrainedRun(cfg, streams.eval(), space, edge, weights, anchor.eval(), slim)
 
 
 def tree_streams(cfg: Config, stage0: Anchor, joint: Anchor | None) -> TreeStreams:
@@ -144,6 +164,14 @@ def tree_streams(cfg: Config, stage0: Anchor, joint: Anchor | None) -> TreeStrea
     if cfg.joint.steps == 0:
         return TreeStreams(stage0)
     return TreeStreams(joint, stage0 if cfg.joint.private_nodes else None)
+
+
+def run_spaces(cfg: Config, anchor: Anchor, plain: nx.DiGraph) -> nx.DiGraph | None:
+    """The space priced at ``model.widths`` (None for trees alone); its full-width costs
+    are ``plain``'s, which stages 1 and 2 train on."""
+    if cfg.model.widths == [1.0]:
+        return None
+    return anchor_space(anchor, input_size(cfg.data), cfg.model.widths)
 
 
 def affinity_hash(cfg: Config) -> str:
@@ -158,12 +186,6 @@ def run_search(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[s
     affinity estimate and the evaluation, short and written once, run on rank 0 while the
     others wait, then read its files, so every rank returns the same report.
     """
-    if cfg.model.widths != [1.0]:  # before the run directory is touched
-        raise UserError(
-            f"model.widths={cfg.model.widths}: stages 1 and 2 do not predict widths yet, so "
-            "dymu search runs trees alone (model.widths=[1.0]); benchmarks/width_stage.py "
-            "trains the width stage at these widths"
-        )
     run = start_run(cfg, run_dir)  # takes the run directory's lock
     try:
         return _search(cfg, run, resume)
@@ -199,10 +221,15 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     scales = loss_scales(anchor, val, device)  # [N] w_i, once, for every later stage
     joint = ensure_joint(cfg, run, anchor, train, val, resume=resume, scales=scales)
     streams = tree_streams(cfg, anchor, joint)
+    # The width stage's copy, for the configurations below the cheapest tree only.
+    streams = ensure_slim(cfg, run, streams, train, val, resume=resume, scales=scales)
 
     space = anchor_space(anchor.cpu(), input_size(cfg.data))
+    slim = run_spaces(cfg, anchor.cpu(), space)
     if main:
         save_space(space, run / "space.json")
+        if slim is not None:
+            save_space(slim, run / SLIM_SPACE)
     n, num_layers = len(anchor.tasks), anchor.num_layers
 
     if dist.main_decides(record_matches(run / EDGE_JSON, stage1_hash(cfg))):
@@ -216,9 +243,11 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     else:
         weights, _ = train_stage2(cfg, run, streams, space, edge, train, scales, resume=resume)
     if main:
+        derive = Derivation(edge, space, slim, cfg.slim.strength)
+        images = calibration_images(train, device) if slim is not None else None
         report = evaluate_search(
-            cfg.evaluate, streams, space, edge, weights, test, device, baseline=anchor, val_ds=val
+            cfg.evaluate, streams, derive, weights, test, device, anchor, val, images
         )
-        write_report(run, report, space)
+        write_report(run, report, derive.space)
     dist.barrier()
     return report if main else json.loads((run / "report.json").read_text())

@@ -200,8 +200,7 @@ def test_a_task_without_a_primary_baseline_is_listed_not_a_crash(tmp_path, monke
     report = search_eval.evaluate_search(
         cfg.evaluate,
         trained.streams,
-        trained.space,
-        trained.edge,
+        trained.derive,
         trained.weights,
         splits.test,
         torch.device("cpu"),

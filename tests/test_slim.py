@@ -296,15 +296,3 @@ def test_a_narrowed_node_on_its_own_stream_is_not_private():
     widths = [[1.0, 1.0], [0.5, 1.0], [1.0, 1.0]]
     tree = TreeSpec(TreeSpec.no_sharing(n, num_layers).parents, widths)
     assert tree.private() == [[True, True], [False, True], [False, True]]
-
-
-def test_search_refuses_widths_it_cannot_predict_yet(tmp_path, capsys):
-    from dymu.cli.main import main
-
-    run = tmp_path / "run"
-    assert main(["search", "--run", str(run), "model.widths=[0.5,1.0]"]) == 2
-    err = capsys.readouterr().err
-    assert "stages 1 and 2 do not predict widths yet" in err and "Traceback" not in err
-    assert not run.exists()
-    assert main(["search", "--run", str(run), "model.widths=[0.5]"]) == 2
-    assert "include 1.0" in capsys.readouterr().err

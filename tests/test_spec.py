@@ -52,7 +52,8 @@ def _inputs(stage: str) -> set[str]:
     s0 = (s0 - {"model.widths"}) | {"run.seed", "run.precision"}  # stage 0: full widths
     affinity = s0 | {k for k in keys if section[k] == "affinity"}
     joint = s0 | {k for k in keys if section[k] == "joint"}  # full widths, as stage 0
-    stage1 = joint | affinity | {k for k in keys if section[k] == "stage1"} | {"model.widths"}
+    # Stages 1 and 2 train full-width trees: the widths are not theirs either.
+    stage1 = joint | affinity | {k for k in keys if section[k] == "stage1"}
     stage2 = stage1 | {k for k in keys if section[k] == "stage2"}
     return {"stage0": s0, "affinity": affinity, "joint": joint, "stage1": stage1,
             "stage2": stage2}[stage]  # fmt: skip
@@ -68,22 +69,26 @@ def test_a_stage_hash_changes_with_every_input_and_nothing_else(stage):
         assert changed == (key in used), (stage, key, "is an input" if key in used else "is not")
 
 
-def test_the_width_stage_runs_with_widths_alone_and_every_later_stage_names_it():
+def test_the_width_stage_runs_with_widths_alone_and_later_stages_do_not_depend_on_it():
     """Full widths: no width stage, its settings are no input. With widths: the joint
-    stage is what it was, the width stage consumes its own settings and the joint stage's,
-    and stages 1 and 2 name the narrow copy they run."""
+    stage is what it was, the width stage consumes its own settings, the joint stage's and
+    the widths; stages 1 and 2 train full-width trees, so neither depends on any of it (a
+    run that gains widths keeps its hypernetworks), and the rule that sets widths after
+    training (``slim.strength``) is no stage's input."""
     plain = Config()
     assert "slim" not in resolve_specs(plain)
     cfg = load_config(None, ["model.widths=[0.5,1.0]"])
     specs = resolve_specs(cfg)
-    assert specs["joint"].hash == resolve_specs(plain)["joint"].hash
+    for stage in ("joint", "stage1", "stage2"):
+        assert specs[stage].hash == resolve_specs(plain)[stage].hash, stage
     h = specs["slim"].hash
-    for stage in ("stage1", "stage2"):
-        assert specs[stage].inputs["streams"]["narrow"] == f"slim {h}"
     for key in ("slim.steps", "slim.features", "joint.lr", "joint.trunk", "run.seed"):
-        changed = resolve_specs(_with(cfg, key))
-        assert changed["slim"].hash != h and changed["stage2"].hash != specs["stage2"].hash, key
-    assert resolve_specs(_with(cfg, "stage1.steps"))["slim"].hash == h
+        assert resolve_specs(_with(cfg, key))["slim"].hash != h, key
+    assert resolve_specs(load_config(None, ["model.widths=[0.25,1.0]"]))["slim"].hash != h
+    for key in ("slim.steps", "slim.strength"):
+        assert resolve_specs(_with(cfg, key))["stage2"].hash == specs["stage2"].hash, key
+    for key in ("stage1.steps", "slim.strength"):
+        assert resolve_specs(_with(cfg, key))["slim"].hash == h, key
 
 
 def test_the_private_node_rule_is_an_input_of_both_hypernetwork_stages():

@@ -187,9 +187,10 @@ def _sample(args: argparse.Namespace, run):
 
     from dymu.data import input_size
     from dymu.errors import UserError
+    from dymu.hypernet.derivation import Derivation
     from dymu.lock import run_lock
     from dymu.run import read_run_config
-    from dymu.search import check_artifacts, load_edge
+    from dymu.search import SLIM_SPACE, check_artifacts, load_edge
     from dymu.space.graph import anchor_flops, load_space, space_shape
 
     for name in ("config.yaml", "space.json"):
@@ -198,20 +199,27 @@ def _sample(args: argparse.Namespace, run):
     with run_lock(run, write=False):  # no search may write into it meanwhile
         cfg = read_run_config(run)
         check_artifacts(run, cfg, ("stage1",))  # the edge hypernet and what it was made from
-        space = load_space(run / "space.json")
+        space, slim = load_space(run / "space.json"), None
+        if cfg.model.widths != [1.0]:
+            if not (run / SLIM_SPACE).is_file():
+                raise UserError(f"{run} is not a finished search run: {SLIM_SPACE} is missing")
+            slim = load_space(run / SLIM_SPACE)
         tasks = list(space.graph["tasks"])
         r = parse_preference(args.preference, tasks)
         lat = latency_budget(args, space, list(input_size(cfg.data)))
         budget = parse_budget(args.budget) if lat is None else lat.flops_budget
         edge = load_edge(run, *space_shape(space), cfg).eval()
+        derive = Derivation(edge, space, slim, cfg.slim.strength)
         if lat is None:
-            tree = edge.tree(r, budget, space)
-        else:
+            tree = derive(r, budget)
+            space = derive.space
+        else:  # the latency model prices full-width trees
             tree = lat.derive(edge.alpha(r, budget).detach(), edge.trunk_preference(r))
     flops = tree.flops(space)
     record = {
         "hash": tree.hash(),
         "parents": [list(p) for p in tree.canonical().parents],
+        **({} if tree.widths is None else {"widths": [list(w) for w in tree.widths]}),
         "flops": flops,
         "flops_fraction": flops / anchor_flops(space),
         "params": tree.params(space),

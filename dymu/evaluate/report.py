@@ -16,7 +16,9 @@ EXPLAIN = """\
 ## What the numbers mean
 
 - **budget**: a fraction of the anchor's FLOPs (all N streams and heads; fvcore, one fused
-  multiply-add = one FLOP). Budgets below the cheapest tree of the space are skipped.
+  multiply-add = one FLOP). Budgets below the space's cheapest configuration are skipped.
+  With widths (`model.widths`), the budgets below the cheapest full-width tree run
+  configurations that narrow nodes, widths following the preference (no weight adaptation).
 - **hypervolume**: exact (moocore) hypervolume of the test losses of the 20 sweep trees,
   each loss divided by the anchor's own loss on that task (1.0 = single-task quality), with
   the declared reference point (1.1 x the worst normalised loss over all budgets). Larger
@@ -28,7 +30,7 @@ EXPLAIN = """\
   anchor (the independent stage-0 streams), averaged per task first; positive = better
   than single-task. **weighted**: the per-task changes weighted by the preference, i.e.
   what the user who asked for that preference gets. The budget equal to the cheapest
-  tree's FLOPs (the paper's c = 1) is evaluated beside the configured ones.
+  configuration's FLOPs (the paper's c = 1) is evaluated beside the configured ones.
 - **controllability**: per task, Spearman correlation between the weight the task is given
   and its (normalised) primary metric over the sweep; positive = more weight, better task.
   Spearman ranks, so it says nothing about size: the bracket gives the metric's range.
@@ -60,7 +62,7 @@ def _plots(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> list[str
     hi = [report["flops"][k]["q95"] for k in keys]
     ax.fill_between(budgets, lo, hi, alpha=0.3, label="5-95% of trees")
     ax.plot(budgets, mean, "o-", label="mean")
-    ax.axhline(report["min_flops_fraction"], color="grey", lw=0.8, label="cheapest tree")
+    ax.axhline(report["min_flops_fraction"], color="grey", lw=0.8, label="cheapest configuration")
     ax.set_xlabel("budget (fraction of the anchor's FLOPs)")
     ax.set_ylabel("derived tree's FLOPs / anchor's")
     ax.set_title("FLOPs against budget (fvcore)", fontsize=9)
@@ -223,8 +225,17 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
     lines = ["# dymu search report", "", f"Tasks: {', '.join(report['tasks'])}.", ""]
     if report["budgets_skipped"]:
         lines += [
-            f"Budgets {report['budgets_skipped']} are below the cheapest tree "
+            f"Budgets {report['budgets_skipped']} are below the cheapest configuration "
             f"({report['min_flops_fraction']:.3f} of the anchor) and were skipped.",
+            "",
+        ]
+    if report.get("widths"):
+        w = report["widths"]
+        lines += [
+            f"Widths {w['widths']}: budgets below the cheapest full-width tree "
+            f"({w['cheapest_tree']:.3f} of the anchor) run configurations that narrow nodes, "
+            f"widths following the preference (strength {w['strength']:g}), without weight "
+            "adaptation; every other budget runs the full-width tree it would without widths.",
             "",
         ]
     if report.get("delta_m_excluded"):

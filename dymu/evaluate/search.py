@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from dymu.config import EvaluateConfig
 from dymu.evaluate.metrics import preference_sweep
 from dymu.evaluate.summary import Evaluated, summarise
-from dymu.hypernet.edge import EdgeHypernet
+from dymu.hypernet.derivation import Derivation
 from dymu.hypernet.weight import WeightHypernet
 from dymu.models.anchor import Anchor
 from dymu.models.streams import TreeStreams
@@ -28,6 +27,7 @@ from dymu.space.graph import anchor_flops, min_flops
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.tasks.delta import delta_m, delta_m_per_task
+from dymu.train.calibrate import calibrated
 from dymu.train.loop import evaluate_model
 
 
@@ -73,46 +73,46 @@ def weighted_delta_m(
 def evaluate_search(
     cfg: EvaluateConfig,
     streams: TreeStreams | Anchor,
-    space: nx.DiGraph,
-    edge: EdgeHypernet,
+    derive: Derivation,
     weights: WeightHypernet,
     test_ds,
     device: torch.device,
     baseline: Anchor | None = None,
     val_ds=None,
+    images: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The report's numbers (see ``report.md`` for what each key means), on the test split,
     and with ``val_ds`` the split-dependent ones on the validation split too, under
     ``validation``: validation chooses, test reports.
 
-    ``streams`` holds the weights the trees run (:class:`TreeStreams`); ``baseline`` the
-    independent stage-0 streams whose anchor tree is the single-task yardstick of delta_m
-    and of the normalised losses (the tuned streams when None: no joint stage ran).
+    ``streams`` holds the weights the trees run (:class:`TreeStreams`); ``derive`` gives
+    the configuration of each (preference, budget); ``baseline`` the independent stage-0
+    streams whose anchor tree is the single-task yardstick of delta_m and of the normalised
+    losses (the tuned streams when None: no joint stage ran); ``images`` calibrate the
+    statistics of configurations with widths (:func:`~dymu.train.calibrate.calibrated`).
     Evaluation (this module) gives one row per (budget, preference); :func:`summarise`
     turns the rows into the report.
     """
     streams = TreeStreams.of(streams).to(device)
-    edge, weights = edge.to(device).eval(), weights.to(device)
+    derive.edge.to(device).eval()
+    weights = weights.to(device)
+    space = derive.space
     anchor = streams.tuned
     baseline = anchor if baseline is None else baseline.to(device).eval()
     tasks, n = anchor.tasks, len(anchor.tasks)
-    full, low = anchor_flops(space), min_flops(space) / anchor_flops(space)
+    full, low = anchor_flops(space), derive.min_fraction()
     budgets = [b for b in cfg.budgets if b * full >= min_flops(space)]
-    if cfg.cheapest and low not in budgets:  # the paper's c = 1: the cheapest tree's budget
+    if cfg.cheapest and low not in budgets:  # the paper's c = 1: the cheapest budget
         budgets = sorted([low, *budgets])
     prefs = preference_sweep(n, cfg.preferences, cfg.seed)
     derived = {  # (budget, preference index) -> tree: the same trees on every split
-        (b, i): edge.tree(_pref(r, device), b, space) for b in budgets for i, r in enumerate(prefs)
+        (b, i): derive(r, b) for b in budgets for i, r in enumerate(prefs)
     }
     corners = corner_preferences(n)  # [N + 1, N]: uniform, then 0.9 on each task
-    corner_trees = {
-        (b, k): edge.tree(_pref(r, device), b, space)
-        for b in budgets
-        for k, r in enumerate(corners)
-    }
+    corner_trees = {(b, k): derive(r, b) for b in budgets for k, r in enumerate(corners)}
     sweep = preference_sweep(n, cfg.flops_samples, cfg.seed + 1)
     trees = {  # per budget: FLOPs and params over many preferences, and the extreme trees
-        b: (derived_costs(edge, space, b, sweep, device), extreme_trees(edge, space, b, anchor))
+        b: (derived_costs(derive, b, sweep), extreme_trees(derive, b, anchor.task_names))
         for b in budgets
     }
 
@@ -120,15 +120,18 @@ def evaluate_search(
         """The report's numbers on one split (its own single-task yardstick included).
 
         A tree no node of which takes the adaptation (the anchor tree under the private-node
-        rule) gives the same outputs for every preference: it is evaluated once."""
+        rule, and every configuration with widths: the weight hnet was trained on full-width
+        trees) gives the same outputs for every preference: it is evaluated once."""
         fixed: dict[str, tuple[dict, list]] = {}  # tree hash -> (metrics, losses)
 
         def run(tree, rt, b):
-            if streams.adapted(tree):
+            if tree.widths is None and streams.adapted(tree):
                 net = TreeNet(streams, tree)
                 return evaluate_net(net, weights(rt, b, tree), ds, tasks, cfg.batch_size, device)
             if tree.hash() not in fixed:
-                net = TreeNet(streams, tree)
+                if tree.widths is not None and images is None:
+                    raise ValueError("configurations with widths need calibration images")
+                net = calibrated(streams, tree, images or [])
                 fixed[tree.hash()] = evaluate_net(net, None, ds, tasks, cfg.batch_size, device)
             return fixed[tree.hash()]
 
@@ -173,6 +176,13 @@ def evaluate_search(
         return {"split": split, **summary, "corner_rows": corner_rows}
 
     report = on("test", test_ds)
+    if derive.slim is not None:
+        report["widths"] = {
+            "widths": derive.widths,
+            "cheapest_tree": min_flops(derive.plain) / full,
+            "strength": derive.strength,
+            "adaptation": "none below the cheapest tree (the weight hnet adapts trees)",
+        }
     if val_ds is not None:
         # Choices (defaults, ablation winners, probes) read these; the test figures report.
         report["validation"] = {k: v for k, v in on("val", val_ds).items() if k in SPLIT_KEYS}
@@ -244,26 +254,27 @@ def _pref(r, device) -> torch.Tensor:
     return torch.tensor(r, dtype=torch.float32, device=device)
 
 
-def derived_costs(edge, space, b: float, sweep: np.ndarray, device) -> tuple[list, list]:
-    """(FLOPs fraction, params) of the trees derived for every preference of ``sweep`` at
-    budget ``b``: trees only, no evaluation needed."""
+def derived_costs(derive: Derivation, b: float, sweep: np.ndarray) -> tuple[list, list]:
+    """(FLOPs fraction, params) of the configurations derived for every preference of
+    ``sweep`` at budget ``b``: derivations only, no evaluation needed."""
+    space = derive.space
     full = anchor_flops(space)
     fractions, params = [], []
     for r in sweep:
-        tree = edge.tree(torch.tensor(r, dtype=torch.float32, device=device), b, space)
+        tree = derive(r, b)
         fractions.append(tree.flops(space) / full)
         params.append(tree.params(space))
     return fractions, params
 
 
-def extreme_trees(edge, space, b: float, anchor: Anchor) -> tuple[dict, dict]:
-    """(task -> tree hash, task -> tree JSON) of the trees for preference 0.98 on one task."""
-    n = len(anchor.tasks)
-    device = next(edge.parameters()).device
+def extreme_trees(derive: Derivation, b: float, task_names: list[str]) -> tuple[dict, dict]:
+    """(task -> tree hash, task -> tree JSON) of the configurations for preference 0.98 on
+    one task."""
+    n = len(task_names)
     extremes, specs = {}, {}
-    for j, name in enumerate(anchor.task_names):
-        r = torch.full((n,), 0.02 / max(n - 1, 1), device=device)
+    for j, name in enumerate(task_names):
+        r = np.full(n, 0.02 / max(n - 1, 1))
         r[j] = 0.98
-        tree = edge.tree(r, b, space)
+        tree = derive(r, b)
         extremes[name], specs[name] = tree.hash(), tree.to_json()
     return extremes, specs

@@ -48,8 +48,9 @@ def tree_text(tree: TreeSpec, tasks: Sequence[str]) -> str:
     """A terminal rendering of ``tree``.
 
     One line per layer lists the used nodes as ``[tasks sharing it]@stream`` (the stream
-    whose weights the node runs, named by its task), then each task's path from layer 0 to
-    its head. Example for 3 tasks where ``b`` and ``c`` share layer 1::
+    whose weights the node runs, named by its task), followed by ``x0.5`` for a node that
+    runs half its channels (a tree with widths), then each task's path from layer 0 to its
+    head. Example for 3 tasks where ``b`` and ``c`` share layer 1::
 
         tree bb9833130b54: 3 tasks, 3 layers, 6 of 9 nodes used
         layer 0: [a b c]@a
@@ -69,7 +70,10 @@ def tree_text(tree: TreeSpec, tasks: Sequence[str]) -> str:
     ]
     for layer, groups in enumerate(layer_groups(tree)):
         cells = [
-            "[" + " ".join(tasks[t] for t in members) + f"]@{tasks[stream]}"
+            "["
+            + " ".join(tasks[t] for t in members)
+            + f"]@{tasks[stream]}"
+            + ("" if tree.width(layer, stream) == 1.0 else f" x{tree.width(layer, stream):g}")
             for stream, members in groups
         ]
         lines.append(f"layer {layer}: " + " ".join(cells))
@@ -93,7 +97,8 @@ def tree_png(
     Layers run left to right (image, layer 0..L-1, heads), streams top to bottom. Used
     nodes are filled in their stream's colour, unused nodes are grey rings; each used
     node has an edge from its parent, drawn in the parent's colour when it crosses
-    streams. Task names label the heads. With ``G`` the title gives the tree's FLOPs and
+    streams. Task names label the heads; a narrowed node is drawn smaller, labelled with
+    its width. With ``G`` the title gives the tree's FLOPs and
     its share of the anchor's.
     """
     import matplotlib
@@ -138,7 +143,19 @@ def tree_png(
     for layer in range(num_layers):
         for j in range(n):
             if used[layer][j]:
-                ax.scatter(layer + 1, y(j), s=160, color=colour(j), edgecolors="black", zorder=3)
+                w = tree.width(layer, j)  # a narrowed node is drawn smaller, its width beside
+                ax.scatter(
+                    layer + 1, y(j), s=160 * w, color=colour(j), edgecolors="black", zorder=3
+                )
+                if w < 1.0:
+                    ax.annotate(
+                        f"x{w:g}",
+                        (layer + 1, y(j)),
+                        xytext=(0, 9),
+                        textcoords="offset points",
+                        ha="center",
+                        fontsize=7,
+                    )
             else:
                 ax.scatter(layer + 1, y(j), s=160, facecolors="white", edgecolors="0.75", zorder=2)
     # image and heads

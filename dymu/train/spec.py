@@ -9,8 +9,8 @@ spec itself, so a reader can see what an artifact was made from.
 
 Settings a stage does not use are left out of its spec, so changing them reuses the
 artifact: the joint settings when ``joint.steps`` is 0, the towers when their weight is 0,
-the space's widths for stage 0 and the joint stage (and for every stage while they are full
-width only: then the width stage does not run), where the dataset cache lives, and every
+the space's widths for every stage but the width stage (which runs only when there are
+widths to train), where the dataset cache lives, and every
 later stage's settings.
 """
 
@@ -75,8 +75,10 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
     no ``slim`` while ``model.widths`` is full width only).
 
     The stages after the joint stage name the weights their trees run: ``tuned`` (the joint
-    stage's, else stage 0's), under the private-node rule ``private`` (stage 0's), and
-    after the width stage ``narrow`` (its own).
+    stage's, else stage 0's) and, under the private-node rule, ``private`` (stage 0's).
+    Stages 1 and 2 train full-width trees, which never run the width stage's weights: their
+    specs do not depend on the widths, so adding widths to a run trains the width stage
+    alone, and every budget a full-width tree fits keeps its tree and its figures.
     """
     specs = {"stage0": _stage0(cfg)}
     h0 = specs["stage0"].hash
@@ -99,17 +101,16 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
         if cfg.joint.private_nodes:
             streams["private"] = f"stage0 {h0}"
     if cfg.model.widths != [1.0]:  # a slimmable space; full widths leave specs as they were
-        trained["widths"] = list(cfg.model.widths)
         specs["slim"] = StageSpec(
             "slim",
             {
                 "streams": dict(streams),
                 "joint": _section(cfg, "joint"),  # its optimizer, batch, trunk and flips
-                "slim": _section(cfg, "slim"),
+                "slim": _section(cfg, "slim", "strength"),  # the rule acts after training
+                "widths": list(cfg.model.widths),
                 **trained,
             },
         )
-        streams["narrow"] = f"slim {specs['slim'].hash}"
     specs["stage1"] = StageSpec(
         "stage1",
         {
