@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from dymu import dist
-from dymu.data.batches import endless
+from dymu.data.batches import endless, random_hflip, to_device
 from dymu.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -69,7 +70,9 @@ class Stateless:
 
 class Seeded:
     """Base of a step whose extra checkpoint state is its draw generator ``rng`` (numpy)
-    and its flip generator ``flip_gen`` (torch): the joint and the width stages."""
+    and its flip generator ``flip_gen`` (torch): the joint and the width stages, which also
+    share how a batch is drawn, a step taken and its scalars logged (from their fields
+    ``batches``, ``device``, ``optimizer`` and ``scheduler``)."""
 
     rng: Any
     flip_gen: Any
@@ -80,6 +83,28 @@ class Seeded:
     def load_state(self, state: dict[str, Any]) -> None:
         set_rng_state(self.rng, state["numpy_rng"])
         self.flip_gen.set_state(state["flip_rng"])
+
+    def next_batch(self, tasks, hflip: bool) -> dict[str, Any]:
+        """The next batch of ``self.batches`` on ``self.device``, this rank's flips drawn
+        for the global batch when ``hflip``."""
+        batch = to_device(next(self.batches), self.device)
+        return random_hflip(batch, tasks, self.flip_gen, dist.shard()) if hflip else batch
+
+    def update(self, loss: torch.Tensor, params) -> None:
+        """One optimizer and scheduler step on ``loss``, gradients averaged over the ranks
+        (the global batch's mean gradient)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(params)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def logged(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """The mean of each summed scalar over ``count`` terms per rank and every rank, and
+        the learning rate: what the step logs."""
+        totals = dist.all_reduce_sums({k: v.item() for k, v in sums.items()})
+        scale = dist.world_size() * count
+        return {**{k: v / scale for k, v in totals.items()}, "lr": self.scheduler.get_last_lr()[0]}
 
 
 def frozen(module: nn.Module, device) -> nn.Module:

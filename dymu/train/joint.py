@@ -58,7 +58,7 @@ import torch
 
 from dymu import dist
 from dymu.config import Config, JointConfig
-from dymu.data.batches import check_flips, random_hflip, to_device
+from dymu.data.batches import check_flips
 from dymu.models.anchor import Anchor, load_anchor_weights
 from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
@@ -178,9 +178,7 @@ class JointStep(Seeded):
             trunk=self.trunk,
             kind=js.random_kind,
         )
-        batch = to_device(next(self.batches), self.device)
-        if js.hflip:
-            batch = random_hflip(batch, tasks, self.flip_gen, dist.shard())
+        batch = self.next_batch(tasks, js.hflip)
         with torch.no_grad():
             target = self.teacher(batch["image"])
         labels = distilled = torch.zeros((), device=self.device)
@@ -190,17 +188,8 @@ class JointStep(Seeded):
             for k, t in enumerate(tasks):
                 labels = labels + self.scales[k] * t.loss(out[t.name], batch[t.name])
                 distilled = distilled + self.scales[k] * distillation(out[t.name], target[t.name])
-        loss = (labels + js.distill * distilled) / len(trees)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(self.student.parameters())  # the global batch's mean gradient
-        self.optimizer.step()
-        self.scheduler.step()
-        if not log:
-            return None
-        sums = dist.all_reduce_sums({"labels": labels.item(), "distill": distilled.item()})
-        scale = dist.world_size() * len(trees)  # every rank takes part
-        return {**{k: v / scale for k, v in sums.items()}, "lr": self.scheduler.get_last_lr()[0]}
+        self.update((labels + js.distill * distilled) / len(trees), self.student.parameters())
+        return self.logged({"labels": labels, "distill": distilled}, len(trees)) if log else None
 
 
 def train_joint(

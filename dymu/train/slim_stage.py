@@ -48,7 +48,7 @@ import torch
 from dymu import dist
 from dymu.artifacts import read_json, rerun_fix
 from dymu.config import Config, JointConfig, SlimConfig
-from dymu.data.batches import check_flips, random_hflip, to_device
+from dymu.data.batches import check_flips
 from dymu.models.anchor import Anchor, load_anchor_weights
 from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
@@ -137,9 +137,7 @@ class SlimStep(Seeded):
         configs = width_sandwich(
             n, num_layers, self.slim.configs, self.widths, self.rng, self.trunk
         )
-        batch = to_device(next(self.batches), self.device)
-        if self.js.hflip:
-            batch = random_hflip(batch, tasks, self.flip_gen, dist.shard())
+        batch = self.next_batch(tasks, self.js.hflip)
         image = batch["image"]
         streams = TreeStreams(self.full.tuned, self.full.stage0, self.student)
         zero = torch.zeros((), device=self.device)
@@ -158,17 +156,11 @@ class SlimStep(Seeded):
             featured = featured + feature_distillation(nodes, full_nodes, config).to(self.device)
         slim = self.slim
         loss = (labels + slim.distill * distilled + slim.features * featured) / len(configs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(self.student.parameters())
-        self.optimizer.step()
-        self.scheduler.step()
+        self.update(loss, self.student.parameters())
         if not log:
             return None
-        sums = {"labels": labels.item(), "distill": distilled.item(), "features": featured.item()}
-        sums = dist.all_reduce_sums(sums)
-        scale = dist.world_size() * len(configs)
-        return {**{k: v / scale for k, v in sums.items()}, "lr": self.scheduler.get_last_lr()[0]}
+        sums = {"labels": labels, "distill": distilled, "features": featured}
+        return self.logged(sums, len(configs))
 
 
 def train_slim(
