@@ -7,9 +7,9 @@ anchor), ``delta_m`` (plain and preference-weighted), the hypervolume of the 20 
 and its ratio to the static shared models and to PHN-BN, all hypervolumes on one reference
 point (1.1 x the worst normalised loss over every set compared, the rule of
 ``dymu.evaluate.metrics.reference_point``), controllability on the primary metrics (the
-report's) and on the test losses, the validation split's delta_m, hypervolume and controllability
-where the report has them (the figures choices are made on), and the issue's targets met
-or missed.
+report's) and on the test losses, the corner gains, the validation split's delta_m,
+hypervolume, controllability and corner gains where the report has them (the figures
+choices are made on), the report's widths record, and the issue's targets met or missed.
 
     python benchmarks/search_quality.py --report runs/default/report.json \
         --baselines benchmarks/results/baselines_default_cpu.json \
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "controllability": search["controllability"][key],
             "controllability_loss": _loss_controllability(search, b),
             "control_range": search.get("control_range", {}).get(key),
+            "corner_gain": search.get("corner_gain", {}).get(key),
         }
         val = search.get("validation")
         if val is not None:  # what choices are made on (the report's own reference point)
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hypervolume": val["hypervolume"][key],
                 "controllability": val["controllability"][key],
                 "controllability_loss": val["controllability_loss"][key],
+                "corner_gain": val.get("corner_gain", {}).get(key),
             }
         if key in TARGETS:
             lo, hi, dm, (other, ratio) = TARGETS[key]
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "objectives": "test loss / single-task (stage-0) test loss, per task",
         "hypervolume": hv,
         "static_label": base["methods"].get("static", {}).get("label"),
+        "widths": search.get("widths"),  # where the search has them: what they serve
         "budgets": rows,
     }
     heads = ("budget", "FLOPs", "delta_m", "weighted", "HV", "/static", "/PHN-BN")

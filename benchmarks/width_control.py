@@ -1,18 +1,19 @@
 """Width as the preference's capacity lever (METHOD.md 1.11), on a run and its width stage.
 
-Stages 1 and 2 do not predict widths yet. This script measures the control widths give at
-any budget, with the rule ``dymu search`` applies below the cheapest tree
-(:class:`~dymu.hypernet.derivation.Derivation`), here at every budget asked: for each (preference, budget) the run's
-edge hypernetwork gives parent probabilities, and :func:`preference_omega` a width
-distribution in which each step wider is worth ``--strength`` times the summed weight of
-the tasks a node serves; :func:`derive_configuration` repairs the argmax to the budget on
-both axes, spends what is left and, under ``stage1.trunk: preference``, moves shared nodes
-to the preferred task's stream as the run's trees do. Each configuration runs on the
-run's weights with the width stage's copy for its narrowed contexts (``--slim``, from
+Stages 1 and 2 do not predict widths yet. This script measures the control widths give
+at any budget, with the rule ``dymu search`` applies below the cheapest tree
+(:class:`~dymu.hypernet.derivation.Derivation`), here at every budget asked: for each
+(preference, budget) the run's edge hypernetwork gives parent probabilities, and
+:func:`preference_omega` a width distribution in which each step wider is worth
+``--strength`` times the summed weight of the tasks a node serves;
+:func:`derive_configuration` repairs the argmax to the budget on both axes, spends what
+is left and, under ``stage1.trunk: preference``, moves shared nodes to the preferred
+task's stream as the run's trees do. Each configuration runs on the run's weights with
+the width stage's copy for its narrowed contexts (``--slim``, from
 ``benchmarks/width_stage.py``), its statistics calibrated on the training split's first
 images, without any weight adaptation. Beside it, the run's own full-width tree for the
-same (preference, budget) on the run's weights, also without adaptation, so the two differ
-by the width axis alone.
+same (preference, budget) on the run's weights, also without adaptation, so the two
+differ by the width axis alone.
 
 Per budget and split: each task's primary metric at the uniform preference and at every
 task's corner (0.9 on it), the corner gap (own corner minus the other corners' mean,

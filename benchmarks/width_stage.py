@@ -1,17 +1,18 @@
 """What the width stage buys narrow configurations (METHOD.md 1.11), on a finished run.
 
 This script measures the width stage alone, on fixed configurations rather than derived
-ones (``dymu search`` with ``model.widths`` trains it too): on a finished run's stage-0 anchor and joint stage it trains the width stage with
-``--widths`` (``slim`` settings of the run's config, ``--steps`` to change them) into
-``--work``, then measures a fixed family of configurations on the validation split: the
-cheapest tree (on the joint stage's trunk) and the no-sharing tree, each with every node at
-one width of the set. Each configuration runs on the width stage's copy and, beside it, on
-the run's own joint weights sliced; full-width trees run the run's weights either way (the
-copy serves narrowed contexts only). Narrowed nodes' statistics are calibrated on the
-training split's first images every time (:mod:`dymu.train.calibrate`). delta_m is against
-the run's single-task anchor on the same split; the static shared model of ``dymu
-baselines`` (its FLOPs and delta_m, test split) is shown beside where ``--baselines`` names
-its results.
+ones (``dymu search`` with ``model.widths`` trains it too): on a finished run's stage-0
+anchor and joint stage it trains the width stage with ``--widths`` (``slim`` settings of
+the run's config, ``--steps`` to change them) into ``--work``, then measures a fixed
+family of configurations on the validation split: the cheapest tree (on the joint
+stage's trunk) and the no-sharing tree, each with every node at one width of the set.
+Each configuration runs on the width stage's copy and, beside it, on the run's own joint
+weights sliced; full-width trees run the run's weights either way (the copy serves
+narrowed contexts only). Narrowed nodes' statistics are calibrated on the training
+split's first images every time (:mod:`dymu.train.calibrate`). delta_m is against the
+run's single-task anchor on the same split; the static shared model of ``dymu
+baselines`` (its FLOPs and delta_m, test split) is shown beside where ``--baselines``
+names its results.
 
     python benchmarks/width_stage.py --run runs/def_s0 --work runs/def_s0_slim \\
         --out benchmarks/results/width_stage_default_cpu.json
