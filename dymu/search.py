@@ -166,9 +166,9 @@ def tree_streams(cfg: Config, stage0: Anchor, joint: Anchor | None) -> TreeStrea
     return TreeStreams(joint, stage0 if cfg.joint.private_nodes else None)
 
 
-def run_spaces(cfg: Config, anchor: Anchor, plain: nx.DiGraph) -> nx.DiGraph | None:
+def slim_space(cfg: Config, anchor: Anchor) -> nx.DiGraph | None:
     """The space priced at ``model.widths`` (None for trees alone); its full-width costs
-    are ``plain``'s, which stages 1 and 2 train on."""
+    are those of the plain space stages 1 and 2 train on."""
     if cfg.model.widths == [1.0]:
         return None
     return anchor_space(anchor, input_size(cfg.data), cfg.model.widths)
@@ -225,7 +225,7 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     streams = ensure_slim(cfg, run, streams, train, val, resume=resume, scales=scales)
 
     space = anchor_space(anchor.cpu(), input_size(cfg.data))
-    slim = run_spaces(cfg, anchor.cpu(), space)
+    slim = slim_space(cfg, anchor.cpu())
     if main:
         save_space(space, run / "space.json")
         if slim is not None:
