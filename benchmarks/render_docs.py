@@ -339,8 +339,8 @@ def search_stage2_valtest(*runs: dict) -> list[str]:
             val = b["validation"]
             rows.append(
                 [
-                    name,
-                    budget_label(key),
+                    f"{name} ({' / '.join(tasks)})",
+                    budget_label(key) if len(key) < 6 else f"{float(key):.3f} (cheapest)",
                     f"{signed(val['delta_m'], 2)} / {signed(b['delta_m'], 2)}",
                     _spearmans(val["controllability"]),
                     _spearmans(b["controllability"]),
@@ -840,6 +840,38 @@ def width_control(result: dict) -> list[str]:
     header = ["budget", "configurations from", "distinct", "mean FLOPs"]
     header += [f"{what}, {split}: {names}" for split in ("val", "test") for what in
                ("corner gap", "Spearman")]  # fmt: skip
+    return table(header, rows)
+
+
+WIDTH_SEARCHES = {"MultiMNIST": "search_widths_multimnist_cpu.json"}
+"""Searches with widths summarised by search_quality.py, by config."""
+
+
+@renderer("search_widths", *WIDTH_SEARCHES.values())
+def search_widths(*results: dict) -> list[str]:
+    """Per budget: what runs, FLOPs, delta_m on both splits, and control on validation."""
+    rows = []
+    for name, result in zip(WIDTH_SEARCHES, results, strict=True):
+        cheapest = result["widths"]["cheapest_tree"]
+        for key, row in result["budgets"].items():
+            val = row["validation"]
+            tasks = list(val["controllability_loss"])
+            gains = val["corner_gain"]["tasks"]
+            rows.append(
+                [
+                    f"{name} ({' / '.join(tasks)})",
+                    budget_label(key) if len(key) < 6 else f"{float(key):.3f} (cheapest)",
+                    "widths" if float(key) < cheapest else "tree",
+                    num(row["flops_mean"], 3),
+                    num(row["budget_adherence"], 2),
+                    str(row["distinct_trees"]),
+                    f"{delta(row['delta_m'])} ({delta(val['delta_m'])})",
+                    " / ".join(signed(val["controllability_loss"][t], 2) for t in tasks),
+                    " / ".join(two_digits(gains[t]["vs_others"]) for t in tasks),
+                ]
+            )
+    header = ["config", "budget", "runs", "mean FLOPs", "adherence", "configurations",
+              "delta_m % test (val)", "Spearman on losses, val", "corner gap, val"]  # fmt: skip
     return table(header, rows)
 
 
