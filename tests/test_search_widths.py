@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from tiny import TINY
 
 from dymu.cli.main import main
@@ -85,7 +87,11 @@ def test_sample_prints_the_widths_below_the_cheapest_tree(runs, capsys):
 def test_export_below_the_cheapest_tree_ships_what_the_report_evaluated(runs, tmp_path):
     """Each configuration with widths is one model (no adaptation: every preference it
     serves gets the same weights), priced exactly, with the report's calibrated statistics."""
-    from dymu.compile.export import PARITY_ATOL, export_bundle
+    from dymu.compile.export import PARITY_ATOL, export_bundle, model_of
+    from dymu.data import get_builder
+    from dymu.search import load_run
+    from dymu.space.tree import TreeSpec
+    from dymu.train.calibrate import calibration_images
 
     (_, before), (widths, after) = runs
     low = min(after["budgets"])
@@ -99,3 +105,17 @@ def test_export_below_the_cheapest_tree_ships_what_the_report_evaluated(runs, tm
         assert entry["flops_counted"] == entry["flops"] <= low * manifest["anchor_flops"]
         assert entry["parity"]["overall"] < PARITY_ATOL
         assert entry["parity_evaluated"] < PARITY_ATOL
+    # What dymu bench rebuilds from an entry (compile/bench.py) is the model shipped.
+    trained = load_run(widths)
+    cfg = trained.cfg
+    images = calibration_images(
+        get_builder(cfg.data.name).load(cfg.data, "train"), torch.device("cpu")
+    )
+    golden = torch.from_numpy(np.load(tmp_path / "bundle" / "golden_input.npy"))
+    entry = manifest["trees"][0]
+    tree = TreeSpec(entry["parents"], entry["widths"])
+    net, _, _ = model_of(trained, tree, entry["preferences"][0], low, images)
+    shipped = np.load(tmp_path / "bundle" / entry["hash"] / "golden_outputs.npz")
+    with torch.no_grad():
+        for task, out in net(golden).items():
+            np.testing.assert_allclose(out.numpy(), shipped[task], rtol=0, atol=1e-6)
