@@ -82,6 +82,11 @@ def test_sample_prints_the_widths_below_the_cheapest_tree(runs, capsys):
         main(["sample", "--run", str(widths), "--preference", "0.8,0.1,0.1", "--budget", "1"]) == 0
     )
     assert " x0.5" not in capsys.readouterr().out  # the full-width tree of budget 1
+    assert (
+        main(["sample", "--run", str(widths), "--preference", "0.8,0.1,0.1", "--budget", "0.01"])
+        == 2
+    )
+    assert "below the cheapest configuration (tree and widths)" in capsys.readouterr().err
 
 
 def test_export_below_the_cheapest_tree_ships_what_the_report_evaluated(runs, tmp_path):

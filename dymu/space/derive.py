@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dymu.errors import UserError
-from dymu.space.graph import anchor_flops, costs, min_flops, space_shape
+from dymu.space.graph import anchor_flops, costs, min_flops, space_shape, width_costs
 from dymu.space.tree import TreeSpec
 
 if TYPE_CHECKING:
@@ -85,6 +85,11 @@ def _min_fraction(G: nx.DiGraph) -> float:
     return frac
 
 
+def _kind(G: nx.DiGraph) -> str:
+    """What the space's cheapest member is called: a tree, or with widths a configuration."""
+    return "tree" if width_costs(G) is None else "configuration (tree and widths)"
+
+
 def _check_fits_space(budget: float, G: nx.DiGraph) -> float:
     """The FLOPs limit ``budget * anchor``; an error naming the minimum if no tree fits."""
     anchor, low = anchor_flops(G), min_flops(G)
@@ -93,7 +98,7 @@ def _check_fits_space(budget: float, G: nx.DiGraph) -> float:
         frac = _min_fraction(G)
         shown = math.ceil(frac * 1e4) / 1e4  # rounded up, so the printed value is accepted
         raise UserError(
-            f"budget {budget!r} is below the cheapest tree in this space: {shown:.4f} of the "
+            f"budget {budget!r} is below the cheapest {_kind(G)} in this space: {shown:.4f} of the "
             f"anchor's FLOPs ({low / 1e6:.6g} MFLOPs, fvcore count)"
         )
     return limit
