@@ -843,7 +843,10 @@ def width_control(result: dict) -> list[str]:
     return table(header, rows)
 
 
-WIDTH_SEARCHES = {"MultiMNIST": "search_widths_multimnist_cpu.json"}
+WIDTH_SEARCHES = {
+    "default": "search_widths_default_cpu.json",
+    "MultiMNIST": "search_widths_multimnist_cpu.json",
+}
 """Searches with widths summarised by search_quality.py, by config."""
 
 
@@ -867,7 +870,7 @@ def search_widths(*results: dict) -> list[str]:
                     str(row["distinct_trees"]),
                     f"{delta(row['delta_m'])} ({delta(val['delta_m'])})",
                     " / ".join(signed(val["controllability_loss"][t], 2) for t in tasks),
-                    " / ".join(two_digits(gains[t]["vs_others"]) for t in tasks),
+                    " / ".join(signed(round(gains[t]["vs_others"], 3) + 0.0, 3) for t in tasks),
                 ]
             )
     header = ["config", "budget", "runs", "mean FLOPs", "adherence", "configurations",
