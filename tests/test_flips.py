@@ -11,9 +11,10 @@ import dymu.search
 from dymu.cli.main import main
 from dymu.data import DATASETS, get_builder
 from dymu.data.synthscenes import SynthScenes
-from dymu.train import joint, stage0, stage2
+from dymu.train import engine, stage0, stage2
 
-FLIPPING = (stage0, joint, stage2)  # every module that calls random_hflip
+FLIPPING = (stage0, engine, stage2)  # every module that calls random_hflip (engine: the
+# joint and the width stages' Seeded.next_batch)
 KEYS = ("stage0.hflip", "joint.hflip", "stage2.hflip")
 
 
