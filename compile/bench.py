@@ -127,21 +127,16 @@ def _torch_runner(bundle: Path, run: Path, entry: dict, compiled: bool, device: 
     """A callable on a [B, 3, H, W] array: the materialized tree, eager or compiled."""
     import torch
 
-    from dymu.compile.export import model_of
-    from dymu.data import get_builder
+    from dymu.compile.export import model_of, run_calibration_images
     from dymu.search import load_run
     from dymu.space.tree import TreeSpec
-    from dymu.train.calibrate import calibration_images
 
     trained = load_run(run)
     tree = TreeSpec(entry["parents"], entry.get("widths"))
     if tree.hash() != entry["tree"]:
         raise UserError(f"{bundle} does not come from {run}: tree {entry['tree']} differs")
-    images = None
-    if tree.widths is not None:  # the statistics export calibrated
-        cfg = trained.cfg
-        train = get_builder(cfg.data.name).load(cfg.data, "train")
-        images = calibration_images(train, torch.device("cpu"))
+    # The statistics export calibrated, for a configuration with widths.
+    images = run_calibration_images(trained) if tree.widths is not None else None
     r = entry["weights_at"] or entry["preferences"][0]
     net, _, _ = model_of(trained, tree, r, entry["budget"], images)
     net = net.to(device)

@@ -194,7 +194,7 @@ def export_bundle(
     golden = next(iterate(test, GOLDEN_IMAGES, shuffle=False))["image"].float()  # [G, 3, H, W]
     images = None  # the report's calibration images, for configurations with widths
     if any(tree.widths is not None for tree, _ in served.values()):
-        images = calibration_images(builder.load(cfg.data, "train"), torch.device("cpu"))
+        images = run_calibration_images(run)
     entries = []
     with atomic_dir(out) as tmp:
         np.save(tmp / "golden_input.npy", golden.numpy())
@@ -282,6 +282,14 @@ class _TreeJob:
 def _hashes(folder: Path, root: Path) -> dict[str, str]:
     """``{path relative to root: sha256}`` of every file in ``folder``."""
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def run_calibration_images(run: TrainedRun) -> list[torch.Tensor]:
+    """The images the search calibrated its configurations with widths on (the training
+    split's first, :func:`~dymu.train.calibrate.calibration_images`), on the CPU."""
+    cfg = run.cfg
+    train = get_builder(cfg.data.name).load(cfg.data, "train")
+    return calibration_images(train, torch.device("cpu"))
 
 
 def model_of(run: TrainedRun, tree: TreeSpec, r, budget: float, images=None):

@@ -146,13 +146,10 @@ def _load_run(run: Path) -> TrainedRun:
     anchor, _ = load_trained_anchor(cfg, run)
     joint = load_joint(anchor, run / JOINT_WEIGHTS) if cfg.joint.steps > 0 else None
     streams = tree_streams(cfg, anchor.eval(), joint)
-    space, slim = load_space(run / "space.json"), None
-    if cfg.model.widths != [1.0]:
+    space, slim = load_space(run / "space.json"), load_slim_space(run, cfg)
+    if slim is not None:
         narrow = load_slim(streams.tuned, run / SLIM_WEIGHTS)
         streams = TreeStreams(streams.tuned, streams.stage0, narrow)
-        if not (run / SLIM_SPACE).is_file():
-            raise UserError(f"{run} is not a finished search run: {SLIM_SPACE} is missing")
-        slim = load_space(run / SLIM_SPACE)
     edge = load_edge(run, len(anchor.tasks), anchor.num_layers, cfg).eval()
     weights = load_weights(run, streams.tuned, cfg).eval()
     return TrainedRun(cfg, streams.eval(), space, edge, weights, anchor.eval(), slim)
@@ -172,6 +169,16 @@ def slim_space(cfg: Config, anchor: Anchor) -> nx.DiGraph | None:
     if cfg.model.widths == [1.0]:
         return None
     return anchor_space(anchor, input_size(cfg.data), cfg.model.widths)
+
+
+def load_slim_space(run: Path, cfg: Config) -> nx.DiGraph | None:
+    """The run's space priced at ``model.widths`` (None for trees alone); one line when a
+    run with widths lacks it."""
+    if cfg.model.widths == [1.0]:
+        return None
+    if not (run / SLIM_SPACE).is_file():
+        raise UserError(f"{run} is not a finished search run: {SLIM_SPACE} is missing")
+    return load_space(run / SLIM_SPACE)
 
 
 def affinity_hash(cfg: Config) -> str:

@@ -190,7 +190,7 @@ def _sample(args: argparse.Namespace, run):
     from dymu.hypernet.derivation import Derivation
     from dymu.lock import run_lock
     from dymu.run import read_run_config
-    from dymu.search import SLIM_SPACE, check_artifacts, load_edge
+    from dymu.search import check_artifacts, load_edge, load_slim_space
     from dymu.space.graph import anchor_flops, load_space, space_shape
 
     for name in ("config.yaml", "space.json"):
@@ -199,11 +199,7 @@ def _sample(args: argparse.Namespace, run):
     with run_lock(run, write=False):  # no search may write into it meanwhile
         cfg = read_run_config(run)
         check_artifacts(run, cfg, ("stage1",))  # the edge hypernet and what it was made from
-        space, slim = load_space(run / "space.json"), None
-        if cfg.model.widths != [1.0]:
-            if not (run / SLIM_SPACE).is_file():
-                raise UserError(f"{run} is not a finished search run: {SLIM_SPACE} is missing")
-            slim = load_space(run / SLIM_SPACE)
+        space, slim = load_space(run / "space.json"), load_slim_space(run, cfg)
         tasks = list(space.graph["tasks"])
         r = parse_preference(args.preference, tasks)
         lat = latency_budget(args, space, list(input_size(cfg.data)))
