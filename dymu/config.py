@@ -303,6 +303,10 @@ class SlimConfig:
     :func:`~dymu.space.derive_widths.preference_omega`): each width step of a node is worth
     ``strength`` times the preference weight of the tasks it serves. Used when configurations
     are derived, not in training."""
+    fill: float = 0.0
+    """A budget whose full-width tree spends less than this fraction of it runs a
+    configuration with widths instead, where one spends more (0: only budgets below the
+    cheapest tree run widths). Used when configurations are derived, not in training."""
 
     def check(self, prefix: str) -> None:
         if self.steps < 1 or self.configs < 0:
@@ -311,6 +315,8 @@ class SlimConfig:
             raise UserError(f"config: {prefix}.distill and features must be >= 0")
         if not self.strength > 0:
             raise UserError(f"config: {prefix}.strength must be > 0, got {self.strength}")
+        if not 0 <= self.fill <= 1:
+            raise UserError(f"config: {prefix}.fill must be in [0, 1], got {self.fill}")
 
 
 @dataclass

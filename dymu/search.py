@@ -81,7 +81,7 @@ class TrainedRun:
     @property
     def derive(self) -> Derivation:
         """The configuration for each (preference, budget), as the report evaluated it."""
-        return Derivation(self.edge, self.space, self.slim, self.cfg.slim.strength)
+        return Derivation.of(self.edge, self.space, self.slim, self.cfg.slim)
 
     @property
     def anchor(self) -> Anchor:
@@ -250,7 +250,7 @@ def _search(cfg: Config, run: Path, resume: bool) -> dict[str, Any]:
     else:
         weights, _ = train_stage2(cfg, run, streams, space, edge, train, scales, resume=resume)
     if main:
-        derive = Derivation(edge, space, slim, cfg.slim.strength)
+        derive = Derivation.of(edge, space, slim, cfg.slim)
         images = calibration_images(train, device) if slim is not None else None
         report = evaluate_search(
             cfg.evaluate, streams, derive, weights, test, device, anchor, val, images

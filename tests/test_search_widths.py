@@ -124,3 +124,75 @@ def test_export_below_the_cheapest_tree_ships_what_the_report_evaluated(runs, tm
     with torch.no_grad():
         for task, out in net(golden).items():
             np.testing.assert_allclose(out.numpy(), shipped[task], rtol=0, atol=1e-6)
+
+
+def test_fill_spends_the_gaps_between_trees_on_widths(runs):
+    """``slim.fill``: a budget whose tree leaves more than the fill's share unspent gets a
+    configuration with widths where one spends more, never over the budget; fill 0 (the
+    default) keeps every tree budget's tree."""
+    import dataclasses
+
+    from dymu.search import load_run
+    from dymu.space.graph import anchor_flops
+
+    (_, before), (widths, _) = runs
+    trees = load_run(widths).derive
+    assert trees.fill == 0.0
+    filled = dataclasses.replace(trees, fill=1.0)
+    full = anchor_flops(trees.plain)
+    prefs = [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]
+    narrowed = 0
+    for b in np.linspace(min(before["budgets"]), 1.0, 9)[1:-1]:
+        for r in prefs:
+            tree, config = trees(r, b), filled(r, b)
+            assert tree.widths is None
+            spent = config.flops(filled.space)
+            assert tree.flops(trees.plain) <= spent <= b * full
+            if config.widths is not None:
+                narrowed += 1
+                assert spent > tree.flops(trees.plain)
+            else:
+                assert config.hash() == tree.hash()
+    assert narrowed  # the tiny space has gaps between its trees
+
+
+def test_the_derivation_rules_do_not_retrain_the_width_stage():
+    from dymu.config import Config, load_config
+    from dymu.train.spec import resolve_specs
+
+    base = load_config(None, ["model.widths=[0.5,1.0]"])
+    other = load_config(None, ["model.widths=[0.5,1.0]", "slim.fill=0.9", "slim.strength=3"])
+    assert isinstance(base, Config)
+    assert resolve_specs(base)["slim"].hash == resolve_specs(other)["slim"].hash
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_a_fill_outside_0_1_is_refused(tmp_path, capsys, value):
+    run = tmp_path / "run"
+    assert main(["search", "--run", str(run), f"slim.fill={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "slim.fill must be in [0, 1]" in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_a_search_with_fill_reports_widths_in_the_gaps(runs, tmp_path):
+    (_, before), (widths, _) = runs
+    filled = tmp_path / "filled"
+    shutil.copytree(widths, filled)
+    base = [*TINY, f"data.cache_dir={widths.parent / 'cache'}"]
+    budgets = "evaluate.budgets=[0.3,0.85,1.0]"  # 0.85: between the 0.75 and 0.87 trees
+    assert main(["search", "--run", str(filled), *base, *WIDTHS, budgets, "slim.fill=1.0"]) == 0
+    from dymu.search import load_run
+
+    report = json.loads((filled / "report.json").read_text())
+    assert report["widths"]["fill"] == 1.0
+    derive = load_run(filled).derive  # the run's own derivation, fill included
+    assert derive.fill == 1.0
+    gaps = 0
+    for row in report["rows"]:
+        assert row["flops_fraction"] <= row["budget"] + 1e-12
+        tree = derive(row["preference"], row["budget"])
+        assert tree.hash() == row["tree"]
+        gaps += row["budget"] >= min(before["budgets"]) and tree.widths is not None
+    assert gaps
+    assert "would spend less than 1 of it" in (filled / "report.md").read_text()

@@ -205,7 +205,7 @@ def _sample(args: argparse.Namespace, run):
         lat = latency_budget(args, space, list(input_size(cfg.data)))
         budget = parse_budget(args.budget) if lat is None else lat.flops_budget
         edge = load_edge(run, *space_shape(space), cfg).eval()
-        derive = Derivation(edge, space, slim, cfg.slim.strength)
+        derive = Derivation.of(edge, space, slim, cfg.slim)
         if lat is None:
             tree = derive(r, budget)
             space = derive.space

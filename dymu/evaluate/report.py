@@ -231,11 +231,19 @@ def write_report(run_dir: Path, report: dict[str, Any], space: nx.DiGraph) -> No
         ]
     if report.get("widths"):
         w = report["widths"]
+        fill = w.get("fill", 0.0)
+        gap = (
+            f", and so does a budget whose full-width tree would spend less than {fill:g} of "
+            "it (where narrowed nodes spend more)"
+            if fill > 0
+            else ""
+        )
         lines += [
             f"Widths {w['widths']}: budgets below the cheapest full-width tree "
             f"({w['cheapest_tree']:.3f} of the anchor) run configurations that narrow nodes, "
             f"widths following the preference (strength {w['strength']:g}), without weight "
-            "adaptation; every other budget runs the full-width tree it would without widths.",
+            f"adaptation{gap}; every other budget runs the full-width tree it would without "
+            "widths.",
             "",
         ]
     if report.get("delta_m_excluded"):

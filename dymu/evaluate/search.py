@@ -181,7 +181,8 @@ def evaluate_search(
             "widths": derive.widths,
             "cheapest_tree": min_flops(derive.plain) / full,
             "strength": derive.strength,
-            "adaptation": "none below the cheapest tree (the weight hnet adapts trees)",
+            "fill": derive.fill,
+            "adaptation": "none for configurations with widths (the weight hnet adapts trees)",
         }
     if val_ds is not None:
         # Choices (defaults, ablation winners, probes) read these; the test figures report.

@@ -106,7 +106,7 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
             {
                 "streams": dict(streams),
                 "joint": _section(cfg, "joint"),  # its optimizer, batch, trunk and flips
-                "slim": _section(cfg, "slim", "strength"),  # the rule acts after training
+                "slim": _section(cfg, "slim", "strength", "fill"),  # rules after training
                 "widths": list(cfg.model.widths),
                 **trained,
             },
