@@ -34,6 +34,7 @@ node costs are the table's, in integer nanoseconds, so the FLOPs repair of
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -49,7 +50,7 @@ import networkx as nx
 import numpy as np
 
 from dymu.errors import UserError
-from dymu.space.graph import build_space, costs, space_shape
+from dymu.space.graph import build_space, costs, space_shape, width_costs
 from dymu.space.tree import TreeSpec
 
 SCHEMA_VERSION = 2
@@ -273,6 +274,113 @@ def fit(trees: Sequence[TreeSpec], measured_ms: Sequence[float]) -> tuple[float,
     return float(model.coef_[0]), model.coef_[1:].reshape(num_layers - 1, n)
 
 
+@dataclass(frozen=True)
+class WidthModel:
+    """What a table of a slimmable space adds (METHOD.md 1.11): a node's latency is a fixed
+    part plus a part that scales with its FLOPs, which fall with its own width and its
+    parent's; a head's scales with the widths of the nodes it reads.
+
+        latency = c + sum over used nodes (l, j) below the last layer of t[l][j]
+                    + sum over used nodes (l, j) of s[l][j] * f_node(l, j)
+                    + sum over heads j of h[j] * f_head(j)
+
+    where f is the FLOPs of the node or head at its widths over its FLOPs at full width
+    (the space's width costs, kept here so that the table prices configurations alone).
+    ``t`` is the tree table's node cost; the last layer's and the heads' fixed parts stay
+    in c (every configuration runs them), their parts that narrowing changes do not."""
+
+    widths: tuple[float, ...]
+    node_frac: list  # [L][N][a][b]: FLOPs at (parent width a, own width b) / at full width
+    head_frac: list  # [N][a][c]: FLOPs at (last node width a, low-level width c) / full
+    low_layers: tuple[int | None, ...]  # [N]
+    node_scale_ms: list | None = None  # [L][N] s, once fitted
+    head_scale_ms: list | None = None  # [N] h, once fitted
+
+    @classmethod
+    def of_space(cls, G: nx.DiGraph) -> WidthModel:
+        """The FLOPs fractions of the slimmable space ``G`` (not yet fitted)."""
+        wc = width_costs(G)
+        if wc is None:
+            raise ValueError("the space has no widths")
+
+        def frac(table):  # every entry over the last one (full widths), 0 for a 0 entry
+            top = table[-1][-1]
+            return [[v / top if top else 0.0 for v in row] for row in table]
+
+        return cls(
+            widths=tuple(wc.widths),
+            node_frac=[[frac(node) for node in layer] for layer in wc.node_flops],
+            head_frac=[frac(head) for head in wc.head_flops],
+            low_layers=tuple(wc.low_layers),
+        )
+
+    def levels(self, tree: TreeSpec) -> list[list[int]]:
+        """``[L][N]`` each node's index into :attr:`widths` (the last: full width)."""
+        top = len(self.widths) - 1
+        if tree.widths is None:
+            return [[top] * tree.num_tasks for _ in range(tree.num_layers)]
+        index = {w: i for i, w in enumerate(self.widths)}
+        return [[index[w] for w in row] for row in tree.widths]
+
+    def features(self, tree: TreeSpec) -> np.ndarray:
+        """[(L-1) N + L N + N]: the tree table's :func:`features`, then every node's FLOPs
+        fraction where the tree uses it (0 where not; layer-major), then every head's,
+        priced as :meth:`TreeSpec.flops` prices the configuration."""
+        used, level = tree.used(), self.levels(tree)
+        fracs = []
+        for layer, row in enumerate(used):
+            for j, runs in enumerate(row):
+                a = 0 if layer == 0 else level[layer - 1][tree.parents[layer - 1][j]]
+                fracs.append(self.node_frac[layer][j][a][level[layer][j]] if runs else 0.0)
+        last = tree.num_layers - 1
+        for j, low in enumerate(self.low_layers):
+            c = 0 if low is None else level[low][tree.path(j)[low]]
+            fracs.append(self.head_frac[j][level[last][j]][c])
+        return np.concatenate([features(tree), np.asarray(fracs)])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "widths": list(self.widths),
+            "node_scale_ms": self.node_scale_ms,
+            "head_scale_ms": self.head_scale_ms,
+            "node_frac": self.node_frac,
+            "head_frac": self.head_frac,
+            "low_layers": list(self.low_layers),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> WidthModel:
+        return cls(
+            widths=tuple(float(w) for w in obj["widths"]),
+            node_frac=obj["node_frac"],
+            head_frac=obj["head_frac"],
+            low_layers=tuple(None if v is None else int(v) for v in obj["low_layers"]),
+            node_scale_ms=[[float(v) for v in row] for row in obj["node_scale_ms"]],
+            head_scale_ms=[float(v) for v in obj["head_scale_ms"]],
+        )
+
+
+def fit_widths(
+    configs: Sequence[TreeSpec], measured_ms: Sequence[float], model: WidthModel
+) -> tuple[float, np.ndarray, WidthModel]:
+    """``(c, t [L-1, N], the fitted width model)``: :class:`WidthModel`'s form by least
+    squares, every coefficient >= 0 (as :func:`fit`)."""
+    from sklearn.linear_model import LinearRegression
+
+    x = np.stack([model.features(t) for t in configs])  # [K, (L-1)N + LN + N]
+    x = np.hstack([np.ones((len(x), 1)), x])  # [K, 1 + ...] the constant first
+    reg = LinearRegression(positive=True, fit_intercept=False)
+    reg.fit(x, np.asarray(measured_ms, dtype=np.float64))
+    n, num_layers = configs[0].num_tasks, configs[0].num_layers
+    fixed, scaled = 1 + (num_layers - 1) * n, 1 + (2 * num_layers - 1) * n
+    fitted = dataclasses.replace(
+        model,
+        node_scale_ms=reg.coef_[fixed:scaled].reshape(num_layers, n).tolist(),
+        head_scale_ms=reg.coef_[scaled:].tolist(),
+    )
+    return float(reg.coef_[0]), reg.coef_[1:fixed].reshape(num_layers - 1, n), fitted
+
+
 @dataclass
 class LatencyTable:
     """A fitted latency model and where it holds (``latency.json``)."""
@@ -287,15 +395,36 @@ class LatencyTable:
     const_ms: float
     node_ms: list[list[float]]  # [L-1][N], layers below the last
     info: dict[str, Any]  # fit, validation, noise, reference trees, protocol
+    widths: WidthModel | None = None
+    """The width terms of a slimmable space's table (None: full-width trees only)."""
 
     @property
     def num_layers(self) -> int:
         return len(self.node_ms) + 1
 
     def predict(self, tree: TreeSpec) -> float:
-        """Predicted milliseconds of ``tree``."""
-        t = np.asarray(self.node_ms, dtype=np.float64).ravel()
-        return self.const_ms + float(features(tree) @ t)
+        """Predicted milliseconds of ``tree`` (a configuration with widths needs a table
+        with :attr:`widths`)."""
+        if self.widths is None:
+            if tree.widths is not None:
+                raise UserError(
+                    "this latency table prices full-width trees only; run dymu profile on "
+                    "the run with widths to price configurations with widths"
+                )
+            t = np.asarray(self.node_ms, dtype=np.float64).ravel()
+            return self.const_ms + float(features(tree) @ t)
+        w = self.widths
+        coef = [np.ravel(self.node_ms), np.ravel(w.node_scale_ms), w.head_scale_ms]
+        return self.const_ms + float(w.features(tree) @ np.concatenate(coef))
+
+    def full_width_ms(self) -> tuple[float, list[list[float]]]:
+        """``(c, t [L-1][N])`` of the full-width trees' form: with widths, the last layer's
+        and the heads' scaled terms at full width join c (every tree runs them)."""
+        if self.widths is None:
+            return self.const_ms, self.node_ms
+        scale = np.asarray(self.widths.node_scale_ms)  # [L, N]
+        const = self.const_ms + float(scale[-1].sum()) + float(sum(self.widths.head_scale_ms))
+        return const, (np.asarray(self.node_ms) + scale[:-1]).tolist()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -308,9 +437,10 @@ class LatencyTable:
             "precision": self.precision,
             "tasks": self.tasks,
             "model": {
-                "form": "const_ms + sum of node_ms over the used nodes below the last layer",
+                "form": WIDTH_FORM if self.widths is not None else TREE_FORM,
                 "const_ms": self.const_ms,
                 "node_ms": self.node_ms,
+                **({} if self.widths is None else {"widths": self.widths.to_json()}),
             },
             **self.info,
         }
@@ -339,6 +469,7 @@ class LatencyTable:
                 const_ms=float(model["const_ms"]),
                 node_ms=[[float(v) for v in row] for row in model["node_ms"]],
                 info={k: v for k, v in obj.items() if k in _INFO},
+                widths=WidthModel.from_json(model["widths"]) if "widths" in model else None,
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise UserError(
@@ -388,6 +519,13 @@ class LatencyTable:
         return float(self.info["reference"]["cheapest_ms"])
 
 
+TREE_FORM = "const_ms + sum of node_ms over the used nodes below the last layer"
+WIDTH_FORM = (
+    "const_ms + sum of node_ms over the used nodes below the last layer + sum over the used "
+    "nodes of widths.node_scale_ms x the node's FLOPs fraction + sum over the heads of "
+    "widths.head_scale_ms x the head's FLOPs fraction"
+)
+
 _INFO = (
     "command",
     "protocol",
@@ -414,46 +552,72 @@ def latency_space(G: nx.DiGraph, table: LatencyTable) -> nx.DiGraph:
     (the last layer's 0; ``c`` on the first head), for :func:`dymu.space.derive.repair`."""
     n, _ = space_shape(G)
     _, params, _, hparams = costs(G)
-    ns = [[round(1e6 * v) for v in row] for row in table.node_ms] + [[0] * n]  # [L][N]
-    heads = [round(1e6 * table.const_ms)] + [0] * (n - 1)
+    const, node_ms = table.full_width_ms()  # trees run full width here
+    ns = [[round(1e6 * v) for v in row] for row in node_ms] + [[0] * n]  # [L][N]
+    heads = [round(1e6 * const)] + [0] * (n - 1)
     return build_space(list(G.graph["tasks"]), ns, params, heads, hparams)
 
 
 # --------------------------------------------------------------------------- profiling
 
 
-def reference_trees(n: int, num_layers: int) -> dict[str, TreeSpec]:
-    """The anchor tree and every stream's cheapest tree (the ends of the latency range)."""
+def reference_trees(
+    n: int, num_layers: int, widths: Sequence[float] = (1.0,)
+) -> dict[str, TreeSpec]:
+    """The anchor tree and every stream's cheapest tree (the ends of the latency range),
+    and with ``widths`` below full width each of them at the narrowest too."""
     trees = {"anchor": TreeSpec.no_sharing(n, num_layers)}
     for k in range(n):
         trees[f"trunk{k}"] = TreeSpec.all_sharing(n, num_layers, k).canonical()
+    if min(widths) < 1.0:
+        narrowest = [[min(widths)] * n for _ in range(num_layers)]  # [L][N]
+        for name, tree in list(trees.items()):
+            trees[f"{name}@narrowest"] = TreeSpec(tree.parents, narrowest).canonical()
     return trees
 
 
-def draw_tree(kind: str, n: int, num_layers: int, rng: np.random.Generator) -> TreeSpec:
+def draw_tree(
+    kind: str,
+    n: int,
+    num_layers: int,
+    rng: np.random.Generator,
+    widths: Sequence[float] = (1.0,),
+) -> TreeSpec:
     """One random tree of ``kind`` (canonical): ``uniform``, every parent drawn from the N
     streams; ``branching``, a random trunk that every task leaves at a uniformly random
     layer 0..L-1 (:meth:`TreeSpec.branching`), as the trees between the cheapest and the
-    anchor tree that budgets derive."""
+    anchor tree that budgets derive. With ``widths`` beyond full width, every node then
+    runs at a width drawn uniformly from them."""
     if kind == "uniform":
-        return TreeSpec.random(n, num_layers, rng).canonical()
-    if kind == "branching":
+        tree = TreeSpec.random(n, num_layers, rng).canonical()
+    elif kind == "branching":
         trunk = int(rng.integers(n))
         split = rng.integers(0, num_layers, size=n).tolist()  # [N] layers 0..L-1
-        return TreeSpec.branching(n, num_layers, trunk, split)
-    raise ValueError(f"unknown kind of tree {kind!r}; choose from {', '.join(KINDS)}")
+        tree = TreeSpec.branching(n, num_layers, trunk, split)
+    else:
+        raise ValueError(f"unknown kind of tree {kind!r}; choose from {', '.join(KINDS)}")
+    if len(widths) == 1:
+        return tree
+    at = rng.choice(np.asarray(widths), size=(num_layers, n)).tolist()  # [L][N]
+    return TreeSpec(tree.parents, at).canonical()
 
 
 def random_trees(
-    kind: str, n: int, num_layers: int, count: int, rng: np.random.Generator, avoid: set[str]
+    kind: str,
+    n: int,
+    num_layers: int,
+    count: int,
+    rng: np.random.Generator,
+    avoid: set[str],
+    widths: Sequence[float] = (1.0,),
 ) -> list[TreeSpec]:
-    """``count`` distinct random trees of ``kind`` whose hashes are not in ``avoid`` (fewer
-    when the space has fewer)."""
+    """``count`` distinct random trees of ``kind`` (at random ``widths``) whose hashes are
+    not in ``avoid`` (fewer when the space has fewer)."""
     out: dict[str, TreeSpec] = {}
     for _ in range(100 * count):
         if len(out) == count:
             break
-        tree = draw_tree(kind, n, num_layers, rng)
+        tree = draw_tree(kind, n, num_layers, rng, widths)
         if tree.hash() not in avoid:
             out.setdefault(tree.hash(), tree)
     return list(out.values())
@@ -466,19 +630,24 @@ def per_kind(count: int) -> dict[str, int]:
 
 
 def profile_trees(
-    n: int, num_layers: int, calibrate: int, validate: int, seed: int
+    n: int,
+    num_layers: int,
+    calibrate: int,
+    validate: int,
+    seed: int,
+    widths: Sequence[float] = (1.0,),
 ) -> tuple[dict[str, TreeSpec], dict[str, list[TreeSpec]], dict[str, list[TreeSpec]]]:
     """The trees a table is fitted on (:func:`reference_trees` and ``calibrate`` random
     ones) and the ``validate`` other random trees it is checked on, all distinct; the
-    random ones as ``{kind: trees}`` (:func:`per_kind`)."""
+    random ones as ``{kind: trees}`` (:func:`per_kind`), at random ``widths``."""
     rng = np.random.default_rng(seed)
-    refs = reference_trees(n, num_layers)
+    refs = reference_trees(n, num_layers, widths)
     known = {t.hash() for t in refs.values()}
     drawn: list[dict[str, list[TreeSpec]]] = []
     for count in (calibrate, validate):
         drawn.append({})
         for kind, k in per_kind(count).items():
-            drawn[-1][kind] = random_trees(kind, n, num_layers, k, rng, known)
+            drawn[-1][kind] = random_trees(kind, n, num_layers, k, rng, known, widths)
             known |= {t.hash() for t in drawn[-1][kind]}
     return refs, drawn[0], drawn[1]
 
@@ -512,7 +681,9 @@ def profile_run(
     run = load_run(run_dir)
     n, num_layers = space_shape(run.space)
     size = input_size(run.cfg.data)
-    refs, calib, valid = profile_trees(n, num_layers, calibrate, validate, seed)
+    width_model = None if run.slim is None else WidthModel.of_space(run.slim)
+    widths = (1.0,) if width_model is None else width_model.widths
+    refs, calib, valid = profile_trees(n, num_layers, calibrate, validate, seed, widths)
     kinds = {t.hash(): "reference" for t in refs.values()}
     kinds |= {t.hash(): k for group in (calib, valid) for k, ts in group.items() for t in ts}
     fit_trees = [*refs.values(), *(t for ts in calib.values() for t in ts)]
@@ -520,7 +691,11 @@ def profile_run(
     trees = {t.hash(): t for t in (*fit_trees, *valid_trees)}  # one anchor/trunk when N = 1
     settings = (backend, batch, size, device, trt_version)
     timed, seconds = _measure_trees(run, list(trees.values()), settings, protocol, seed, progress)
-    const, node = fit(fit_trees, [timed[t.hash()]["ms"] for t in fit_trees])
+    measured = [timed[t.hash()]["ms"] for t in fit_trees]
+    if width_model is None:
+        const, node = fit(fit_trees, measured)
+    else:
+        const, node, width_model = fit_widths(fit_trees, measured, width_model)
     table = LatencyTable(
         backend=backend,
         backend_version=backend_version(backend),
@@ -532,6 +707,7 @@ def profile_run(
         const_ms=const,
         node_ms=node.tolist(),
         info={},
+        widths=width_model,
     )
     table.info = _summary(table, refs, fit_trees, valid_trees, kinds, timed, protocol, seconds)
     if backend in ("onnxruntime", "tensorrt"):
@@ -546,13 +722,18 @@ def _measure_trees(run, trees, settings, protocol, seed, progress):
     from tqdm.auto import tqdm
 
     from dymu.compile.materialize import materialize
+    from dymu.train.calibrate import calibrated
 
     backend, batch, size, device, trt_version = settings
     calls: dict[str, Callable[[], None]] = {}
+    # Narrowed nodes need calibrated statistics to materialize; their values do not change
+    # what a network costs, so random images serve.
+    images = [torch.rand(8, 3, *size, generator=torch.Generator().manual_seed(seed))]
     with tempfile.TemporaryDirectory(prefix="dymu-profile-") as tmp:
         for tree in tqdm(trees, desc=f"build ({backend})", disable=not progress):
             with torch.no_grad():
-                net = materialize(run.streams, tree)
+                stats = calibrated(run.streams, tree, images).bn_stats if tree.widths else None
+                net = materialize(run.streams, tree, None, stats)
             work = Path(tmp) / tree.hash()
             work.mkdir()
             calls[tree.hash()] = make_runner(backend, net, batch, size, device, work, trt_version)
@@ -576,15 +757,21 @@ def _summary(table, refs, fit_trees, valid, kinds, timed, protocol, seconds) -> 
         return out
 
     fit_rows = rows(fit_trees)
-    trunks = [t for name, t in refs.items() if name != "anchor"]
+    trunks = [t for name, t in refs.items() if name.startswith("trunk") and "@" not in name]
     cheapest = min(trunks, key=lambda t: timed[t.hash()]["ms"])
+    narrow = [t for name, t in refs.items() if name.endswith("@narrowest")]
     spreads = [v["spread"] for v in timed.values()]
     order = "interleaved, a new random order every round"
     noise = {"median_spread": float(np.median(spreads)), "max_spread": float(max(spreads))}
     noise["spread"] = "(max - min) / median of a tree's round medians"
+    kinds_text = dict(KIND_TEXT)
+    if narrow:  # a slimmable space's table
+        kinds_text["reference"] += ", each also at the narrowest width"
+        for kind in KINDS:
+            kinds_text[kind] += "; every node at a width drawn uniformly from the space's"
     return {
         "protocol": {**protocol.__dict__, "order": order, "measure_s": round(seconds, 1)},
-        "tree_kinds": KIND_TEXT,
+        "tree_kinds": kinds_text,
         "fit": _errors(fit_rows, ("reference", *KINDS), keep_rows=False),
         "validation": _errors(rows(valid), KINDS, keep_rows=True) if valid else None,
         "noise": noise,
@@ -592,6 +779,7 @@ def _summary(table, refs, fit_trees, valid, kinds, timed, protocol, seconds) -> 
             "anchor_ms": timed[refs["anchor"].hash()]["ms"],
             "cheapest_ms": timed[cheapest.hash()]["ms"],
             "cheapest_tree": cheapest.hash(),
+            **({"narrowest_ms": min(timed[t.hash()]["ms"] for t in narrow)} if narrow else {}),
         },
     }
 
@@ -635,8 +823,13 @@ def summary_lines(obj: dict[str, Any]) -> list[str]:
         f"{obj['batch']}, input {obj['input_size'][0]}x{obj['input_size'][1]}",
         f"  anchor tree {ref['anchor_ms']:.3f} ms, fastest cheapest tree "
         f"{ref['cheapest_ms']:.3f} ms; constant {obj['model']['const_ms']:.3f} ms",
-        f"  fit: {pct(fitted)}",
     ]
+    if "widths" in obj["model"]:
+        lines.append(
+            f"  widths {obj['model']['widths']['widths']}: fastest configuration measured "
+            f"{ref['narrowest_ms']:.3f} ms (the cheapest trees at the narrowest width)"
+        )
+    lines.append(f"  fit: {pct(fitted)}")
     lines += [f"    {kind}: {pct(s)}" for kind, s in fitted["by_kind"].items()]
     if val is not None:
         lines.append(f"  check on other trees: {pct(val)}")
