@@ -1149,6 +1149,36 @@ def latency_b8(*tables: dict) -> list[str]:
     return table(header, rows)
 
 
+@renderer(
+    "latency_widths",
+    "latency_widths_onnxruntime_b8_cpu.json",
+    "latency_widths_onnxruntime_b8_r15_cpu.json",
+)
+def latency_widths(*tables: dict) -> list[str]:
+    """Tables of a run with widths: how well the width terms predict configurations."""
+    header = ["rounds", "anchor tree", "fastest tree / configuration", "fit: median / worst"]
+    header += ["check, all: median / worst", "uniform", "branching", "noise: median / worst"]
+    rows = []
+    for t in tables:
+        fit, val, noise, ref = t["fit"], t["validation"], t["noise"], t["reference"]
+
+        def err(s: dict) -> str:
+            return f"{pct(s['median_abs_rel_err'])} / {pct(s['max_abs_rel_err'])}"
+
+        rows.append(
+            [
+                str(t["protocol"]["rounds"]),
+                f"{num(ref['anchor_ms'], 1)} ms",
+                f"{num(ref['cheapest_ms'], 1)} / {num(ref['narrowest_ms'], 1)} ms",
+                f"{err(fit)} ({fit['trees']} configurations)",
+                f"{err(val)} ({val['trees']})",
+                *(err(val["by_kind"][k]) for k in ("uniform", "branching")),
+                f"{pct(noise['median_spread'])} / {pct(noise['max_spread'])}",
+            ]
+        )
+    return table(header, rows)
+
+
 # ---------------------------------------------------------------- docs/scale.md
 
 
