@@ -291,7 +291,14 @@ class SlimConfig:
     random ones on one batch)."""
     configs: int = 2
     """Random configurations per step beside the smallest: a branch tree of the trunk
-    (:attr:`JointConfig.random_kind` ``branch``) at random widths per node."""
+    (:attr:`JointConfig.random_kind` ``branch``) at widths drawn by ``sample``."""
+    sample: Literal["random", "preference"] = "random"
+    """How a random configuration's nodes get their widths: ``random``, each node a width
+    drawn uniformly; ``preference``, the widths derivation gives a random preference
+    (Dirichlet(1)) at a random budget between the tree at the narrowest widths and at
+    full width: every node narrowest, widened by the preference rule at ``strength``
+    while the budget allows, the kind of configuration budgets below the cheapest tree
+    run."""
     distill: float = 1.0
     """Weight of the in-place distillation of a configuration's outputs towards the same
     tree at full width (the largest network of its family)."""

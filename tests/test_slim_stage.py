@@ -97,6 +97,39 @@ def test_the_width_sandwich_holds_the_smallest_and_random_configurations(tiny):
     assert seen == set(widths)
 
 
+def test_the_preference_sample_gives_configurations_the_rule_derives(tiny):
+    """``slim.sample: preference``: every random configuration is a branch tree of the
+    trunk whose widths are the rule's for some preference and budget: within the tree's
+    range, and no node can widen one step within the configuration's own cost (the rule
+    spends its budget) unless a wider step would exceed it."""
+    from dymu.space.derive_widths import spend_budget
+    from dymu.space.graph import anchor_flops
+
+    _, anchor, _, _ = tiny
+    widths = (0.5, 0.75, 1.0)
+    space = anchor_space(anchor, (32, 32), widths)
+    full = anchor_flops(space)
+    rng = np.random.default_rng(0)
+    narrowed = 0
+    for _ in range(10):
+        configs = slim_stage.width_sandwich(
+            3, anchor.num_layers, 2, widths, rng, trunk=1, rule=(space, 10.0)
+        )
+        assert configs[0].flops(space) == min_flops(space)
+        for config in configs[1:]:
+            assert config.path(1) == [1] * anchor.num_layers
+            tree = TreeSpec(config.parents)
+            cost = config.flops(space)
+            assert cost <= tree.flops(space)
+            # Spending the configuration's own cost again changes nothing: it is spent.
+            level = [[widths.index(config.width(l, j)) for j in range(3)]
+                     for l in range(anchor.num_layers)]  # fmt: skip
+            parents = [list(row) for row in config.parents]
+            assert spend_budget(parents, level, space, cost / full * (1 + 1e-12)) == level
+            narrowed += config.widths is not None
+    assert narrowed >= 10
+
+
 def test_feature_distillation_compares_first_channels_of_narrowed_contexts_only():
     config = TreeSpec([[0, 0]], [[0.5, 1.0], [1.0, 1.0]])  # node (0, 0) narrow, (1, *) read it
     gen = torch.Generator().manual_seed(0)
@@ -128,6 +161,24 @@ def test_the_width_stage_trains_the_copy_and_nothing_else(tiny, tmp_path):
     assert record["spec"]["widths"] == [0.5, 1.0]
     loaded = slim_stage.ensure_slim(cfg, tmp_path, full, train, val).narrow
     assert all(torch.equal(v, narrow.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_the_width_stage_runs_with_the_preference_sample(tiny, tmp_path):
+    """``slim.sample: preference`` trains (a few steps), its spec holds the rule's
+    strength, and the random sample's spec does not (strength acts after training)."""
+    from dymu.train.spec import resolve_specs
+
+    cfg, anchor, train, val = tiny
+    pref = load_config(None, [*STEPS, "slim.steps=3", "slim.sample=preference"])
+    pref.data = cfg.data
+    full = TreeStreams(_copy_with_noise(anchor, 1), anchor)
+    _, record = slim_stage.train_slim(pref, tmp_path, full, train, val)
+    assert record["spec"]["slim"]["sample"] == "preference"
+    assert record["spec"]["slim"]["strength"] == 10.0
+    keys = [*STEPS, "slim.sample=preference"]
+    same, other = load_config(None, keys), load_config(None, [*keys, "slim.strength=3"])
+    assert resolve_specs(other)["slim"].hash != resolve_specs(same)["slim"].hash
+    assert "strength" not in resolve_specs(cfg)["slim"].to_json()["slim"]
 
 
 def test_a_configuration_on_three_weight_sets_materializes_as_it_runs(tiny):

@@ -23,7 +23,11 @@ import torch
 from dymu.config import SlimConfig
 from dymu.hypernet.edge import EdgeHypernet
 from dymu.space.derive import argmax_tree
-from dymu.space.derive_widths import derive_configuration, preference_omega, spend_budget
+from dymu.space.derive_widths import (
+    derive_configuration,
+    preference_omega,
+    widened_from_narrowest,
+)
 from dymu.space.graph import anchor_flops, min_flops, width_costs
 from dymu.space.tree import TreeSpec
 
@@ -101,15 +105,8 @@ class Derivation:
                 break
         if richer is None or richer.flops(self.plain) <= limit:
             return None
-        widths = self.widths
-        narrowest = TreeSpec(richer.parents, [[widths[0]] * richer.num_tasks] * richer.num_layers)
-        if narrowest.flops(self.slim) > limit:
-            return None
-        omega = preference_omega(richer, r.cpu().double().numpy(), len(widths), self.strength)
-        zero = [[0] * richer.num_tasks for _ in range(richer.num_layers)]  # [L][N] levels
-        parents = [list(row) for row in richer.parents]
-        level = spend_budget(parents, zero, self.slim, budget, omega)
-        return TreeSpec(parents, [[widths[i] for i in row] for row in level]).canonical()
+        omega = preference_omega(richer, r.cpu().double().numpy(), len(self.widths), self.strength)
+        return widened_from_narrowest(richer, self.slim, budget, omega)
 
     def _slim(self, r: torch.Tensor, budget: float) -> TreeSpec:
         """The configuration with widths for ``r`` at ``budget`` (the module docstring)."""

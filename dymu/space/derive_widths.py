@@ -238,6 +238,25 @@ def spend_budget(
         cost += added
 
 
+def widened_from_narrowest(
+    tree: TreeSpec, G, budget: float, omega: np.ndarray | None = None
+) -> TreeSpec | None:
+    """``tree``'s parents with every node at the narrowest width, then widened by
+    :func:`spend_budget` under ``omega`` while within ``budget`` (canonical); None when
+    the tree does not fit even at the narrowest widths."""
+    wc = width_costs(G)
+    if wc is None:
+        raise UserError("this space has no widths: there is nothing to widen")
+    n, num_layers = tree.num_tasks, tree.num_layers
+    narrowest = TreeSpec(tree.parents, [[wc.widths[0]] * n for _ in range(num_layers)])
+    if narrowest.flops(G) > _check_fits_space(_check_budget(budget), G):
+        return None
+    parents = [list(row) for row in tree.parents]
+    zero = [[0] * n for _ in range(num_layers)]  # [L][N] levels: the narrowest
+    level = spend_budget(parents, zero, G, budget, omega)
+    return TreeSpec(parents, [[wc.widths[i] for i in row] for row in level]).canonical()
+
+
 def _narrowings(parents, level, used, n: int, num_layers: int):
     """Every used node one width step narrower."""
     for layer in range(num_layers):

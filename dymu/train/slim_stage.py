@@ -42,16 +42,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 
 from dymu import dist
 from dymu.artifacts import read_json, rerun_fix
 from dymu.config import Config, JointConfig, SlimConfig
+from dymu.data import input_size
 from dymu.data.batches import check_flips
 from dymu.models.anchor import Anchor, load_anchor_weights
 from dymu.models.streams import TreeStreams
 from dymu.run import resolve_device
+from dymu.space.anchor_space import anchor_space
+from dymu.space.derive_widths import preference_omega, widened_from_narrowest
+from dymu.space.graph import anchor_flops, space_widths
 from dymu.space.tree import TreeSpec
 from dymu.space.treenet import TreeNet
 from dymu.train.calibrate import calibrated, calibration_images
@@ -79,10 +84,13 @@ def width_sandwich(
     widths: Sequence[float],
     rng: np.random.Generator,
     trunk: int | None = None,
+    rule: tuple[nx.DiGraph, float] | None = None,
 ) -> list[TreeSpec]:
     """One step's configurations: the smallest (the cheapest tree on ``trunk`` at the
-    narrowest width), then ``configs`` branch trees of the trunk at random widths per node
-    (a random trunk, drawn first, when ``trunk`` is None)."""
+    narrowest width), then ``configs`` branch trees of the trunk (a random trunk, drawn
+    first, when ``trunk`` is None) at random widths per node, or with ``rule`` (the
+    slimmable space and the rule's strength, ``slim.sample: preference``) at the widths
+    the preference rule gives a random preference at a random budget."""
     drawn = int(rng.integers(n))
     trunk = drawn if trunk is None else trunk
     narrowest = [[min(widths)] * n for _ in range(num_layers)]
@@ -90,9 +98,31 @@ def width_sandwich(
     for _ in range(configs):
         split = rng.integers(0, num_layers, size=n).tolist()  # [N] layers 0..L-1
         tree = TreeSpec.branching(n, num_layers, trunk, split)
-        at = rng.choice(np.asarray(widths), size=(num_layers, n)).tolist()  # [L][N]
-        out.append(TreeSpec(tree.parents, at).canonical())
+        if rule is None:
+            at = rng.choice(np.asarray(widths), size=(num_layers, n)).tolist()  # [L][N]
+            out.append(TreeSpec(tree.parents, at).canonical())
+        else:
+            out.append(_preferred_widths(tree, rng, *rule))
     return out
+
+
+def _preferred_widths(
+    tree: TreeSpec, rng: np.random.Generator, space: nx.DiGraph, strength: float
+) -> TreeSpec:
+    """``tree`` at the widths the preference rule gives a Dirichlet(1) preference at a
+    budget drawn uniformly between the tree at the narrowest widths and at full width."""
+    n, num_layers = tree.num_tasks, tree.num_layers
+    k = len(space_widths(space))
+    r = rng.dirichlet(np.ones(n))  # [N]
+    low = TreeSpec(tree.parents, [[space_widths(space)[0]] * n for _ in range(num_layers)])
+    lo, hi = low.flops(space), tree.flops(space)
+    # A hair above the draw, so that rounding never puts the narrowest over it.
+    budget = min(1.0, float(rng.uniform(lo, hi)) / anchor_flops(space) * (1 + 1e-12))
+    omega = preference_omega(tree, r, k, strength)  # [L, N, K]
+    config = widened_from_narrowest(tree, space, budget, omega)
+    if config is None:  # pragma: no cover - the budget is at least the narrowest's cost
+        raise AssertionError("a tree does not fit at its own narrowest widths")
+    return config
 
 
 def feature_distillation(
@@ -129,13 +159,14 @@ class SlimStep(Seeded):
     rng: np.random.Generator
     flip_gen: torch.Generator
     device: torch.device
+    rule: tuple[nx.DiGraph, float] | None = None  # slim.sample: preference (space, strength)
     batches: Iterator[dict[str, torch.Tensor]] | None = None  # set once the loop resumed
 
     def __call__(self, i: int, log: bool) -> dict[str, float] | None:
         tasks = self.full.tasks
         n, num_layers = len(tasks), self.full.num_layers
         configs = width_sandwich(
-            n, num_layers, self.slim.configs, self.widths, self.rng, self.trunk
+            n, num_layers, self.slim.configs, self.widths, self.rng, self.trunk, self.rule
         )
         batch = self.next_batch(tasks, self.js.hflip)
         image = batch["image"]
@@ -203,9 +234,13 @@ def train_slim(
     student = copy.deepcopy(full.tuned).requires_grad_(True).eval()  # BN: running stats
     opt, sched = optimizer_and_schedule(js, student, cfg.slim.steps)
     seed = cfg.run.seed + 11
+    rule = None
+    if cfg.slim.sample == "preference":  # configurations priced as derivation prices them
+        space = anchor_space(copy.deepcopy(full.tuned).cpu(), input_size(cfg.data), widths)
+        rule = (space, cfg.slim.strength)
     step = SlimStep(
         cfg.slim, js, full, student, scales, trunk, widths, opt, sched,
-        np.random.default_rng(seed), torch.Generator().manual_seed(seed), device,
+        np.random.default_rng(seed), torch.Generator().manual_seed(seed), device, rule,
     )  # fmt: skip
     loop = StepLoop(
         name="slim",

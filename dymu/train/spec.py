@@ -54,6 +54,13 @@ def _section(cfg: Config, name: str, *drop: str) -> dict[str, Any]:
     return values
 
 
+def _slim_section(cfg: Config) -> dict[str, Any]:
+    """The width stage's keys: ``fill`` acts only after training, and so does ``strength``
+    unless the stage samples widths by the preference rule."""
+    drop = ("fill",) if cfg.slim.sample == "preference" else ("strength", "fill")
+    return _section(cfg, "slim", *drop)
+
+
 def _stage0(cfg: Config) -> StageSpec:
     stage0 = _section(cfg, "stage0")
     if stage0["towers"]["gamma"] == 0:  # towers that are off change nothing
@@ -106,7 +113,7 @@ def resolve_specs(cfg: Config) -> dict[str, StageSpec]:
             {
                 "streams": dict(streams),
                 "joint": _section(cfg, "joint"),  # its optimizer, batch, trunk and flips
-                "slim": _section(cfg, "slim", "strength", "fill"),  # rules after training
+                "slim": _slim_section(cfg),
                 "widths": list(cfg.model.widths),
                 **trained,
             },
