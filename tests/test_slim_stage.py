@@ -122,8 +122,10 @@ def test_the_preference_sample_gives_configurations_the_rule_derives(tiny):
             cost = config.flops(space)
             assert cost <= tree.flops(space)
             # Spending the configuration's own cost again changes nothing: it is spent.
-            level = [[widths.index(config.width(l, j)) for j in range(3)]
-                     for l in range(anchor.num_layers)]  # fmt: skip
+            level = [
+                [widths.index(config.width(layer, j)) for j in range(3)]
+                for layer in range(anchor.num_layers)
+            ]  # [L][N]
             parents = [list(row) for row in config.parents]
             assert spend_budget(parents, level, space, cost / full * (1 + 1e-12)) == level
             narrowed += config.widths is not None
