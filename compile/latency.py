@@ -27,6 +27,10 @@ the machine spreads over all trees instead of biasing a few) and time ``reps`` c
 each; a tree's latency is the median over rounds of its per-round median. Its noise is the
 spread of the round medians, (max - min) / median, stored next to every figure.
 
+A run with widths (``model.widths``) gets a table that prices configurations as well
+(:class:`WidthModel`): each node and head adds a term that scales with its FLOPs fraction
+at its widths, and the random trees run every node at a random width.
+
 The table then serves latency budgets (:func:`latency_space`): a copy of the space whose
 node costs are the table's, in integer nanoseconds, so the FLOPs repair of
 :func:`dymu.space.derive.repair` fits a tree to a latency target unchanged.
