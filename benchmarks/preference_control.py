@@ -114,11 +114,11 @@ def _static_span(points: list[dict], gains: dict) -> dict:
 def _wall_s(run: Path) -> float | None:
     """Seconds from the run's start (``env.json``'s ``created``) to its report: the whole
     search where it ran in one go; None where its stage-0 anchor is older than its start
-    (reused, so not a whole search)."""
+    (reused, so not a whole search) or unknown (a run kept as its report and config)."""
     from datetime import datetime
 
     env = run / "env.json"
-    if not env.is_file():
+    if not env.is_file() or not (run / "anchor.json").is_file():
         return None
     start = datetime.fromisoformat(json.loads(env.read_text())["created"]).timestamp()
     if (run / "anchor.json").stat().st_mtime < start:
