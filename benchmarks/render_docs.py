@@ -927,6 +927,25 @@ def _choice_table(choice: dict) -> list[str]:
 def ablation_valtest(result: dict) -> list[str]:
     """The deciding comparisons of the ablation, run again on one anchor and decided on
     validation; test's delta_m beside, as reported."""
+    return _validation_choice(result)
+
+
+@renderer("ablation_valtest_joint", "ablation_validation_joint_default_cpu.json")
+def ablation_valtest_joint(result: dict) -> list[str]:
+    """The joint-stage rows of the ablation, run again and decided on validation."""
+    return _validation_choice(result)
+
+
+@renderer("ablation_valtest_joint_steps", "ablation_validation_joint_steps_default_cpu.json")
+def ablation_valtest_joint_steps(result: dict) -> list[str]:
+    """The joint stage's length, run again and decided on validation (a run of its own:
+    one reference point with runs this far apart would flatten the close comparisons)."""
+    return _validation_choice(result)
+
+
+def _validation_choice(result: dict) -> list[str]:
+    """``preference_control.py --against``'s comparison: per budget, each run's setting,
+    trees, validation hypervolume, delta_m on both splits and validation Spearmans."""
     choice, rows = result["validation_choice"], []
     for key, row in choice.items():
         for name, v in row.items():
