@@ -5,11 +5,13 @@ measures and checks configurations with widths."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from test_derive_widths import WIDTHS, _space
+from test_latency import _table
 from tiny import TINY
 
 from dymu.cli.main import main
@@ -59,19 +61,7 @@ def test_fit_recovers_a_width_model_and_the_table_round_trips(tmp_path):
     ms = [0.7 + float(model.features(c) @ truth) for c in configs]
     const, node, fitted = latency.fit_widths(configs, ms, model)
     assert const == pytest.approx(0.7, abs=1e-6)
-    table = latency.LatencyTable(
-        backend="onnxruntime",
-        backend_version="onnxruntime 1.0",
-        device="cpu: test (2 threads)",
-        batch=8,
-        input_size=(32, 32),
-        precision="fp32",
-        tasks=list(G.graph["tasks"]),
-        const_ms=const,
-        node_ms=node.tolist(),
-        info={"reference": {"anchor_ms": 1.0, "cheapest_ms": 0.5, "cheapest_tree": "x"}},
-        widths=fitted,
-    )
+    table = dataclasses.replace(_table(const, node), widths=fitted)
     assert table.num_layers == num_layers
     path = tmp_path / "latency.json"
     path.write_text(json.dumps(table.to_json()))

@@ -112,13 +112,13 @@ def _preferred_widths(
     """``tree`` at the widths the preference rule gives a Dirichlet(1) preference at a
     budget drawn uniformly between the tree at the narrowest widths and at full width."""
     n, num_layers = tree.num_tasks, tree.num_layers
-    k = len(space_widths(space))
+    widths = space_widths(space)
     r = rng.dirichlet(np.ones(n))  # [N]
-    low = TreeSpec(tree.parents, [[space_widths(space)[0]] * n for _ in range(num_layers)])
+    low = TreeSpec(tree.parents, [[widths[0]] * n for _ in range(num_layers)])
     lo, hi = low.flops(space), tree.flops(space)
     # A hair above the draw, so that rounding never puts the narrowest over it.
     budget = min(1.0, float(rng.uniform(lo, hi)) / anchor_flops(space) * (1 + 1e-12))
-    omega = preference_omega(tree, r, k, strength)  # [L, N, K]
+    omega = preference_omega(tree, r, len(widths), strength)  # [L, N, K]
     config = widened_from_narrowest(tree, space, budget, omega)
     if config is None:  # pragma: no cover - the budget is at least the narrowest's cost
         raise AssertionError("a tree does not fit at its own narrowest widths")
